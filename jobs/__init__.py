@@ -1,0 +1,1 @@
+"""Entry points a Ray job runs (`python -m jobs.<verb> ...`); each has `main(argv) -> int`."""

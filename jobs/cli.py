@@ -1,0 +1,36 @@
+"""The `roiqa` command: one verb per job module (`roiqa index ...` == `python -m jobs.index ...`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "demo": ("jobs.demo", "build a sample collection from bundled photographs, index it, query it, print metrics"),
+    "index": ("jobs.index", "embed an image collection into a new published index version"),
+    "query": ("jobs.query", "search an index for query patches: ranked images, scores, boxes, heatmaps"),
+    "eval": ("jobs.eval", "mAP, Recall@K and localization AP@0.5 of results against ground truth"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: roiqa <verb> [options]", "", "verbs:"]
+    lines += [f"  {v:<8} {doc}" for v, (_, doc) in VERBS.items()]
+    lines += ["", "`roiqa <verb> --help` for a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"roiqa: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(VERBS[verb][0]).main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

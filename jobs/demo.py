@@ -1,0 +1,98 @@
+"""`roiqa demo`: a sample collection from bundled photographs, indexed and queried on the embedded default."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from jobs.common import add_config_arg, config_from, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="roiqa demo", description=__doc__)
+    p.add_argument("--out", default="demo-out", help="output folder (collection, index, results, overlays)")
+    p.add_argument("--n-gallery", type=int, default=48, help="gallery images to build")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample collection")
+    p.add_argument("--model", default=None, help="matcher checkpoint (.safetensors); default: random init")
+    add_config_arg(p)
+    return p
+
+
+def chance_map(results, ground_truth, draws: int = 50, seed: int = 0) -> float:
+    """mAP of a random ordering of each query's returned images (the floor a model must beat)."""
+    from roiqa import schema as S
+    from roiqa.metrics import retrieval_metrics
+
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(draws):
+        shuffled = results.copy()
+        shuffled[S.RANK] = shuffled.groupby(S.QUERY_ID)[S.RANK].transform(lambda r: rng.permutation(r.values))
+        vals.append(retrieval_metrics(shuffled, ground_truth)["mAP"])
+    return float(np.mean(vals))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def go() -> int:
+        from pipelines.index import run_index
+        from pipelines.query import read_results, run_query
+        from roiqa import index_store as store
+        from roiqa.demo_data import DemoConfig, build_demo_collection
+        from roiqa.metrics import evaluate
+
+        out = os.path.abspath(args.out)
+        cfg = config_from(args)
+        t0 = time.perf_counter()
+        col = build_demo_collection(os.path.join(out, "collection"), DemoConfig(n_gallery=args.n_gallery, seed=args.seed))
+        print(f"collection: {col.n_gallery} gallery images, {col.n_queries} queries in {out}/collection "
+              f"({time.perf_counter() - t0:.1f} s)")
+        index_uri, query_out = os.path.join(out, "index"), os.path.join(out, "query")
+        ir = run_index(col.gallery_dir, index_uri, cfg, args.model)
+        qr = run_query(index_uri, col.queries_uri, query_out, cfg)
+        results, gt = read_results(query_out), store.read_table(col.ground_truth_uri).to_pandas()
+        m = evaluate(results, gt)
+        model = store.open_index(index_uri).manifest["model"]
+        report = {
+            "weights": model["weights"],
+            "model": model["config"]["backbone"],
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()},
+            "chance_mAP": round(chance_map(results, gt), 4),
+            "index_images": ir.inputs,
+            "index_errors": ir.errors,
+            "index_seconds": round(ir.seconds, 2),
+            "index_images_per_s": round(ir.inputs / max(ir.pipeline_seconds, 1e-9), 2),
+            "query_seconds": round(qr.seconds, 2),
+            "rerank_seconds": round(qr.rerank_seconds, 2),
+        }
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print()
+        print("roiqa demo")
+        print(f"  weights           {report['weights']} ({report['model']})")
+        if model["weights"].startswith("random-init"):
+            print("  note              no trained model was given: these figures are those of an UNTRAINED network")
+            print("                    (random weights); pass --model CHECKPOINT for a trained one")
+        print(f"  retrieval         mAP {m['mAP']:.3f} (chance {report['chance_mAP']:.3f}), Recall@1 "
+              f"{m['recall@1']:.3f}, Recall@5 {m['recall@5']:.3f}, Recall@10 {m['recall@10']:.3f} "
+              f"over {m['n_queries']} queries")
+        print(f"  localization      AP@0.5 {m['loc_ap50']:.3f}; positives in top 10 with IoU>=0.5: "
+              f"{m['top10_iou50']:.3f}")
+        print(f"  index             {ir.inputs} images, {ir.errors} errors, {ir.seconds:.1f} s "
+              f"({report['index_images_per_s']:.2f} images/s in the pipeline, start-up excluded)")
+        print(f"  query             {qr.queries} queries, {qr.seconds:.1f} s (rerank {qr.rerank_seconds:.1f} s)")
+        print(f"  results           {query_out}/results.parquet")
+        print(f"  overlays          {query_out}/heatmaps/<query_id>/<image_id>.png")
+        print(f"  metrics           {out}/metrics.json")
+        return 0
+
+    return run(go, "demo")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

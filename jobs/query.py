@@ -1,0 +1,40 @@
+"""`roiqa query`: search a published index for query patches; write ranked results, boxes and heatmap overlays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from jobs.common import add_config_arg, config_from, run
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="roiqa query", description=__doc__)
+    p.add_argument("--index", required=True, help="index URI written by `roiqa index`")
+    p.add_argument("--queries", required=True, help="Parquet of query_id, uri[, x0, y0, x1, y1] or a folder of crops")
+    p.add_argument("--out", required=True, help="output URI: results.parquet, errors.parquet, heatmaps/")
+    p.add_argument("--top-k", type=int, default=None, help="images per query from the coarse search")
+    p.add_argument("--rerank", type=int, default=None, help="of those, how many to rerank densely")
+    p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
+    add_config_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+
+    def go() -> int:
+        from pipelines.query import run_query
+
+        cfg = config_from(args, query={"top_k": args.top_k, "rerank": args.rerank,
+                                       "overlays": False if args.no_overlays else None})
+        r = run_query(args.index, args.queries, args.out, cfg)
+        print(json.dumps({"out": r.out, "queries": r.queries, "results": r.results, "errors": r.errors,
+                          "seconds": round(r.seconds, 2)}))
+        return 0
+
+    return run(go, "query")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

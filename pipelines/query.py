@@ -1,0 +1,194 @@
+"""Query pipeline: queries -> descriptors (actors) -> faiss top-K -> Reranker actors -> results Parquet + overlays."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipelines.runtime import actor_resources, init_ray
+from roiqa import faiss_index
+from roiqa import index_store as store
+from roiqa import schema as S
+from roiqa import uri as uri_mod
+from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict
+from roiqa.rerank import QueryEncoder, Reranker
+from roiqa.sources import parse_error
+
+RESULTS = "results.parquet"
+ERRORS = "errors.parquet"
+HEATMAPS = "heatmaps"
+SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class QueryReport:
+    """What one run of the query pipeline did."""
+
+    out: str  # output URI
+    queries: int  # queries read
+    results: int  # rows in results.parquet
+    errors: int  # rows in errors.parquet
+    seconds: float  # wall time of the run
+    coarse_seconds: float  # query descriptors + faiss search
+    rerank_seconds: float  # dense reranking of the shortlists
+
+
+def load_queries(queries: str) -> pa.Table:
+    """Queries as QUERIES_SCHEMA: a Parquet file of query_id, uri[, box] or a folder of crops (id = file stem)."""
+    if queries.lower().endswith(".parquet"):
+        table = store.read_table(queries)
+        table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
+        base = uri_mod.normalize(queries).rsplit("/", 1)[0]
+        uris = [uri_mod.normalize(u if ("://" in u or u.startswith("/")) else uri_mod.join(base, u))
+                for u in table.column(S.URI).to_pylist()]
+        table = table.set_column(table.schema.get_field_index(S.URI), S.URI, pa.array(uris, pa.string()))
+    else:
+        files = uri_mod.list_files(queries, uri_mod.IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{queries}: no query images found")
+        ids = [f.rsplit("/", 1)[-1].rsplit(".", 1)[0] for f in files]
+        table = pa.table({S.QUERY_ID: ids, S.URI: files})
+        table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
+    dup = pd.Series(table.column(S.QUERY_ID).to_pylist()).duplicated()
+    if dup.any():
+        raise ValueError(f"{queries}: query_id values must be unique; repeated: {sorted(set(np.array(table.column(S.QUERY_ID).to_pylist())[dup.values]))[:5]}")
+    return table
+
+
+def query_map(qtable: pa.Table) -> dict[str, tuple[str, list[float] | None]]:
+    """{query_id: (uri, box or None)} for the rerank actors."""
+    boxes = [qtable.column(c).to_pylist() for c in S.BOX]
+    out = {}
+    for i, (q, u) in enumerate(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist())):
+        b = [col[i] for col in boxes]
+        out[q] = (u, None if any(v is None for v in b) else b)
+    return out
+
+
+def index_config(version: store.IndexVersion, cfg: RoiqaConfig) -> RoiqaConfig:
+    """The user's query settings with the model and preprocessing the index was built with."""
+    conf = version.manifest["config"]
+    return RoiqaConfig(
+        model=from_dict(ModelConfig, conf["model"], "manifest.config.model"),
+        preprocess=from_dict(PreprocessConfig, conf["preprocess"], "manifest.config.preprocess"),
+        index=cfg.index,
+        query=cfg.query,
+    )
+
+
+def shortlist(scores: np.ndarray, ids: np.ndarray, query_ids: list[str], rerank: int) -> pa.Table:
+    """Candidate images to rerank, grouped by image: {image_id, query_ids, coarse_scores}."""
+    by_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for qid, srow, irow in zip(query_ids, scores, ids):
+        for s, i in list(zip(srow, irow))[:rerank]:
+            if i >= 0:
+                by_image[int(i)][0].append(qid)
+                by_image[int(i)][1].append(float(s))
+    keys = sorted(by_image)
+    return pa.table({
+        S.IMAGE_ID: pa.array(keys, pa.int64()),
+        "query_ids": pa.array([by_image[k][0] for k in keys], pa.list_(pa.string())),
+        "coarse_scores": pa.array([by_image[k][1] for k in keys], pa.list_(pa.float32())),
+    })
+
+
+def rank_results(reranked: pd.DataFrame, coarse: pd.DataFrame) -> pd.DataFrame:
+    """Final ranking per query: reranked images by score, then the rest of the coarse top-K by coarse score."""
+    rest = coarse.merge(reranked[[S.QUERY_ID, S.IMAGE_ID]], on=[S.QUERY_ID, S.IMAGE_ID], how="left", indicator=True)
+    rest = rest[rest["_merge"] == "left_only"].drop(columns="_merge")
+    reranked = reranked.assign(_tier=0, _key=-reranked[S.SCORE].fillna(-np.inf))
+    rest = rest.assign(_tier=1, _key=-rest[S.COARSE_SCORE])
+    both = pd.concat([reranked, rest], ignore_index=True).sort_values([S.QUERY_ID, "_tier", "_key", S.IMAGE_ID])
+    both[S.RANK] = both.groupby(S.QUERY_ID).cumcount().astype(np.int32) + 1
+    return both.drop(columns=["_tier", "_key"])
+
+
+def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryReport:
+    """Search the published version of `index` for every query and write results, errors and overlays to `out`."""
+    t0 = time.perf_counter()
+    init_ray()
+    out = uri_mod.normalize(out)
+    version = store.open_index(index)
+    cfg = index_config(version, cfg)
+    model_uri = version.manifest["model"]["uri"]
+    qc = cfg.query
+    qtable = load_queries(queries)
+    res = actor_resources(qc.actor_cpus)
+
+    # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
+    qds = ray.data.from_arrow(qtable).map_batches(
+        QueryEncoder,
+        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=32,
+        batch_format="numpy",
+        **res,
+    )
+    enc = pa.concat_tables([t for t in ray.get(qds.to_arrow_refs())]) if qtable.num_rows else None
+    qids = enc.column(S.QUERY_ID).to_pylist()
+    qerr = [str(e) for e in enc.column(S.ERROR).to_pylist()]
+    good = [i for i, e in enumerate(qerr) if not e]
+    emb = np.stack(enc.column(S.EMBEDDING).to_numpy(zero_copy_only=False))
+    faiss = version.faiss()
+    scores, ids = faiss_index.search(faiss, emb[good], qc.top_k, cfg.index.faiss_nprobe) if good else ([], [])
+    good_ids = [qids[i] for i in good]
+    uris = store.image_uris(version)
+    coarse = pd.DataFrame(
+        [(q, int(i), uris[int(i)], float(s)) for q, srow, irow in zip(good_ids, scores, ids)
+         for s, i in zip(srow, irow) if i >= 0],
+        columns=[S.QUERY_ID, S.IMAGE_ID, S.URI, S.COARSE_SCORE],
+    )
+    t1 = time.perf_counter()
+
+    # rerank: one row per candidate image, with every query that shortlisted it
+    cand = shortlist(np.asarray(scores), np.asarray(ids), good_ids, qc.rerank) if good else None
+    reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + [S.ERROR])
+    if cand is not None and cand.num_rows:
+        cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
+        qmap = query_map(qtable)
+        rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * qc.actors)))
+        rds = rds.map_batches(
+            Reranker,
+            fn_constructor_kwargs={"cfg": cfg, "queries": qmap, "model_uri": model_uri,
+                                   "overlay_dir": uri_mod.join(out, HEATMAPS) if qc.overlays else None},
+            compute=ray.data.ActorPoolStrategy(size=qc.actors),
+            batch_size=qc.batch_size,
+            batch_format="numpy",
+            **res,
+        )
+        reranked = pa.concat_tables(ray.get(rds.to_arrow_refs())).to_pandas()
+    t2 = time.perf_counter()
+
+    rerr = reranked[reranked[S.ERROR].astype(str) != ""] if len(reranked) else reranked
+    ok = reranked[reranked[S.ERROR].astype(str) == ""].drop(columns=[S.ERROR]) if len(reranked) else reranked
+    results = rank_results(ok.drop(columns=[S.ERROR], errors="ignore"), coarse)
+    table = S.check_columns(pa.Table.from_pandas(results, preserve_index=False), S.RESULTS_SCHEMA, "results")
+    store.write_table(table, uri_mod.join(out, RESULTS))
+    err_rows = [(qtable.column(S.URI)[i].as_py(), *parse_error(qerr[i])) for i in range(len(qerr)) if qerr[i]]
+    err_rows += [(f"{r[S.QUERY_ID]}|{r[S.URI]}", *parse_error(r[S.ERROR])) for _, r in rerr.iterrows()]
+    cols = list(zip(*err_rows)) if err_rows else [[], [], [], []]
+    errors = pa.table({n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)})
+    store.write_table(errors, uri_mod.join(out, ERRORS))
+    summary = {
+        "index": version.root, "version": version.version, "queries": qtable.num_rows,
+        "results": table.num_rows, "errors": errors.num_rows, "model": version.manifest["model"],
+        "seconds": {"total": time.perf_counter() - t0, "coarse": t1 - t0, "rerank": t2 - t1},
+        "query_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(qc).items()},
+    }
+    uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
+    return QueryReport(out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1)
+
+
+def read_results(out: str) -> pd.DataFrame:
+    """results.parquet of a query run as a DataFrame."""
+    fs, path = uri_mod.filesystem(uri_mod.join(out, RESULTS))
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f).to_pandas()

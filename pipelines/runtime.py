@@ -1,0 +1,42 @@
+"""Starting or joining Ray: the embedded default in-process, a cluster when RAY_ADDRESS is set or under `ray job`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+# Non-secret variables the workers need to reach the same object store (credentials come from the nodes' own
+# environment or instance roles and are never copied into a runtime environment).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (or the job's), else start Ray in this process; quiet logs."""
+    if not ray.is_initialized():
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env} if env else None,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.enable_auto_log_stats = False
+    ctx.verbose_stats_logs = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def cluster_gpus() -> int:
+    """Number of GPUs the cluster reports (0 on CPU-only clusters such as CI)."""
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def actor_resources(cpus: float) -> dict:
+    """Resources per model actor: one GPU each when the cluster has GPUs, else a fraction of a CPU."""
+    if cluster_gpus() > 0:
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": cpus}

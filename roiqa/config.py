@@ -1,0 +1,130 @@
+"""Frozen configuration dataclasses, one per component, and their strict YAML loading (unknown keys are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet18"  # torchvision ResNet variant: resnet18 | resnet34 | resnet50
+    fpn_channels: int = 128  # C, channels of every pyramid level after the FPN
+    levels: tuple[int, ...] = (3, 4, 5)  # pyramid levels l (stride 2**l) used for correlation, finest first
+    descriptor_level: int = 4  # level whose GeM pooling gives the global (index) descriptor
+    gem_p: float = 3.0  # GeM exponent p (1 = average pooling, large = max pooling)
+    gamma: float = 10.0  # fusion temperature gamma of seed 003 eq. 4 (learned; this is its initial value)
+    score_beta: float = 10.0  # temperature of the LSE over region similarities, seed 003 eq. 5
+    backbone_weights: str | None = None  # URI of torchvision ResNet weights (.pth state dict or .safetensors); None: random init
+    seed: int = 0  # seed of the random initialisation (the same seed gives the same untrained model everywhere)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    image_size: int = 512  # gallery images are resized so their long side is this many pixels, then zero-padded square
+    max_pixels: int = 100_000_000  # images whose header claims more pixels are rejected before decoding
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    batch_size: int = 16  # images per embedding batch
+    actors: int = 1  # embedding actors (one GPU each when the cluster has GPUs)
+    actor_cpus: float = 0.5  # CPUs per CPU actor: fractional so reading and decoding are never starved
+    read_batch_size: int = 32  # URIs per read/decode task batch
+    faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k images, IVF+PQ above
+    faiss_nprobe: int = 32  # IVF cells visited per query
+    versions_to_keep: int = 0  # older published versions to keep (0 = keep all; garbage collection is the reindex job's)
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    top_k: int = 100  # images per query from the coarse faiss search (rows in the results table)
+    rerank: int = 20  # of those, how many are reranked by dense cross-correlation
+    query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
+    descriptor_size: int = 112  # query long side for the global and region descriptors
+    peaks: int = 5  # K, heatmap peaks turned into regions (seed 003 eq. 5)
+    nms_iou: float = 0.3  # IoU above which a weaker peak's box is suppressed
+    batch_size: int = 4  # candidate images per rerank batch
+    actors: int = 1  # rerank actors
+    actor_cpus: float = 0.5  # CPUs per CPU rerank actor
+    overlays: bool = True  # write a heatmap overlay PNG for every reranked pair
+    overlay_size: int = 384  # long side of overlay PNGs
+
+
+@dataclass(frozen=True)
+class RoiqaConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # the matcher
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # decoding and resizing
+    index: IndexConfig = field(default_factory=IndexConfig)  # index pipeline sizes and faiss
+    query: QueryConfig = field(default_factory=QueryConfig)  # query pipeline sizes and rerank
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (inner, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(inner, v, where) for v in value)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, bool):
+        raise ValueError(f"{where}: expected int, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict | None, where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types raise ValueError naming `where`."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (tuples become lists), suitable for YAML or JSON."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def load_config(uri: str | None, overrides: dict | None = None) -> RoiqaConfig:
+    """Read a YAML config from `uri` (None: defaults), apply nested `overrides`, and validate strictly."""
+    import yaml
+
+    from roiqa import uri as uri_mod
+
+    data: dict = {}
+    if uri:
+        text = uri_mod.read_bytes(uri).decode("utf-8")
+        loaded = yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{uri}: a config must be a YAML mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), **values}
+    return from_dict(RoiqaConfig, data, where=uri or "config")

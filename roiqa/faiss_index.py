@@ -1,0 +1,102 @@
+"""The coarse-search index: faiss with stable int64 image ids, built from a factory string, saved through URIs."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from roiqa import uri as uri_mod
+
+AUTO_FLAT_LIMIT = 100_000  # "auto" uses exact search below this many vectors
+
+
+def choose_factory(spec: str, n: int, dim: int) -> str:
+    """Resolve "auto" to a concrete faiss factory string for n vectors of dimension dim.
+
+    Flat (exact, 4*dim bytes per vector) below AUTO_FLAT_LIMIT vectors; above, an inverted file with ~sqrt(n)*4
+    cells and product quantisation to dim/4 one-byte codes (bytes per vector = dim/4 + 8 for the id).
+    """
+    if spec != "auto":
+        return spec
+    if n < AUTO_FLAT_LIMIT:
+        return "Flat"
+    nlist = int(2 ** round(np.log2(4 * np.sqrt(n))))
+    m = max(8, dim // 4)
+    while dim % m:
+        m -= 1
+    return f"IVF{nlist},PQ{m}"
+
+
+def build_index(vectors: np.ndarray, ids: np.ndarray, factory: str = "auto", train_size: int = 200_000) -> faiss.Index:
+    """An inner-product index over L2-normalised `vectors` (N, D) keyed by `ids` (N,) int64.
+
+    Indexes that need training (IVF, PQ, OPQ) are trained on up to `train_size` vectors sampled without
+    replacement; a factory whose training needs more vectors than are available is an error naming the factory.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"vectors (N, D) and ids (N,) must agree, got {vectors.shape} and {ids.shape}")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("image ids must be unique (two URIs hashed to one id, or an image listed twice)")
+    n, dim = vectors.shape
+    spec = choose_factory(factory, n, dim)
+    try:
+        base = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"faiss factory {spec!r} is not valid for dimension {dim}: {exc}") from exc
+    index = faiss.IndexIDMap2(base)
+    if not base.is_trained:
+        if n == 0:
+            raise ValueError(f"faiss factory {spec!r} needs training vectors; the collection is empty")
+        rng = np.random.default_rng(0)
+        sample = vectors[rng.choice(n, size=min(n, train_size), replace=False)]
+        ivf = _ivf(base)
+        if ivf is not None and len(sample) < ivf.nlist:
+            raise ValueError(f"faiss factory {spec!r} needs at least {ivf.nlist} vectors to train, have {n}; use Flat")
+        index.train(sample)
+    if n:
+        index.add_with_ids(vectors, ids)
+    return index
+
+
+def _ivf(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (Q, k), ids (Q, k)) of the k best inner products; missing results have id -1 and score -inf."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    k = max(1, min(k, index.ntotal)) if index.ntotal else 1
+    scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    scores = np.where(ids < 0, -np.inf, scores)
+    return scores, ids
+
+
+def serialize(index: faiss.Index) -> bytes:
+    """faiss's own binary format (no pickling)."""
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes, name: str = "<bytes>") -> faiss.Index:
+    """Inverse of `serialize`; an unreadable file is a ValueError naming it."""
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: not a readable faiss index: {exc}") from exc
+
+
+def save(index: faiss.Index, uri: str) -> bytes:
+    """Write the index to `uri`; returns the bytes written (for checksums)."""
+    data = serialize(index)
+    uri_mod.write_bytes(uri, data)
+    return data
+
+
+def load(uri: str) -> faiss.Index:
+    return deserialize(uri_mod.read_bytes(uri), uri)

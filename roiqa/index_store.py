@@ -1,0 +1,122 @@
+"""The published index layout: versions/<id>/{embeddings/, faiss.index, errors.parquet, manifest.json} + CURRENT."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from roiqa import faiss_index
+from roiqa import schema as S
+from roiqa import uri as uri_mod
+
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+EMBEDDINGS = "embeddings"
+FAISS = "faiss.index"
+ERRORS = "errors.parquet"
+MANIFEST = "manifest.json"
+
+
+def version_uri(root: str, version: str, *parts: str) -> str:
+    """URI of a file or folder inside one version of the index at `root`."""
+    return uri_mod.join(root, VERSIONS, version, *parts)
+
+
+def current_version(root: str) -> str | None:
+    """The published version named by `root`/CURRENT, or None when nothing is published yet."""
+    pointer = uri_mod.join(root, CURRENT)
+    if not uri_mod.exists(pointer):
+        return None
+    name = uri_mod.read_bytes(pointer).decode("utf-8").strip()
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"{pointer}: does not name a version: {name!r}")
+    return name
+
+
+def publish(root: str, version: str) -> None:
+    """Make `version` the published one: replace CURRENT last and atomically (readers see old or new, never half)."""
+    if not uri_mod.exists(version_uri(root, version, MANIFEST)):
+        raise ValueError(f"{root}: version {version} has no manifest; refusing to publish it")
+    uri_mod.write_atomic(uri_mod.join(root, CURRENT), (version + "\n").encode("utf-8"))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_table(table: pa.Table, uri: str) -> bytes:
+    """Write one Parquet file to `uri`; returns its bytes (for checksums)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    uri_mod.write_bytes(uri, data)
+    return data
+
+
+def read_table(uri: str) -> pa.Table:
+    """Read one Parquet file or a folder of them through fsspec."""
+    fs, path = uri_mod.filesystem(uri)
+    if fs.isdir(path):
+        return pq.read_table(path, filesystem=fs)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+def write_manifest(root: str, version: str, manifest: dict) -> None:
+    uri_mod.write_bytes(version_uri(root, version, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def read_manifest(root: str, version: str) -> dict:
+    return json.loads(uri_mod.read_bytes(version_uri(root, version, MANIFEST)))
+
+
+@dataclass(frozen=True)
+class IndexVersion:
+    """One published version of an index, opened for reading."""
+
+    root: str  # the index URI
+    version: str  # version id under versions/
+    manifest: dict  # manifest.json contents
+
+    def uri(self, *parts: str) -> str:
+        return version_uri(self.root, self.version, *parts)
+
+    def embeddings(self, columns: list[str] | None = None) -> pa.Table:
+        return read_table(self.uri(EMBEDDINGS)).select(columns) if columns else read_table(self.uri(EMBEDDINGS))
+
+    def errors(self) -> pa.Table:
+        return read_table(self.uri(ERRORS))
+
+    def faiss(self):
+        """The faiss index, checked against the manifest's checksum before it is deserialised."""
+        data = uri_mod.read_bytes(self.uri(FAISS))
+        expected = self.manifest.get("checksums", {}).get(FAISS)
+        if expected and sha256(data) != expected:
+            raise ValueError(f"{self.uri(FAISS)}: checksum mismatch with the manifest; the index is damaged")
+        return faiss_index.deserialize(data, self.uri(FAISS))
+
+
+def open_index(root: str, version: str | None = None) -> IndexVersion:
+    """Open the published version of the index at `root` (or a named `version`)."""
+    version = version or current_version(root)
+    if version is None:
+        raise FileNotFoundError(f"{root}: no published index (no {CURRENT} file); run `roiqa index` first")
+    return IndexVersion(root=uri_mod.normalize(root), version=version, manifest=read_manifest(root, version))
+
+
+def list_versions(root: str) -> list[str]:
+    """Version ids present under `root`/versions, oldest first."""
+    fs, path = uri_mod.filesystem(uri_mod.join(root, VERSIONS))
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def image_uris(version: IndexVersion) -> dict[int, str]:
+    """{image_id: uri} of the indexed images."""
+    t = version.embeddings([S.IMAGE_ID, S.URI])
+    return dict(zip(t.column(S.IMAGE_ID).to_pylist(), t.column(S.URI).to_pylist()))

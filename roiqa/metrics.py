@@ -1,0 +1,271 @@
+"""Evaluation metrics: retrieval mAP and Recall@K by (query, image); localization AP and hit rate at IoU >= t."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from roiqa.boxes import box_iou
+from roiqa.schema import BOX, QUERY_ID, RANK, SCORE, URI
+
+# Names of the two input tables (used in error messages) and of the metrics returned.
+RESULTS = "results"
+GROUND_TRUTH = "ground_truth"
+MAP = "mAP"
+N_QUERIES = "n_queries"
+LOC_AP50 = "loc_ap50"
+TOP10_IOU50 = "top10_iou50"
+
+RESULTS_COLUMNS = [QUERY_ID, RANK, URI, SCORE, *BOX]
+GROUND_TRUTH_COLUMNS = [QUERY_ID, URI, *BOX]
+
+
+def recall_key(k: int) -> str:
+    """Name of the Recall@k metric in the dicts returned here, e.g. "recall@5"."""
+    return f"recall@{k}"
+
+
+# --- pure functions on arrays ------------------------------------------------------------------------------
+
+
+def average_precision(relevant: np.ndarray, n_relevant: int) -> float:
+    """Retrieval AP of one ranked list: (1 / n_relevant) * sum of precision@k over the ranks k holding a relevant item.
+
+    `relevant` is a bool array in rank order (rank 1 first). Relevant items that were never retrieved count as misses,
+    which is why `n_relevant` (all relevant items, retrieved or not) is passed. Returns nan when n_relevant == 0.
+    """
+    rel = np.asarray(relevant, dtype=bool).ravel()
+    if n_relevant <= 0:
+        return math.nan
+    n_found = int(rel.sum())
+    if n_found > n_relevant:
+        raise ValueError(f"{n_found} relevant items retrieved but n_relevant={n_relevant}")
+    if n_found == 0:
+        return 0.0
+    precision_at_k = np.cumsum(rel) / np.arange(1, rel.size + 1)
+    return float(precision_at_k[rel].sum() / n_relevant)
+
+
+def recall_at_k(relevant: np.ndarray, n_relevant: int, k: int) -> float:
+    """Fraction of the `n_relevant` relevant items found in the top `k` of `relevant` (rank order); nan if 0."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n_relevant <= 0:
+        return math.nan
+    found = int(np.asarray(relevant, dtype=bool).ravel()[:k].sum())
+    if found > n_relevant:
+        raise ValueError(f"{found} relevant items in the top {k} but n_relevant={n_relevant}")
+    return found / n_relevant
+
+
+def precision_recall_curve(scores: np.ndarray, is_tp: np.ndarray, n_positives: int) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) after each detection, detections taken by descending score (stable: ties keep their order).
+
+    NaN scores sort last. Recall is relative to `n_positives` (all ground-truth objects, detected or not).
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    tp = np.asarray(is_tp, dtype=bool).ravel()
+    if s.shape != tp.shape:
+        raise ValueError(f"scores and is_tp differ in length: {s.size} vs {tp.size}")
+    if n_positives <= 0:
+        raise ValueError(f"n_positives must be > 0, got {n_positives}")
+    if int(tp.sum()) > n_positives:
+        raise ValueError(f"{int(tp.sum())} true positives but n_positives={n_positives}")
+    tp = tp[np.argsort(-s, kind="stable")]
+    tp_cum = np.cumsum(tp)
+    precision = tp_cum / np.arange(1, tp.size + 1)
+    recall = tp_cum / n_positives
+    return precision, recall
+
+
+def interpolated_ap(precision: np.ndarray, recall: np.ndarray) -> float:
+    """All-point interpolated AP (VOC2010+, COCO without 101-point sampling) of a curve in score order.
+
+    Sum over the recall steps r_{i-1} -> r_i (r_0 = 0) of (r_i - r_{i-1}) * max precision at recall >= r_i.
+    An empty curve (no detections) has AP 0.
+    """
+    p = np.asarray(precision, dtype=np.float64).ravel()
+    r = np.asarray(recall, dtype=np.float64).ravel()
+    if p.shape != r.shape:
+        raise ValueError(f"precision and recall differ in length: {p.size} vs {r.size}")
+    if p.size == 0:
+        return 0.0
+    mrec = np.concatenate(([0.0], r))
+    envelope = np.maximum.accumulate(np.concatenate(([0.0], p))[::-1])[::-1]  # max precision at index >= i
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1  # first point of each new recall level
+    return float(np.sum((mrec[steps] - mrec[steps - 1]) * envelope[steps]))
+
+
+def match_detections(det_boxes: np.ndarray, gt_boxes: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+    """Greedy matching of detections (in descending score order) to the ground-truth boxes of one (query, image).
+
+    Each detection takes the unmatched ground-truth box of highest IoU (first one on ties) if that IoU is
+    >= `iou_threshold`, and is then a true positive; otherwise it is a false positive. Returns a bool array (N,).
+    """
+    n_det = len(det_boxes)
+    is_tp = np.zeros(n_det, dtype=bool)
+    if n_det == 0 or len(gt_boxes) == 0:
+        return is_tp
+    iou = box_iou(det_boxes, gt_boxes)  # NaN boxes give IoU 0
+    matched = np.zeros(iou.shape[1], dtype=bool)
+    for i in range(n_det):
+        candidates = np.where(matched, -1.0, iou[i])
+        j = int(np.argmax(candidates))
+        if candidates[j] >= iou_threshold:
+            matched[j] = True
+            is_tp[i] = True
+    return is_tp
+
+
+# --- DataFrame-level wrappers ------------------------------------------------------------------------------
+
+
+def _require(df: pd.DataFrame, name: str, columns: Sequence[str]) -> None:
+    """Raise ValueError naming the table `name` and the columns of `columns` that `df` lacks."""
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{name}: expected a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name}: missing required column(s) {missing}; has {list(df.columns)}")
+
+
+def _check_ks(ks: Iterable[int]) -> list[int]:
+    out = [int(k) for k in ks]
+    if any(k < 1 for k in out):
+        raise ValueError(f"every k must be >= 1, got {out}")
+    return out
+
+
+def _boxes(df: pd.DataFrame) -> np.ndarray:
+    """(N, 4) float32 boxes of `df`, nulls as NaN."""
+    return df[BOX].to_numpy(dtype=np.float32, na_value=np.nan).reshape(len(df), 4)
+
+
+def _pair_positions(df: pd.DataFrame) -> dict[tuple, np.ndarray]:
+    """Row positions of `df` for each (query_id, uri), in row order."""
+    if len(df) == 0:
+        return {}
+    return dict(df.groupby([QUERY_ID, URI], sort=False, dropna=False).indices)
+
+
+def _gt_boxes_by_pair(ground_truth: pd.DataFrame) -> dict[tuple, np.ndarray]:
+    """Ground-truth boxes of each (query_id, uri)."""
+    boxes = _boxes(ground_truth)
+    return {key: boxes[pos] for key, pos in _pair_positions(ground_truth).items()}
+
+
+def _detection_order(results: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Row order of all detections (score descending, then rank, then query_id; stable) and the sort-key scores."""
+    scores = results[SCORE].to_numpy(dtype=np.float64, na_value=np.nan)
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # a detection without a score comes last
+    ranks = results[RANK].to_numpy(dtype=np.float64, na_value=np.inf)
+    query_codes, _ = pd.factorize(results[QUERY_ID], sort=True)
+    order = np.lexsort((query_codes, ranks, -scores))
+    return order, scores[order]
+
+
+def _match_results(
+    results: pd.DataFrame, ground_truth: pd.DataFrame, iou_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, is_tp) of all result rows pooled over queries, in detection order."""
+    order, scores = _detection_order(results)
+    det = results.iloc[order]
+    det_boxes = _boxes(det)
+    gt_boxes = _gt_boxes_by_pair(ground_truth)
+    is_tp = np.zeros(len(det), dtype=bool)
+    for key, pos in _pair_positions(det).items():  # matching never crosses (query, image) pairs
+        gt = gt_boxes.get(key)
+        if gt is not None:
+            is_tp[pos] = match_detections(det_boxes[pos], gt, iou_threshold)
+    return scores, is_tp
+
+
+def retrieval_metrics(
+    results: pd.DataFrame, ground_truth: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """mAP and Recall@k over the queries with >= 1 relevant image; relevance is by (query_id, uri).
+
+    Results are put in rank order per query (ranks only order rows) and a repeated (query_id, uri) keeps only its
+    best-ranked row. A query with ground truth but no results has AP 0 and recall 0; queries without ground truth
+    are ignored. Returns {"mAP", "recall@k" for each k, "n_queries"}; metrics are nan when no query has ground truth.
+    """
+    _require(results, RESULTS, [QUERY_ID, RANK, URI])
+    _require(ground_truth, GROUND_TRUTH, [QUERY_ID, URI])
+    ks = _check_ks(ks)
+    pairs = ground_truth[[QUERY_ID, URI]].drop_duplicates()
+    n_relevant = pairs.groupby(QUERY_ID, sort=True).size()
+    ranked = (
+        results[[QUERY_ID, RANK, URI]]
+        .sort_values([QUERY_ID, RANK], kind="stable")
+        .drop_duplicates([QUERY_ID, URI], keep="first")
+    )
+    if len(ranked) and len(pairs):
+        is_relevant = pd.MultiIndex.from_frame(ranked[[QUERY_ID, URI]]).isin(pd.MultiIndex.from_frame(pairs))
+        positions = ranked.groupby(QUERY_ID, sort=False).indices
+    else:
+        is_relevant, positions = np.zeros(len(ranked), dtype=bool), {}
+    aps: list[float] = []
+    recalls: dict[int, list[float]] = {k: [] for k in ks}
+    for query, n in n_relevant.items():
+        pos = positions.get(query)
+        relevant = is_relevant[pos] if pos is not None else np.zeros(0, dtype=bool)
+        aps.append(average_precision(relevant, int(n)))
+        for k in ks:
+            recalls[k].append(recall_at_k(relevant, int(n), k))
+    out: dict[str, float] = {MAP: _mean(aps)}
+    out.update({recall_key(k): _mean(recalls[k]) for k in ks})
+    out[N_QUERIES] = len(n_relevant)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def localization_ap(results: pd.DataFrame, ground_truth: pd.DataFrame, iou_threshold: float = 0.5) -> float:
+    """Detection AP at `iou_threshold` over all result rows of all queries pooled (each row is one detection).
+
+    Detections are taken by score descending (ties: rank, then query_id) and matched greedily within their
+    (query_id, uri) to the unmatched ground-truth box of best IoU (see `match_detections`); a row without a box is
+    a false positive. Positives are the ground-truth rows. All-point interpolated AP; nan without ground truth.
+    """
+    _require(results, RESULTS, RESULTS_COLUMNS)
+    _require(ground_truth, GROUND_TRUTH, GROUND_TRUTH_COLUMNS)
+    if len(ground_truth) == 0:
+        return math.nan
+    scores, is_tp = _match_results(results, ground_truth, iou_threshold)
+    precision, recall = precision_recall_curve(scores, is_tp, len(ground_truth))
+    return interpolated_ap(precision, recall)
+
+
+def hit_rate_iou(results: pd.DataFrame, ground_truth: pd.DataFrame, k: int = 10, iou_threshold: float = 0.5) -> float:
+    """Fraction of ground-truth (query_id, uri) pairs retrieved with rank <= k by a row whose box has
+    IoU >= `iou_threshold` with one of the pair's ground-truth boxes; nan without ground truth."""
+    _require(results, RESULTS, [QUERY_ID, RANK, URI, *BOX])
+    _require(ground_truth, GROUND_TRUTH, GROUND_TRUTH_COLUMNS)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    gt_boxes = _gt_boxes_by_pair(ground_truth)
+    if not gt_boxes:
+        return math.nan
+    top = results[results[RANK].to_numpy(dtype=np.float64, na_value=np.inf) <= k]
+    boxes = _boxes(top)
+    hits = 0
+    for key, pos in _pair_positions(top).items():
+        gt = gt_boxes.get(key)
+        if gt is not None and float(box_iou(boxes[pos], gt).max()) >= iou_threshold:
+            hits += 1
+    return hits / len(gt_boxes)
+
+
+def evaluate(results: pd.DataFrame, ground_truth: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """`retrieval_metrics` plus "loc_ap50" (`localization_ap` at IoU 0.5) and "top10_iou50" (`hit_rate_iou`)."""
+    _require(results, RESULTS, RESULTS_COLUMNS)
+    _require(ground_truth, GROUND_TRUTH, GROUND_TRUTH_COLUMNS)
+    out = retrieval_metrics(results, ground_truth, ks)
+    out[LOC_AP50] = localization_ap(results, ground_truth, iou_threshold=0.5)
+    out[TOP10_IOU50] = hit_rate_iou(results, ground_truth, k=10, iou_threshold=0.5)
+    return out

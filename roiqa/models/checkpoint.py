@@ -1,0 +1,67 @@
+"""Matcher checkpoints: one safetensors file whose metadata holds the model config as JSON; loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from roiqa import uri as uri_mod
+from roiqa.config import ModelConfig, from_dict, to_dict
+from roiqa.models.matcher import Matcher
+
+CONFIG_KEY = "roiqa.model_config"
+
+
+def save_matcher(model: Matcher, uri: str, extra: dict[str, str] | None = None) -> bytes:
+    """Write the matcher's weights and config to `uri` (.safetensors); returns the bytes written."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}
+    data = st_save(state, metadata=meta)
+    uri_mod.write_bytes(uri, data)
+    return data
+
+
+def read_metadata(data: bytes, name: str) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes (its JSON header), validated before anything else is read."""
+    if len(data) < 8:
+        raise ValueError(f"{name}: not a safetensors checkpoint (too short)")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ValueError(f"{name}: not a safetensors checkpoint (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError as exc:
+        raise ValueError(f"{name}: not a safetensors checkpoint ({exc})") from exc
+    return header.get("__metadata__", {}) or {}
+
+
+def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
+    """A Matcher from a checkpoint URI, or a randomly initialised one from `cfg` (seeded) when `uri` is None.
+
+    The checkpoint's own config wins over `cfg`; weights must match it exactly.
+    """
+    if uri is None:
+        return Matcher(cfg or ModelConfig())
+    data = uri_mod.read_bytes(uri)
+    meta = read_metadata(data, uri)
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{uri}: safetensors file without {CONFIG_KEY!r} metadata is not a roiqa checkpoint")
+    model_cfg = from_dict(ModelConfig, json.loads(meta[CONFIG_KEY]), where=f"{uri}:{CONFIG_KEY}")
+    # The checkpoint carries every weight: skip any backbone_weights file the config names.
+    model_cfg = ModelConfig(**{**to_dict(model_cfg), "levels": tuple(model_cfg.levels), "backbone_weights": None})
+    model = Matcher(model_cfg)
+    state = st_load(data)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def describe(uri: str | None, cfg: ModelConfig) -> dict:
+    """What a manifest records about the model: its URI (or random init with seed) and config."""
+    if uri is None:
+        weights = f"random-init(seed={cfg.seed})" if not cfg.backbone_weights else f"backbone:{cfg.backbone_weights}"
+        return {"uri": None, "weights": weights, "config": to_dict(cfg)}
+    return {"uri": uri, "weights": "checkpoint", "config": to_dict(load_matcher(uri).cfg)}

@@ -1,0 +1,137 @@
+"""The seed-003 matcher: ResNet+FPN features, phi/psi adapters, eq. 3 correlation, eq. 4 fusion, eq. 5 score."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from roiqa.config import ModelConfig
+from roiqa.models.backbone import build_backbone
+from roiqa.ops.fusion import lse_fuse, upsample_to
+from roiqa.ops.gem import GeM, valid_mask
+from roiqa.ops.xcorr import cosine_xcorr
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def identity_conv1x1(channels: int) -> nn.Conv2d:
+    """A 1x1 convolution initialised to the identity (an untrained adapter leaves features unchanged)."""
+    conv = nn.Conv2d(channels, channels, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(channels)[:, :, None, None])
+        conv.bias.zero_()
+    return conv
+
+
+class ResidualMLP(nn.Module):
+    """x + MLP(x) with the last layer zero-initialised: the identity until trained."""
+
+    def __init__(self, channels: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or channels * 2
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.relu(self.fc1(x)))
+
+
+def lse_score(sims: torch.Tensor, beta: float) -> torch.Tensor:
+    """s(I|q) = (1/beta) log((1/K) sum_k exp(beta * sims_k)) over the last dim: between mean and max of sims."""
+    k = sims.shape[-1]
+    return (torch.logsumexp(beta * sims, dim=-1) - math.log(k)) / beta
+
+
+class Matcher(nn.Module):
+    """Backbone + FPN shared by query and search images, with the heads of seed 003.
+
+    Inputs are (B, H, W, 3) uint8 images (or (B, 3, H, W) floats already normalised). Feature maps are keyed by
+    pyramid level l (stride 2**l).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.body = build_backbone(cfg)
+            c = cfg.fpn_channels
+            self.phi = nn.ModuleDict({str(lv): identity_conv1x1(c) for lv in cfg.levels})  # query adapters
+            self.psi = nn.ModuleDict({str(lv): identity_conv1x1(c) for lv in cfg.levels})  # search adapters
+            self.alpha_logit = nn.Parameter(torch.zeros(len(cfg.levels)))  # alpha = softmax(alpha_logit)
+            self.log_gamma = nn.Parameter(torch.tensor(math.log(cfg.gamma)))
+            self.gem = GeM(cfg.gem_p)
+            self.head = ResidualMLP(c)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    # --- features ------------------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) float normalised with ImageNet statistics."""
+        x = torch.as_tensor(images)
+        if x.dtype == torch.uint8:
+            x = x.to(self.mean.device).permute(0, 3, 1, 2).float()
+            x = (x - self.mean) / self.std
+        return x
+
+    def pyramid(self, images: torch.Tensor | np.ndarray) -> dict[int, torch.Tensor]:
+        """{level: (B, C, H / 2**l, W / 2**l)} FPN features."""
+        x = self.normalize(images)
+        out = self.body(x)
+        return {int(k): v for k, v in out.items()}
+
+    def stride(self, level: int) -> int:
+        return 2**level
+
+    # --- descriptors ---------------------------------------------------------------------------------------
+    def global_descriptor(self, feats: dict[int, torch.Tensor], valid_hw: torch.Tensor | None = None) -> torch.Tensor:
+        """g = L2(head(GeM(X^l))) on `cfg.descriptor_level`, over the valid region when `valid_hw` (B, 2) is given."""
+        lv = self.cfg.descriptor_level
+        x = feats[lv]  # (B, C, H, W)
+        mask = None if valid_hw is None else valid_mask(valid_hw.to(x.device), x.shape[-2:], self.stride(lv))
+        return F.normalize(self.head(self.gem(x, mask)), dim=-1)
+
+    def query_descriptor(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        """z = L2(head(GeM(Z^{l*}))) on the finest query level (seed 003, section 2.4). (B, C)."""
+        return F.normalize(self.head(self.gem(feats[self.cfg.levels[0]])), dim=-1)
+
+    def region_descriptors(self, feat: torch.Tensor, boxes: torch.Tensor, level: int) -> torch.Tensor:
+        """r_k = L2(head(GeM(ROIAlign(X^l, box_k)))) for boxes (K, 4) in input pixels of a (1, C, H, W) map. (K, C)."""
+        rois = roi_align(feat, [boxes.to(feat.dtype)], output_size=(3, 3), spatial_scale=1.0 / self.stride(level),
+                         sampling_ratio=2, aligned=True)  # (K, C, 3, 3)
+        return F.normalize(self.head(self.gem(rois)), dim=-1)
+
+    # --- dense matching ------------------------------------------------------------------------------------
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.softmax(self.alpha_logit, dim=0)
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.log_gamma.exp()
+
+    def level_heatmaps(self, query: dict[int, torch.Tensor], search: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """Eq. 3 at every level: query {l: (1, C, h, w)}, search {l: (B, C, H, W)} -> [(B, H_l, W_l)]."""
+        out = []
+        for lv in self.cfg.levels:
+            zq = self.phi[str(lv)](query[lv])[0]  # (C, h, w)
+            xs = self.psi[str(lv)](search[lv])  # (B, C, H, W)
+            out.append(cosine_xcorr(zq, xs))
+        return out
+
+    def fuse(self, heatmaps: list[torch.Tensor]) -> torch.Tensor:
+        """Eq. 4: upsample every level to the finest and fuse with alpha and gamma. (B, H_finest, W_finest)."""
+        size = heatmaps[0].shape[-2:]
+        return lse_fuse(upsample_to(heatmaps, tuple(size)), self.alpha, self.gamma)
+
+    def score(self, z: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        """Eq. 5: LSE over k of <z, r_k>; z (C,), regions (K, C) -> scalar."""
+        return lse_score(regions @ z, self.cfg.score_beta)

@@ -1,0 +1,198 @@
+"""Query encoding and dense reranking: multi-scale cross-correlation of query patches against candidate images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from roiqa import schema as S
+from roiqa import uri as uri_mod
+from roiqa.boxes import clip_boxes, feature_window_to_boxes
+from roiqa.config import RoiqaConfig
+from roiqa.embed import pick_device
+from roiqa.imageio import DecodeError, decode_image, encode_png, resize_long_side
+from roiqa.models.matcher import Matcher
+from roiqa.ops.peaks import local_maxima, nms_peaks
+from roiqa.sources import _object_array, error_string
+
+
+def crop_patch(image: np.ndarray, box: np.ndarray | None, name: str) -> np.ndarray:
+    """The query patch: `image` cropped to `box` (x0, y0, x1, y1 pixels; None or NaN: the whole image)."""
+    if box is None or not np.all(np.isfinite(box)):
+        return image
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        raise ValueError(f"{name}: query box {list(map(float, box))} is empty inside the {w}x{h} image")
+    return image[y0:y1, x0:x1]
+
+
+@dataclass
+class QueryFeatures:
+    """Everything the reranker needs from one query patch."""
+
+    z: torch.Tensor  # (C,) eq. 5 query descriptor
+    scales: list[tuple[tuple[int, int], dict[int, torch.Tensor]]]  # per query size: ((h, w) px, {level: (1, C, h_l, w_l)})
+
+
+def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
+    """The optional box of row i of a queries batch (None when the columns are absent)."""
+    if S.X0 not in batch:
+        return None
+    return np.array([batch[c][i] for c in S.BOX], dtype=np.float32)
+
+
+class QueryEncoder:
+    """{query_id, uri[, x0..y1]} -> {query_id, embedding, error}: global descriptors for the coarse faiss search."""
+
+    def __init__(self, cfg: RoiqaConfig, model_uri: str | None = None, device: str | None = None) -> None:
+        from roiqa.models.checkpoint import load_matcher
+
+        self.cfg = cfg
+        self.device = pick_device(device)
+        self.model = load_matcher(model_uri, cfg.model).to(self.device).eval()
+
+    def patch(self, uri: str, box: np.ndarray | None) -> np.ndarray:
+        return crop_patch(decode_image(uri_mod.read_bytes(uri), uri, self.cfg.preprocess.max_pixels), box, uri)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n, dim = len(batch[S.QUERY_ID]), self.model.cfg.fpn_channels
+        emb = np.zeros((n, dim), dtype=np.float32)
+        errors = []
+        for i, u in enumerate(batch[S.URI]):
+            try:
+                patch, _ = resize_long_side(self.patch(str(u), query_boxes(batch, i)), self.cfg.query.descriptor_size)
+                feats = self.model.pyramid(torch.from_numpy(patch[None].copy()).to(self.device))
+                emb[i] = self.model.global_descriptor(feats)[0].float().cpu().numpy()
+                errors.append("")
+            except (DecodeError, ValueError, OSError) as exc:
+                errors.append(error_string("query", getattr(exc, "reason", "bad_query"), str(exc)))
+        return {S.QUERY_ID: batch[S.QUERY_ID], S.EMBEDDING: emb, S.ERROR: _object_array(errors)}
+
+
+class Reranker:
+    """Scores candidate images against the query patches that shortlisted them (seed 003, eqs. 3-5).
+
+    Input rows: {image_id, uri, query_ids (list), coarse_scores (list)}, one per candidate image, so the image's
+    pyramid is computed once for all its queries. Output: one row per (query, image) with score, coarse score, box
+    in original pixels and the heatmap overlay's URI (when `overlay_dir` is set); failures become error rows.
+    """
+
+    def __init__(
+        self,
+        cfg: RoiqaConfig,
+        queries: dict[str, tuple[str, list[float] | None]],
+        model_uri: str | None = None,
+        overlay_dir: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        from roiqa.models.checkpoint import load_matcher
+
+        self.cfg = cfg
+        self.queries = queries  # query_id -> (uri, box or None)
+        self.overlay_dir = overlay_dir
+        self.device = pick_device(device)
+        self.model: Matcher = load_matcher(model_uri, cfg.model).to(self.device).eval()
+        self._cache: dict[str, QueryFeatures] = {}
+
+    # --- queries -------------------------------------------------------------------------------------------
+    def query_features(self, query_id: str) -> QueryFeatures:
+        """Pyramids of the query patch resized to every `query.query_sizes` (cached per actor)."""
+        if query_id not in self._cache:
+            uri, box = self.queries[query_id]
+            img = decode_image(uri_mod.read_bytes(uri), uri, self.cfg.preprocess.max_pixels)
+            patch = crop_patch(img, None if box is None else np.asarray(box, np.float32), uri)
+            scales = []
+            for size in self.cfg.query.query_sizes:
+                p, _ = resize_long_side(patch, size)
+                feats = self.model.pyramid(torch.from_numpy(p[None].copy()).to(self.device))
+                scales.append((p.shape[:2], feats))
+            p, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
+            z = self.model.query_descriptor(self.model.pyramid(torch.from_numpy(p[None].copy()).to(self.device)))[0]
+            self._cache[query_id] = QueryFeatures(z=z, scales=scales)
+        return self._cache[query_id]
+
+    # --- one pair ------------------------------------------------------------------------------------------
+    def match(self, q: QueryFeatures, feats: dict[int, torch.Tensor], valid_hw: tuple[int, int]):
+        """Heatmap (H_f, W_f) over the valid region, best box (4,) in resized pixels, eq. 5 score, peak value."""
+        m, qc = self.model, self.cfg.query
+        finest = m.cfg.levels[0]
+        stride = m.stride(finest)
+        hf = -(-valid_hw[0] // stride)
+        wf = -(-valid_hw[1] // stride)
+        crop = {lv: f[..., : -(-valid_hw[0] // m.stride(lv)), : -(-valid_hw[1] // m.stride(lv))] for lv, f in feats.items()}
+        per_scale = torch.stack([m.fuse(m.level_heatmaps(qf, crop))[0] for _, qf in q.scales])  # (S, H_f, W_f)
+        heat, best_scale = per_scale.max(dim=0)  # (H_f, W_f)
+        vals, rows, cols = local_maxima(heat, k=4 * qc.peaks)
+        sizes = torch.tensor([hw for hw, _ in q.scales], dtype=torch.float32)[best_scale[rows, cols].cpu()]  # (K, 2)
+        boxes = feature_window_to_boxes(rows.cpu(), cols.cpu(), sizes[:, 0], sizes[:, 1], stride)
+        keep = nms_peaks(boxes, vals.cpu(), qc.nms_iou, qc.peaks)
+        boxes, vals = boxes[keep], vals[keep]
+        regions = m.region_descriptors(crop[finest], boxes.to(heat.device), finest)  # (K, C)
+        score = m.score(q.z, regions)
+        assert heat.shape == (hf, wf)
+        return heat, boxes[0].numpy(), float(score), float(vals[0])
+
+    # --- batch ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX,
+                                                 S.HEATMAP_URI, S.ERROR)}
+
+        def emit(qid, iid, u, score, coarse, box, heat_uri, err):
+            for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err)):
+                out[k].append(v)
+
+        for iid, u, qids, coarse in zip(batch[S.IMAGE_ID], batch[S.URI], batch["query_ids"], batch["coarse_scores"]):
+            u = str(u)
+            try:
+                img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
+            except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
+                for qid, cs in zip(qids, coarse):
+                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "image_unreadable", str(exc)))
+                continue
+            resized, scale = resize_long_side(img, self.cfg.preprocess.image_size)
+            valid = resized.shape[:2]
+            feats = self.model.pyramid(torch.from_numpy(np.ascontiguousarray(resized[None])).to(self.device))
+            for qid, cs in zip(qids, coarse):
+                try:
+                    heat, box, score, _peak = self.match(self.query_features(str(qid)), feats, tuple(valid))
+                except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
+                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
+                    continue
+                box = clip_boxes(box / scale, img.shape[0], img.shape[1])[0]
+                heat_uri = self.write_overlay(str(qid), int(iid), img, heat, valid, box) if self.overlay_dir else None
+                emit(qid, iid, u, score, cs, box, heat_uri, "")
+        return {
+            S.QUERY_ID: _object_array(out[S.QUERY_ID]),
+            S.IMAGE_ID: np.array(out[S.IMAGE_ID], dtype=np.int64),
+            S.URI: _object_array(out[S.URI]),
+            S.SCORE: np.array(out[S.SCORE], dtype=np.float32),
+            S.COARSE_SCORE: np.array(out[S.COARSE_SCORE], dtype=np.float32),
+            **{c: np.array(out[c], dtype=np.float32) for c in S.BOX},
+            S.HEATMAP_URI: _object_array(out[S.HEATMAP_URI]),
+            S.ERROR: _object_array(out[S.ERROR]),
+        }
+
+    def write_overlay(self, qid: str, iid: int, img: np.ndarray, heat: torch.Tensor, valid, box: np.ndarray) -> str:
+        """Save the heatmap over the original image as PNG; returns its URI."""
+        from roiqa.overlay import overlay
+
+        h = heat.float().cpu().numpy()
+        # The finest-level map covers ceil(valid / stride) cells: trim the part past the image before stretching.
+        stride = self.model.stride(self.model.cfg.levels[0])
+        h = h[: max(1, round(valid[0] / stride)), : max(1, round(valid[1] / stride))]
+        png = encode_png(overlay(img, h, box=box, long_side=self.cfg.query.overlay_size))
+        target = uri_mod.join(self.overlay_dir, safe_name(qid), f"{iid}.png")
+        uri_mod.write_bytes(target, png)
+        return target
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a query id."""
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    return keep.strip(".") or "query"

@@ -1,0 +1,114 @@
+"""Column names and Arrow schemas of every table roiqa reads or writes (the only place a column is spelled)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# --- column names -------------------------------------------------------------------------------------------
+IMAGE_ID = "image_id"  # int64, stable: roiqa.ids.image_id(uri)
+URI = "uri"  # string, where the image was read from (a tar member is "<shard uri>#<member name>")
+WIDTH = "width"  # int32, original image width in pixels (after EXIF orientation)
+HEIGHT = "height"  # int32, original image height in pixels
+SIZE_BYTES = "size_bytes"  # int64, encoded size
+CONTENT_HASH = "content_hash"  # string, BLAKE2b-128 hex of the encoded bytes
+EMBEDDING = "embedding"  # fixed_size_list<float32, D>, L2-normalised global descriptor
+STAGE = "stage"  # string, pipeline stage that failed: read | decode | embed
+REASON = "reason"  # string, short machine-readable code (empty_file, truncated, not_an_image, too_large, ...)
+MESSAGE = "message"  # string, human-readable detail
+QUERY_ID = "query_id"  # string
+RANK = "rank"  # int32, 1-based rank within a query
+SCORE = "score"  # float32, rerank score s(I|q) (seed 003 eq. 5)
+COARSE_SCORE = "coarse_score"  # float32, inner product of global descriptors from the faiss search
+X0, Y0, X1, Y1 = "x0", "y0", "x1", "y1"  # float32 box corners, pixels of the original image
+BOX = [X0, Y0, X1, Y1]
+HEATMAP_URI = "heatmap_uri"  # string or null, overlay PNG of the fused heatmap
+
+# transient columns inside the pipelines (never written to the published tables)
+BYTES = "bytes"  # binary, encoded image
+ERROR = "error"  # string, empty when the row is good: "<stage>:<reason>:<message>"
+IMAGE = "image"  # (S, S, 3) uint8, resized and zero-padded
+VALID_HW = "valid_hw"  # (2,) int32, the resized image's size inside the padded square
+SCALE = "scale"  # float32, resized pixels per original pixel
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """One row per indexed image: versions/<id>/embeddings/*.parquet."""
+    return pa.schema(
+        [
+            pa.field(IMAGE_ID, pa.int64(), nullable=False),
+            pa.field(URI, pa.string(), nullable=False),
+            pa.field(WIDTH, pa.int32()),
+            pa.field(HEIGHT, pa.int32()),
+            pa.field(SIZE_BYTES, pa.int64()),
+            pa.field(CONTENT_HASH, pa.string()),
+            pa.field(EMBEDDING, pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field(STAGE, pa.string(), nullable=False),
+        pa.field(REASON, pa.string(), nullable=False),
+        pa.field(MESSAGE, pa.string()),
+    ]
+)
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field(QUERY_ID, pa.string(), nullable=False),
+        pa.field(RANK, pa.int32(), nullable=False),
+        pa.field(IMAGE_ID, pa.int64(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field(SCORE, pa.float32()),
+        pa.field(COARSE_SCORE, pa.float32()),
+        pa.field(X0, pa.float32()),
+        pa.field(Y0, pa.float32()),
+        pa.field(X1, pa.float32()),
+        pa.field(Y1, pa.float32()),
+        pa.field(HEATMAP_URI, pa.string()),
+    ]
+)
+
+# Queries: a query image and optionally the box of the object inside it (all null = the whole image is the patch).
+QUERIES_SCHEMA = pa.schema(
+    [
+        pa.field(QUERY_ID, pa.string(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field(X0, pa.float32()),
+        pa.field(Y0, pa.float32()),
+        pa.field(X1, pa.float32()),
+        pa.field(Y1, pa.float32()),
+    ]
+)
+
+# Ground truth for evaluation: one row per (query, gallery image that contains the instance, its box).
+GROUND_TRUTH_SCHEMA = pa.schema(
+    [
+        pa.field(QUERY_ID, pa.string(), nullable=False),
+        pa.field(URI, pa.string(), nullable=False),
+        pa.field(X0, pa.float32()),
+        pa.field(Y0, pa.float32()),
+        pa.field(X1, pa.float32()),
+        pa.field(Y1, pa.float32()),
+    ]
+)
+
+
+def check_columns(table: pa.Table, schema: pa.Schema, name: str, required: list[str] | None = None) -> pa.Table:
+    """Cast `table` to `schema` (missing nullable columns become null), naming `name` in any error."""
+    required = required if required is not None else [f.name for f in schema if not f.nullable]
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{name}: missing required column(s) {missing}; has {table.column_names}")
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            try:
+                cols.append(table.column(field.name).cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ValueError(f"{name}: column {field.name!r} cannot be read as {field.type}: {exc}") from exc
+        else:
+            cols.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(cols, schema=schema)

@@ -1,0 +1,113 @@
+"""Per-batch readers of image sources: file URIs -> bytes, WebDataset tar shards -> members; failures become rows."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import tarfile
+
+import numpy as np
+
+from roiqa import schema as S
+from roiqa import uri as uri_mod
+from roiqa.uri import IMAGE_EXTENSIONS
+
+
+def error_string(stage: str, reason: str, message: str) -> str:
+    """The transient `error` column's format: "<stage>:<reason>:<message>"; "" means no error."""
+    return f"{stage}:{reason}:{message}"
+
+
+def parse_error(value: str) -> tuple[str, str, str]:
+    """Inverse of `error_string`."""
+    stage, reason, message = (value.split(":", 2) + ["", ""])[:3]
+    return stage, reason, message
+
+
+def content_hash(data: bytes) -> str:
+    """BLAKE2b-128 of encoded bytes, hex: identifies unchanged content across re-indexing."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def safe_member_name(name: str) -> bool:
+    """False for absolute paths, '..' components and other names that could escape an extraction folder."""
+    if not name or name.startswith(("/", "\\")) or "\\" in name or ":" in name.split("/")[0]:
+        return False
+    return ".." not in posixpath.normpath(name).split("/") and not posixpath.normpath(name).startswith("..")
+
+
+def _object_array(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def _rows(uris: list[str], payloads: list[bytes], errors: list[str]) -> dict[str, np.ndarray]:
+    return {
+        S.URI: _object_array(uris),
+        S.BYTES: _object_array(payloads),
+        S.ERROR: _object_array(errors),
+    }
+
+
+def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{uri} -> {uri, bytes, error}: each URI's bytes, or an error row (stage "read") when it cannot be read."""
+    uris, payloads, errors = [], [], []
+    for u in batch[S.URI]:
+        u = str(u)
+        try:
+            data = uri_mod.read_bytes(u)
+            err = ""
+        except FileNotFoundError:
+            data, err = b"", error_string("read", "not_found", "no such file or object")
+        except Exception as exc:  # noqa: BLE001 - any storage failure is recorded against its input
+            data, err = b"", error_string("read", "read_failed", f"{type(exc).__name__}: {exc}")
+        uris.append(u)
+        payloads.append(data)
+        errors.append(err)
+    return _rows(uris, payloads, errors)
+
+
+def expand_tar(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{uri of .tar shards} -> one row per image member, URI `<shard>#<member>` (WebDataset layout).
+
+    Members with image extensions are yielded; other members (.json, .txt, ...) belong to the sample but are not
+    images. Members with unsafe names (absolute, '..') are error rows ("read", "unsafe_member"). A shard that cannot
+    be opened, or that is corrupt or truncated part-way, gives an error row for the shard itself after the members
+    read before the damage.
+    """
+    uris, payloads, errors = [], [], []
+    for shard in batch[S.URI]:
+        shard = str(shard)
+        try:
+            data = uri_mod.read_bytes(shard)
+        except Exception as exc:  # noqa: BLE001
+            uris.append(shard)
+            payloads.append(b"")
+            errors.append(error_string("read", "read_failed", f"{type(exc).__name__}: {exc}"))
+            continue
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for info in tar:
+                    if not info.name.lower().endswith(IMAGE_EXTENSIONS):
+                        continue
+                    member_uri = f"{shard}#{info.name}"
+                    if not safe_member_name(info.name) or not info.isfile():
+                        kind = "unsafe_member" if not safe_member_name(info.name) else "not_a_file"
+                        uris.append(member_uri)
+                        payloads.append(b"")
+                        errors.append(error_string("read", kind, f"tar member {info.name!r} refused"))
+                        continue
+                    f = tar.extractfile(info)
+                    body = f.read() if f is not None else b""
+                    if len(body) != info.size:
+                        raise tarfile.ReadError(f"member {info.name!r} truncated ({len(body)} of {info.size} bytes)")
+                    uris.append(member_uri)
+                    payloads.append(body)
+                    errors.append("")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            uris.append(shard)
+            payloads.append(b"")
+            errors.append(error_string("read", "corrupt_tar", f"{type(exc).__name__}: {exc}"))
+    return _rows(uris, payloads, errors)
