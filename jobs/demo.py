@@ -22,6 +22,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def demo_config(n_gallery: int, seed: int):
+    """The sample collection's settings: 4 instances per object at the default size, fewer in smaller galleries."""
+    from roiqa.demo_data import OBJECTS, DemoConfig
+
+    distractors = max(2, n_gallery // 6)
+    capacity = (n_gallery - distractors) * DemoConfig.max_objects_per_image
+    instances = max(1, min(4, capacity // len(OBJECTS)))
+    if n_gallery - distractors < 1 or instances * len(OBJECTS) > capacity:
+        raise ValueError(f"--n-gallery {n_gallery} is too small for {len(OBJECTS)} objects; use at least 12")
+    return DemoConfig(n_gallery=n_gallery, instances_per_object=instances, n_distractors=distractors, seed=seed)
+
+
 def chance_map(results, ground_truth, draws: int = 50, seed: int = 0) -> float:
     """mAP of a random ordering of each query's returned images (the floor a model must beat)."""
     from roiqa import schema as S
@@ -49,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.abspath(args.out)
         cfg = config_from(args)
         t0 = time.perf_counter()
-        col = build_demo_collection(os.path.join(out, "collection"), DemoConfig(n_gallery=args.n_gallery, seed=args.seed))
+        col = build_demo_collection(os.path.join(out, "collection"), demo_config(args.n_gallery, args.seed))
         print(f"collection: {col.n_gallery} gallery images, {col.n_queries} queries in {out}/collection "
               f"({time.perf_counter() - t0:.1f} s)")
         index_uri, query_out = os.path.join(out, "index"), os.path.join(out, "query")

@@ -75,8 +75,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}: expected float, got {value!r}")
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
     if tp is int and isinstance(value, bool):

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny config, a small real-photo collection, an S3-compatible server, one Ray per module."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from roiqa.config import IndexConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig
+
+TINY = RoiqaConfig(
+    model=ModelConfig(fpn_channels=32),
+    preprocess=PreprocessConfig(image_size=128),
+    index=IndexConfig(batch_size=8, read_batch_size=8),
+    query=QueryConfig(top_k=6, rerank=4, query_sizes=(24, 40), descriptor_size=40, peaks=3, overlay_size=96),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> RoiqaConfig:
+    """A small, fast configuration for pipeline tests."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def collection(tmp_path_factory):
+    """A 10-image collection of real photographs (skimage.data) with 8 query crops and known boxes."""
+    from roiqa.demo_data import DemoConfig, build_demo_collection
+
+    out = tmp_path_factory.mktemp("collection")
+    cfg = DemoConfig(n_gallery=10, instances_per_object=1, n_distractors=2, image_size=(96, 128),
+                     scale_range=(28.0, 48.0), seed=3)
+    return build_demo_collection(str(out), cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on 127.0.0.1, with the standard AWS_* variables pointing at it."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One Ray per module (2 CPUs), started after the S3 server so its workers see the endpoint."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()

@@ -1,0 +1,77 @@
+"""Entry points: `main([...])` of each job on tiny data, and the `roiqa` dispatcher."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs import cli, demo
+from jobs import eval as eval_job
+from jobs import index as index_job
+from jobs import query as query_job
+from roiqa import schema as S
+from roiqa.config import to_dict
+from roiqa.metrics import evaluate
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+@pytest.fixture()
+def config_file(tiny_cfg, tmp_path) -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(tiny_cfg)))
+    return str(path)
+
+
+def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
+    index, out = str(tmp_path / "index"), str(tmp_path / "out")
+    assert index_job.main(["--images", collection.gallery_dir, "--index", index, "--config", config_file]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["indexed"] == collection.n_gallery and printed["errors"] == 0
+    argv = ["--index", index, "--queries", collection.queries_uri, "--out", out, "--config", config_file,
+            "--top-k", "5", "--rerank", "2", "--no-overlays"]
+    assert query_job.main(argv) == 0
+    res = pq.read_table(os.path.join(out, "results.parquet")).to_pandas()
+    assert res.groupby(S.QUERY_ID).size().max() == 5
+    assert res[S.HEATMAP_URI].isna().all()  # --no-overlays
+    assert res[S.SCORE].notna().sum() == 2 * collection.n_queries
+    capsys.readouterr()
+    metrics_path = str(tmp_path / "metrics.json")
+    assert eval_job.main(["--results", out, "--ground-truth", collection.ground_truth_uri, "--out", metrics_path]) == 0
+    got = json.loads(open(metrics_path).read())
+    want = evaluate(res, pq.read_table(collection.ground_truth_uri).to_pandas())
+    assert got == pytest.approx(want, nan_ok=True)
+
+
+def test_bad_arguments_give_clear_errors(tmp_path, config_file, capsys):
+    assert index_job.main(["--images", str(tmp_path / "missing"), "--index", str(tmp_path / "i"),
+                           "--config", config_file]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert query_job.main(["--index", str(tmp_path / "nothing"), "--queries", str(tmp_path), "--out",
+                           str(tmp_path / "o"), "--config", config_file]) == 2
+    assert "no published index" in capsys.readouterr().err
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("query:\n  top_kk: 3\n")
+    assert index_job.main(["--images", str(tmp_path), "--index", str(tmp_path / "i"), "--config", str(bad_cfg)]) == 2
+    assert "top_kk" in capsys.readouterr().err
+
+
+def test_cli_dispatch(capsys):
+    assert cli.main([]) == 0
+    assert "index" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+
+
+def test_demo_main(tmp_path, config_file, capsys):
+    out = str(tmp_path / "demo")
+    assert demo.main(["--out", out, "--n-gallery", "12", "--config", config_file]) == 0
+    text = capsys.readouterr().out
+    assert "random-init" in text and "UNTRAINED" in text and "mAP" in text
+    metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
+    assert metrics["index_images"] == 12 and 0 <= metrics["mAP"] <= 1
+    assert os.path.exists(os.path.join(out, "query", "results.parquet"))
+    assert any(f.endswith(".png") for _, _, fs in os.walk(os.path.join(out, "query", "heatmaps")) for f in fs)

@@ -1,0 +1,219 @@
+"""The index and query pipelines end to end on Ray: local folder, WebDataset shards, s3://, bad inputs, re-runs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.index import run_index
+from pipelines.query import read_results, run_query
+from roiqa import index_store as store
+from roiqa import schema as S
+from roiqa.embed import Decoder, Embedder
+from roiqa.ids import image_id
+from roiqa.imageio import encode_png
+from roiqa.metrics import evaluate
+from roiqa.rerank import Reranker
+from roiqa.sources import read_files
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def gallery_files(collection) -> list[str]:
+    return sorted(os.path.join(collection.gallery_dir, f) for f in os.listdir(collection.gallery_dir))
+
+
+def reference_embeddings(cfg, uris: list[str]) -> dict[str, np.ndarray]:
+    """Embeddings computed by calling the per-batch classes directly, without Ray."""
+    batch = Decoder(cfg.preprocess)(read_files({S.URI: np.array(uris, dtype=object)}))
+    out = Embedder(cfg.model)(batch)
+    return dict(zip(out[S.URI], out[S.EMBEDDING]))
+
+
+def check_version_consistent(index: str) -> store.IndexVersion:
+    v = store.open_index(index)
+    emb, err = v.embeddings(), v.errors()
+    counts = v.manifest["counts"]
+    assert counts["indexed"] == emb.num_rows and counts["errors"] == err.num_rows
+    assert counts["inputs"] == emb.num_rows + err.num_rows
+    assert v.faiss().ntotal == emb.num_rows
+    assert len(set(emb.column(S.IMAGE_ID).to_pylist())) == emb.num_rows
+    assert emb.column(S.IMAGE_ID).to_pylist() == [image_id(u) for u in emb.column(S.URI).to_pylist()]
+    return v
+
+
+def test_local_folder_index_and_query(collection, tiny_cfg, tmp_path):
+    index, out = str(tmp_path / "index"), str(tmp_path / "out")
+    files = gallery_files(collection)
+    report = run_index(collection.gallery_dir, index, tiny_cfg)
+    assert (report.inputs, report.indexed, report.errors) == (len(files), len(files), 0)
+    v = check_version_consistent(index)
+    emb = v.embeddings().to_pandas()
+    assert sorted(emb[S.URI]) == files
+    ref = reference_embeddings(tiny_cfg, files)
+    for u, e in zip(emb[S.URI], emb[S.EMBEDDING]):
+        np.testing.assert_allclose(np.asarray(e), ref[u], atol=1e-5)
+
+    qr = run_query(index, collection.queries_uri, out, tiny_cfg)
+    res = read_results(out)
+    qc = tiny_cfg.query
+    assert qr.errors == 0 and qr.queries == collection.n_queries
+    assert len(res) == collection.n_queries * min(qc.top_k, len(files))
+    for qid, g in res.groupby(S.QUERY_ID):
+        assert list(g.sort_values(S.RANK)[S.RANK]) == list(range(1, len(g) + 1))
+        top = g.sort_values(S.RANK).head(qc.rerank)
+        assert top[S.SCORE].notna().all() and top[S.HEATMAP_URI].notna().all()
+        assert (np.diff(top[S.SCORE].to_numpy()) <= 1e-7).all()  # reranked part sorted by score
+        for p in top[S.HEATMAP_URI]:
+            assert os.path.getsize(p) > 100
+    # The pipeline's reranked scores and boxes equal a direct call of the reranker on the same pair.
+    row = res.sort_values([S.QUERY_ID, S.RANK]).iloc[0]
+    queries = pq.read_table(collection.queries_uri).to_pandas().set_index(S.QUERY_ID)
+    rr = Reranker(tiny_cfg, {row[S.QUERY_ID]: (queries.loc[row[S.QUERY_ID], S.URI], None)})
+    direct = rr({S.IMAGE_ID: np.array([row[S.IMAGE_ID]]), S.URI: np.array([row[S.URI]], dtype=object),
+                 "query_ids": [[row[S.QUERY_ID]]], "coarse_scores": [[row[S.COARSE_SCORE]]]})
+    assert direct[S.SCORE][0] == pytest.approx(row[S.SCORE], abs=1e-5)
+    np.testing.assert_allclose([direct[c][0] for c in S.BOX], [row[c] for c in S.BOX], atol=1e-3)
+    # metrics run on the real output (values depend on the untrained model; only their ranges are checked here)
+    m = evaluate(res, pq.read_table(collection.ground_truth_uri).to_pandas())
+    assert 0.0 <= m["mAP"] <= 1.0 and m["n_queries"] == collection.n_queries
+
+
+def write_shards(files: list[str], folder: str, per_shard: int) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    shards = []
+    for n, i in enumerate(range(0, len(files), per_shard)):
+        path = os.path.join(folder, f"shard-{n:04d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for f in files[i : i + per_shard]:
+                key = os.path.splitext(os.path.basename(f))[0]
+                tar.add(f, arcname=f"{key}.jpg")
+                meta = b'{"source": "test"}'
+                info = tarfile.TarInfo(f"{key}.json")
+                info.size = len(meta)
+                tar.addfile(info, io.BytesIO(meta))
+        shards.append(path)
+    return shards
+
+
+def test_webdataset_shards_match_folder_embeddings(collection, tiny_cfg, tmp_path):
+    files = gallery_files(collection)
+    shards = write_shards(files, str(tmp_path / "shards"), per_shard=4)
+    # one more shard with a corrupt member (bytes that are not an image) next to a good one
+    bad = os.path.join(str(tmp_path / "shards"), "shard-bad.tar")
+    with tarfile.open(bad, "w") as tar:
+        tar.add(files[0], arcname="good-copy.jpg")
+        junk = b"\xff\xd8\xff\xe0 not really a jpeg" * 10
+        info = tarfile.TarInfo("corrupt.jpg")
+        info.size = len(junk)
+        tar.addfile(info, io.BytesIO(junk))
+    index = str(tmp_path / "index")
+    report = run_index(str(tmp_path / "shards"), index, tiny_cfg)
+    assert report.inputs == len(files) + 2 and report.errors == 1
+    v = check_version_consistent(index)
+    err = v.errors().to_pandas()
+    assert err[S.URI].tolist() == [f"{bad}#corrupt.jpg"] and err[S.STAGE].tolist() == ["decode"]
+    emb = v.embeddings().to_pandas()
+    ref = reference_embeddings(tiny_cfg, files)
+    by_name = {os.path.splitext(os.path.basename(f))[0]: ref[f] for f in files}
+    for u, e in zip(emb[S.URI], emb[S.EMBEDDING]):
+        shard, member = u.split("#")
+        assert shard in shards + [bad]
+        key = "img_" + member.split("img_")[-1][:-4] if member != "good-copy.jpg" else None
+        expected = by_name[key] if key else ref[files[0]]
+        np.testing.assert_allclose(np.asarray(e), expected, atol=1e-5)
+
+
+def test_s3_index_and_query(collection, tiny_cfg, s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("roiqa-test")
+    files = gallery_files(collection)
+    for f in files:
+        fs.put_file(f, f"roiqa-test/gallery/{os.path.basename(f)}")
+    qdir = os.path.join(os.path.dirname(collection.queries_uri), "queries")
+    for f in sorted(os.listdir(qdir)):
+        fs.put_file(os.path.join(qdir, f), f"roiqa-test/queries/{f}")
+    report = run_index("s3://roiqa-test/gallery", "s3://roiqa-test/index", tiny_cfg)
+    assert (report.indexed, report.errors) == (len(files), 0)
+    assert fs.cat_file("roiqa-test/index/CURRENT").decode().strip() == report.version
+    v = check_version_consistent("s3://roiqa-test/index")
+    assert all(u.startswith("s3://roiqa-test/gallery/") for u in v.embeddings().column(S.URI).to_pylist())
+    run_query("s3://roiqa-test/index", "s3://roiqa-test/queries", "s3://roiqa-test/out", tiny_cfg)
+    res = read_results("s3://roiqa-test/out")
+    assert set(res[S.QUERY_ID]) == {os.path.splitext(f)[0] for f in os.listdir(qdir)}
+    heat = res[S.HEATMAP_URI].dropna()
+    assert len(heat) and all(u.startswith("s3://roiqa-test/out/heatmaps/") for u in heat)
+    assert fs.exists(heat.iloc[0][len("s3://") :])
+
+
+def bad_inputs(folder: str, good: list[str]) -> dict[str, str]:
+    """Write bad files next to good ones; returns {file name: expected reason}."""
+    os.makedirs(folder, exist_ok=True)
+    for f in good:
+        shutil.copy(f, folder)
+    jpeg = open(good[0], "rb").read()
+    png = encode_png(np.zeros((8, 8, 3), np.uint8))
+    huge = bytearray(png)
+    huge[16:24] = (200_000).to_bytes(4, "big") + (200_000).to_bytes(4, "big")  # IHDR width, height
+    import zlib
+
+    huge[29:33] = zlib.crc32(bytes(huge[12:29])).to_bytes(4, "big")
+    cases = {
+        "zero.jpg": (b"", "empty_file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "text.jpg": (b"this is a text file, not a picture\n" * 4, "not_an_image"),
+        "huge.png": (bytes(huge), "too_large"),
+    }
+    for name, (data, _) in cases.items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    return {name: reason for name, (_, reason) in cases.items()}
+
+
+def test_bad_inputs_land_in_errors_and_counts_add_up(collection, tiny_cfg, tmp_path):
+    good = gallery_files(collection)[:3]
+    folder = str(tmp_path / "mixed")
+    expected = bad_inputs(folder, good)
+    # a corrupt tar member and a member escaping the folder, in a shard beside the files
+    with tarfile.open(os.path.join(folder, "shard.tar"), "w") as tar:
+        for name, data in (("ok.jpg", open(good[0], "rb").read()), ("bad.jpg", b"garbage" * 50),
+                           ("../escape.jpg", open(good[1], "rb").read())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = str(tmp_path / "index")
+    report = run_index(folder, index, tiny_cfg)
+    v = check_version_consistent(index)
+    err = v.errors().to_pandas()
+    reasons = {u[len(folder) + 1 :]: r for u, r in zip(err[S.URI], err[S.REASON])}
+    for name, reason in expected.items():
+        assert reasons[name] == reason, (name, reasons)
+    assert reasons["shard.tar#bad.jpg"] in ("not_an_image", "corrupt")
+    assert reasons["shard.tar#../escape.jpg"] == "unsafe_member"
+    assert report.indexed == len(good) + 1  # the good files and the good tar member
+    assert report.inputs == len(good) + len(expected) + 3
+    assert all(m for m in err[S.MESSAGE])
+
+
+def test_rerun_publishes_new_version_and_keeps_old(collection, tiny_cfg, tmp_path):
+    index = str(tmp_path / "index")
+    first = run_index(collection.gallery_dir, index, tiny_cfg)
+    v1 = store.open_index(index)
+    emb1 = v1.embeddings()
+    second = run_index(collection.gallery_dir, index, tiny_cfg)
+    assert second.version != first.version
+    assert store.current_version(index) == second.version
+    assert store.list_versions(index) == sorted([first.version, second.version])
+    old = store.open_index(index, first.version)
+    assert old.embeddings().equals(emb1)  # untouched
+    assert old.faiss().ntotal == emb1.num_rows  # checksum still matches
+    new = check_version_consistent(index)
+    assert new.manifest["parent"] == first.version
