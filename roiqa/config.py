@@ -35,7 +35,6 @@ class IndexConfig:
     read_batch_size: int = 32  # URIs per read/decode task batch
     faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k images, IVF+PQ above
     faiss_nprobe: int = 32  # IVF cells visited per query
-    versions_to_keep: int = 0  # older published versions to keep (0 = keep all; garbage collection is the reindex job's)
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,7 @@ class QueryConfig:
     rerank: int = 20  # of those, how many are reranked by dense cross-correlation
     query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
     descriptor_size: int = 112  # query long side for the global and region descriptors
+    context_pad: int = 32  # mirror padding (pixels, a multiple of the coarsest stride) around query patches
     peaks: int = 5  # K, heatmap peaks turned into regions (seed 003 eq. 5)
     nms_iou: float = 0.3  # IoU above which a weaker peak's box is suppressed
     batch_size: int = 4  # candidate images per rerank batch

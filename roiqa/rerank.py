@@ -97,6 +97,9 @@ class Reranker:
         self.overlay_dir = overlay_dir
         self.device = pick_device(device)
         self.model: Matcher = load_matcher(model_uri, cfg.model).to(self.device).eval()
+        coarsest = self.model.stride(self.model.cfg.levels[-1])
+        if cfg.query.context_pad % coarsest:
+            raise ValueError(f"query.context_pad must be a multiple of {coarsest} pixels, got {cfg.query.context_pad}")
         self._cache: dict[str, QueryFeatures] = {}
 
     # --- queries -------------------------------------------------------------------------------------------
@@ -109,12 +112,29 @@ class Reranker:
             scales = []
             for size in self.cfg.query.query_sizes:
                 p, _ = resize_long_side(patch, size)
-                feats = self.model.pyramid(torch.from_numpy(p[None].copy()).to(self.device))
-                scales.append((p.shape[:2], feats))
+                scales.append((p.shape[:2], self.patch_pyramid(p)))
             p, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
-            z = self.model.query_descriptor(self.model.pyramid(torch.from_numpy(p[None].copy()).to(self.device)))[0]
+            z = self.model.query_descriptor(self.patch_pyramid(p))[0]
             self._cache[query_id] = QueryFeatures(z=z, scales=scales)
         return self._cache[query_id]
+
+    def patch_pyramid(self, patch: np.ndarray) -> dict[int, torch.Tensor]:
+        """{level: (1, C, ceil(h / s), ceil(w / s))} features of a (h, w, 3) patch, computed with context.
+
+        The patch is mirror-padded by `query.context_pad` pixels (a multiple of the coarsest stride) before the
+        backbone and the features are cropped back to the patch: without it the kernel's border cells carry the
+        network's zero-padding response, which then matches image borders instead of the object.
+        """
+        pad = self.cfg.query.context_pad
+        x = np.pad(patch, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric") if pad else patch
+        feats = self.model.pyramid(torch.from_numpy(np.ascontiguousarray(x[None])).to(self.device))
+        h, w = patch.shape[:2]
+        out = {}
+        for lv, f in feats.items():
+            s = self.model.stride(lv)
+            o = pad // s
+            out[lv] = f[..., o : o + -(-h // s), o : o + -(-w // s)]
+        return out
 
     # --- one pair ------------------------------------------------------------------------------------------
     def match(self, q: QueryFeatures, feats: dict[int, torch.Tensor], valid_hw: tuple[int, int]):

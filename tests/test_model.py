@@ -175,6 +175,24 @@ def test_region_descriptors_shape_norm_and_constant_map(model: Matcher) -> None:
 
 
 @torch.no_grad()
+def test_region_descriptors_read_the_box_location(model: Matcher) -> None:
+    # Left half of the stride-8 map (cols 0..5, pixels 0..47) holds u, right half (cols 6..11) holds v. ROIAlign
+    # with aligned=True samples feature x = px / 8 - 0.5, so a box over pixels 0..32 sees only u and one over
+    # pixels 60..96 (feature 7.0..11.5) only v; each descriptor is then L2(u) or L2(v) exactly.
+    u = torch.full((16,), 0.05)
+    u[0] = 1.0
+    v = torch.full((16,), 0.05)
+    v[1] = 2.0
+    feat = torch.empty(1, 16, 8, 12)
+    feat[0, :, :, :6] = u[:, None, None]
+    feat[0, :, :, 6:] = v[:, None, None]
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 64.0], [60.0, 0.0, 96.0, 64.0], [8.0, 16.0, 40.0, 48.0]])
+    r = model.region_descriptors(feat, boxes, level=3)
+    expected = torch.stack([F.normalize(u, dim=0), F.normalize(v, dim=0), F.normalize(u, dim=0)])
+    torch.testing.assert_close(r, expected, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
 def test_level_heatmaps_and_fuse(model: Matcher) -> None:
     query = model.pyramid(_images(1, 32, 32, seed=5))
     search = model.pyramid(_images(2, 64, 96, seed=6))
@@ -276,8 +294,10 @@ def test_read_metadata_truncated(tmp_path) -> None:
     data = save_matcher(Matcher(CFG), str(tmp_path / "m.safetensors"))
     n = int.from_bytes(data[:8], "little")
     for cut in (0, 5, 8, 20, 8 + n - 1):
-        with pytest.raises(ValueError, match="cut.bin"):
+        with pytest.raises(ValueError, match="cut.bin: not a safetensors checkpoint"):
             read_metadata(data[:cut], "cut.bin")
+    with pytest.raises(ValueError, match="bad header length"):  # detected from the length, before parsing JSON
+        read_metadata(data[: 8 + n - 1], "cut.bin")
     assert CONFIG_KEY in read_metadata(data[: 8 + n], "header-only")  # the header alone is enough
     with pytest.raises(ValueError, match="bad header length"):
         read_metadata(b"\0" * 16, "zeros")
