@@ -17,6 +17,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-out", help="output folder (collection, index, results, overlays)")
     p.add_argument("--n-gallery", type=int, default=48, help="gallery images to build")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample collection")
+    p.add_argument("--top-k", type=int, default=None, help="images per query (default: the whole gallery)")
+    p.add_argument("--rerank", type=int, default=24, help="of those, how many are reranked densely")
     p.add_argument("--model", default=None, help="matcher checkpoint (.safetensors); default: random init")
     add_config_arg(p)
     return p
@@ -55,15 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.index import run_index
         from pipelines.query import read_results, run_query
         from roiqa import index_store as store
-        from roiqa.demo_data import DemoConfig, build_demo_collection
+        from roiqa.demo_data import build_demo_collection
         from roiqa.metrics import evaluate
 
         out = os.path.abspath(args.out)
-        cfg = config_from(args)
+        cfg = config_from(args, query={"top_k": args.top_k or args.n_gallery, "rerank": args.rerank})
         t0 = time.perf_counter()
         col = build_demo_collection(os.path.join(out, "collection"), demo_config(args.n_gallery, args.seed))
-        print(f"collection: {col.n_gallery} gallery images, {col.n_queries} queries in {out}/collection "
-              f"({time.perf_counter() - t0:.1f} s)")
+        print(
+            f"collection: {col.n_gallery} gallery images, {col.n_queries} queries in {out}/collection "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
         index_uri, query_out = os.path.join(out, "index"), os.path.join(out, "query")
         ir = run_index(col.gallery_dir, index_uri, cfg, args.model)
         qr = run_query(index_uri, col.queries_uri, query_out, cfg)
@@ -90,14 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         if model["weights"].startswith("random-init"):
             print("  note              no trained model was given: these figures are those of an UNTRAINED network")
             print("                    (random weights); pass --model CHECKPOINT for a trained one")
-        print(f"  retrieval         mAP {m['mAP']:.3f} (chance {report['chance_mAP']:.3f}), Recall@1 "
-              f"{m['recall@1']:.3f}, Recall@5 {m['recall@5']:.3f}, Recall@10 {m['recall@10']:.3f} "
-              f"over {m['n_queries']} queries")
-        print(f"  localization      AP@0.5 {m['loc_ap50']:.3f}; positives in top 10 with IoU>=0.5: "
-              f"{m['top10_iou50']:.3f}")
-        print(f"  index             {ir.inputs} images, {ir.errors} errors, {ir.seconds:.1f} s "
-              f"({report['index_images_per_s']:.2f} images/s in the pipeline, start-up excluded)")
-        print(f"  query             {qr.queries} queries, {qr.seconds:.1f} s (rerank {qr.rerank_seconds:.1f} s)")
+        print(
+            f"  retrieval         mAP {m['mAP']:.3f} (chance {report['chance_mAP']:.3f}), Recall@1 "
+            f"{m['recall@1']:.3f}, Recall@5 {m['recall@5']:.3f}, Recall@10 {m['recall@10']:.3f} "
+            f"over {m['n_queries']} queries"
+        )
+        print(
+            f"  localization      AP@0.5 {m['loc_ap50']:.3f}; positives in top 10 with IoU>=0.5: {m['top10_iou50']:.3f}"
+        )
+        print(
+            f"  index             {ir.inputs} images, {ir.errors} errors, {ir.seconds:.1f} s "
+            f"({report['index_images_per_s']:.2f} images/s over the pipeline wall time, actor start-up included)"
+        )
+        print(
+            f"  query             {qr.queries} queries, top {cfg.query.top_k}, {cfg.query.rerank} reranked per query "
+            f"(score: {cfg.query.score}); {qr.seconds:.1f} s, of which rerank {qr.rerank_seconds:.1f} s"
+        )
         print(f"  results           {query_out}/results.parquet")
         print(f"  overlays          {query_out}/heatmaps/<query_id>/<image_id>.png")
         print(f"  metrics           {out}/metrics.json")

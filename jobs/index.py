@@ -27,9 +27,19 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = config_from(args, index={"actors": args.actors, "batch_size": args.batch_size})
         r = run_index(args.images, args.index, cfg, args.model)
-        print(json.dumps({"index": r.index, "version": r.version, "inputs": r.inputs, "indexed": r.indexed,
-                          "errors": r.errors, "seconds": round(r.seconds, 2),
-                          "images_per_s": round(r.inputs / max(r.pipeline_seconds, 1e-9), 2)}))
+        print(
+            json.dumps(
+                {
+                    "index": r.index,
+                    "version": r.version,
+                    "inputs": r.inputs,
+                    "indexed": r.indexed,
+                    "errors": r.errors,
+                    "seconds": round(r.seconds, 2),
+                    "images_per_s": round(r.inputs / max(r.pipeline_seconds, 1e-9), 2),
+                }
+            )
+        )
         return 0
 
     return run(go, "index")

@@ -26,11 +26,21 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         from pipelines.query import run_query
 
-        cfg = config_from(args, query={"top_k": args.top_k, "rerank": args.rerank,
-                                       "overlays": False if args.no_overlays else None})
+        cfg = config_from(
+            args, query={"top_k": args.top_k, "rerank": args.rerank, "overlays": False if args.no_overlays else None}
+        )
         r = run_query(args.index, args.queries, args.out, cfg)
-        print(json.dumps({"out": r.out, "queries": r.queries, "results": r.results, "errors": r.errors,
-                          "seconds": round(r.seconds, 2)}))
+        print(
+            json.dumps(
+                {
+                    "out": r.out,
+                    "queries": r.queries,
+                    "results": r.results,
+                    "errors": r.errors,
+                    "seconds": round(r.seconds, 2),
+                }
+            )
+        )
         return 0
 
     return run(go, "query")

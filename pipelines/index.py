@@ -76,8 +76,10 @@ def errors_table(batch: dict[str, np.ndarray]) -> pa.Table:
 
 def errors_from_rows(rows: list[tuple[str, str, str, str]]) -> pa.Table:
     cols = list(zip(*rows)) if rows else [[], [], [], []]
-    return pa.table({n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)},
-                    schema=S.ERRORS_SCHEMA)
+    return pa.table(
+        {n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)},
+        schema=S.ERRORS_SCHEMA,
+    )
 
 
 def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> IndexReport:
@@ -130,8 +132,9 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     if dup:
         raise ValueError(f"{images}: two inputs map to one image id (same URI listed twice?): {dup[:3]}")
     factory = faiss_index.choose_factory(ic.faiss_factory, len(ids), dim)
-    faiss_bytes = faiss_index.save(faiss_index.build_index(vectors, ids, factory),
-                                   store.version_uri(index, version, store.FAISS))
+    faiss_bytes = faiss_index.save(
+        faiss_index.build_index(vectors, ids, factory), store.version_uri(index, version, store.FAISS)
+    )
     errors_bytes = store.write_table(errors, store.version_uri(index, version, store.ERRORS))
     inputs = emb.num_rows + errors.num_rows
     manifest = {
@@ -159,4 +162,3 @@ def _duplicates(emb: pa.Table) -> list[str]:
         return []
     bad = set(uniq[counts > 1].tolist())
     return [u for i, u in zip(ids, emb.column(S.URI).to_pylist()) if i in bad]
-

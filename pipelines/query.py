@@ -47,8 +47,10 @@ def load_queries(queries: str) -> pa.Table:
         table = store.read_table(queries)
         table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
         base = uri_mod.normalize(queries).rsplit("/", 1)[0]
-        uris = [uri_mod.normalize(u if ("://" in u or u.startswith("/")) else uri_mod.join(base, u))
-                for u in table.column(S.URI).to_pylist()]
+        uris = [
+            uri_mod.normalize(u if ("://" in u or u.startswith("/")) else uri_mod.join(base, u))
+            for u in table.column(S.URI).to_pylist()
+        ]
         table = table.set_column(table.schema.get_field_index(S.URI), S.URI, pa.array(uris, pa.string()))
     else:
         files = uri_mod.list_files(queries, uri_mod.IMAGE_EXTENSIONS)
@@ -57,9 +59,10 @@ def load_queries(queries: str) -> pa.Table:
         ids = [f.rsplit("/", 1)[-1].rsplit(".", 1)[0] for f in files]
         table = pa.table({S.QUERY_ID: ids, S.URI: files})
         table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
-    dup = pd.Series(table.column(S.QUERY_ID).to_pylist()).duplicated()
-    if dup.any():
-        raise ValueError(f"{queries}: query_id values must be unique; repeated: {sorted(set(np.array(table.column(S.QUERY_ID).to_pylist())[dup.values]))[:5]}")
+    ids = pd.Series(table.column(S.QUERY_ID).to_pylist())
+    if ids.duplicated().any():
+        repeated = sorted(set(ids[ids.duplicated()]))[:5]
+        raise ValueError(f"{queries}: query_id values must be unique; repeated: {repeated}")
     return table
 
 
@@ -93,11 +96,13 @@ def shortlist(scores: np.ndarray, ids: np.ndarray, query_ids: list[str], rerank:
                 by_image[int(i)][0].append(qid)
                 by_image[int(i)][1].append(float(s))
     keys = sorted(by_image)
-    return pa.table({
-        S.IMAGE_ID: pa.array(keys, pa.int64()),
-        "query_ids": pa.array([by_image[k][0] for k in keys], pa.list_(pa.string())),
-        "coarse_scores": pa.array([by_image[k][1] for k in keys], pa.list_(pa.float32())),
-    })
+    return pa.table(
+        {
+            S.IMAGE_ID: pa.array(keys, pa.int64()),
+            "query_ids": pa.array([by_image[k][0] for k in keys], pa.list_(pa.string())),
+            "coarse_scores": pa.array([by_image[k][1] for k in keys], pa.list_(pa.float32())),
+        }
+    )
 
 
 def rank_results(reranked: pd.DataFrame, coarse: pd.DataFrame) -> pd.DataFrame:
@@ -142,8 +147,12 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     good_ids = [qids[i] for i in good]
     uris = store.image_uris(version)
     coarse = pd.DataFrame(
-        [(q, int(i), uris[int(i)], float(s)) for q, srow, irow in zip(good_ids, scores, ids)
-         for s, i in zip(srow, irow) if i >= 0],
+        [
+            (q, int(i), uris[int(i)], float(s))
+            for q, srow, irow in zip(good_ids, scores, ids)
+            for s, i in zip(srow, irow)
+            if i >= 0
+        ],
         columns=[S.QUERY_ID, S.IMAGE_ID, S.URI, S.COARSE_SCORE],
     )
     t1 = time.perf_counter()
@@ -157,8 +166,12 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * qc.actors)))
         rds = rds.map_batches(
             Reranker,
-            fn_constructor_kwargs={"cfg": cfg, "queries": qmap, "model_uri": model_uri,
-                                   "overlay_dir": uri_mod.join(out, HEATMAPS) if qc.overlays else None},
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "queries": qmap,
+                "model_uri": model_uri,
+                "overlay_dir": uri_mod.join(out, HEATMAPS) if qc.overlays else None,
+            },
             compute=ray.data.ActorPoolStrategy(size=qc.actors),
             batch_size=qc.batch_size,
             batch_format="numpy",
@@ -178,13 +191,19 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     errors = pa.table({n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)})
     store.write_table(errors, uri_mod.join(out, ERRORS))
     summary = {
-        "index": version.root, "version": version.version, "queries": qtable.num_rows,
-        "results": table.num_rows, "errors": errors.num_rows, "model": version.manifest["model"],
+        "index": version.root,
+        "version": version.version,
+        "queries": qtable.num_rows,
+        "results": table.num_rows,
+        "errors": errors.num_rows,
+        "model": version.manifest["model"],
         "seconds": {"total": time.perf_counter() - t0, "coarse": t1 - t0, "rerank": t2 - t1},
         "query_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(qc).items()},
     }
     uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
-    return QueryReport(out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1)
+    return QueryReport(
+        out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1
+    )
 
 
 def read_results(out: str) -> pd.DataFrame:

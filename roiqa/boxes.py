@@ -31,9 +31,7 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
 def xyxy_to_cxcywh(boxes: np.ndarray) -> np.ndarray:
     """x0, y0, x1, y1 -> centre x, centre y, width, height."""
     b = as_boxes(boxes)
-    return np.stack(
-        [(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1
-    )
+    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
 
 
 def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:

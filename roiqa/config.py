@@ -17,7 +17,9 @@ class ModelConfig:
     gem_p: float = 3.0  # GeM exponent p (1 = average pooling, large = max pooling)
     gamma: float = 10.0  # fusion temperature gamma of seed 003 eq. 4 (learned; this is its initial value)
     score_beta: float = 10.0  # temperature of the LSE over region similarities, seed 003 eq. 5
-    backbone_weights: str | None = None  # URI of torchvision ResNet weights (.pth state dict or .safetensors); None: random init
+    backbone_weights: str | None = (
+        None  # URI of torchvision ResNet weights (.pth state dict or .safetensors); None: random init
+    )
     seed: int = 0  # seed of the random initialisation (the same seed gives the same untrained model everywhere)
 
 
@@ -45,6 +47,7 @@ class QueryConfig:
     descriptor_size: int = 112  # query long side for the global and region descriptors
     context_pad: int = 32  # mirror padding (pixels, a multiple of the coarsest stride) around query patches
     peaks: int = 5  # K, heatmap peaks turned into regions (seed 003 eq. 5)
+    score: str = "peak"  # image score: "peak" (max of the fused heatmap, eq. 4) or "regions" (LSE of eq. 5)
     nms_iou: float = 0.3  # IoU above which a weaker peak's box is suppressed
     batch_size: int = 4  # candidate images per rerank batch
     actors: int = 1  # rerank actors

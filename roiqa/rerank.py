@@ -17,6 +17,8 @@ from roiqa.models.matcher import Matcher
 from roiqa.ops.peaks import local_maxima, nms_peaks
 from roiqa.sources import _object_array, error_string
 
+SCORES = ("peak", "regions")  # query.score: fused-heatmap maximum (eq. 4) or LSE over region similarities (eq. 5)
+
 
 def crop_patch(image: np.ndarray, box: np.ndarray | None, name: str) -> np.ndarray:
     """The query patch: `image` cropped to `box` (x0, y0, x1, y1 pixels; None or NaN: the whole image)."""
@@ -35,7 +37,9 @@ class QueryFeatures:
     """Everything the reranker needs from one query patch."""
 
     z: torch.Tensor  # (C,) eq. 5 query descriptor
-    scales: list[tuple[tuple[int, int], dict[int, torch.Tensor]]]  # per query size: ((h, w) px, {level: (1, C, h_l, w_l)})
+    scales: list[
+        tuple[tuple[int, int], dict[int, torch.Tensor]]
+    ]  # per query size: ((h, w) px, {level: (1, C, h_l, w_l)})
 
 
 def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
@@ -100,6 +104,8 @@ class Reranker:
         coarsest = self.model.stride(self.model.cfg.levels[-1])
         if cfg.query.context_pad % coarsest:
             raise ValueError(f"query.context_pad must be a multiple of {coarsest} pixels, got {cfg.query.context_pad}")
+        if cfg.query.score not in SCORES:
+            raise ValueError(f"query.score must be one of {SCORES}, got {cfg.query.score!r}")
         self._cache: dict[str, QueryFeatures] = {}
 
     # --- queries -------------------------------------------------------------------------------------------
@@ -144,7 +150,9 @@ class Reranker:
         stride = m.stride(finest)
         hf = -(-valid_hw[0] // stride)
         wf = -(-valid_hw[1] // stride)
-        crop = {lv: f[..., : -(-valid_hw[0] // m.stride(lv)), : -(-valid_hw[1] // m.stride(lv))] for lv, f in feats.items()}
+        crop = {
+            lv: f[..., : -(-valid_hw[0] // m.stride(lv)), : -(-valid_hw[1] // m.stride(lv))] for lv, f in feats.items()
+        }
         per_scale = torch.stack([m.fuse(m.level_heatmaps(qf, crop))[0] for _, qf in q.scales])  # (S, H_f, W_f)
         heat, best_scale = per_scale.max(dim=0)  # (H_f, W_f)
         vals, rows, cols = local_maxima(heat, k=4 * qc.peaks)
@@ -160,8 +168,9 @@ class Reranker:
     # --- batch ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX,
-                                                 S.HEATMAP_URI, S.ERROR)}
+        out: dict[str, list] = {
+            k: [] for k in (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX, S.HEATMAP_URI, S.ERROR)
+        }
 
         def emit(qid, iid, u, score, coarse, box, heat_uri, err):
             for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err)):
@@ -173,14 +182,24 @@ class Reranker:
                 img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
             except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
                 for qid, cs in zip(qids, coarse):
-                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "image_unreadable", str(exc)))
+                    emit(
+                        qid,
+                        iid,
+                        u,
+                        np.nan,
+                        cs,
+                        [np.nan] * 4,
+                        None,
+                        error_string("rerank", "image_unreadable", str(exc)),
+                    )
                 continue
             resized, scale = resize_long_side(img, self.cfg.preprocess.image_size)
             valid = resized.shape[:2]
             feats = self.model.pyramid(torch.from_numpy(np.ascontiguousarray(resized[None])).to(self.device))
             for qid, cs in zip(qids, coarse):
                 try:
-                    heat, box, score, _peak = self.match(self.query_features(str(qid)), feats, tuple(valid))
+                    heat, box, regions_score, peak = self.match(self.query_features(str(qid)), feats, tuple(valid))
+                    score = peak if self.cfg.query.score == "peak" else regions_score
                 except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
                     continue

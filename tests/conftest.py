@@ -32,8 +32,9 @@ def collection(tmp_path_factory):
     from roiqa.demo_data import DemoConfig, build_demo_collection
 
     out = tmp_path_factory.mktemp("collection")
-    cfg = DemoConfig(n_gallery=10, instances_per_object=1, n_distractors=2, image_size=(96, 128),
-                     scale_range=(28.0, 48.0), seed=3)
+    cfg = DemoConfig(
+        n_gallery=10, instances_per_object=1, n_distractors=2, image_size=(96, 128), scale_range=(28.0, 48.0), seed=3
+    )
     return build_demo_collection(str(out), cfg)
 
 
@@ -49,8 +50,9 @@ def s3_server():
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     exe = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -61,8 +63,12 @@ def s3_server():
     else:
         proc.kill()
         raise RuntimeError("moto_server did not start")
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield endpoint

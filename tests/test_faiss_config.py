@@ -115,12 +115,14 @@ def test_choose_factory() -> None:
     assert fi.choose_factory("HNSW32", 10**7, 128) == "HNSW32"  # explicit specs pass through
     assert fi.choose_factory("auto", 200_000, 128) == "IVF2048,PQ32"  # 4 * sqrt(2e5) = 1789 -> 2**11; 128 / 4
     for n in (fi.AUTO_FLAT_LIMIT, 10**6, 10**8):
-        for dim in (16, 36, 50, 64, 100, 128, 130, 256, 2048):
+        for dim in (16, 36, 50, 64, 70, 100, 128, 130, 256, 2048):
             spec = fi.choose_factory("auto", n, dim)
             m = re.fullmatch(r"IVF(\d+),PQ(\d+)", spec)
             assert m, spec
             nlist, pq = int(m.group(1)), int(m.group(2))
             assert dim % pq == 0 and 1 <= pq <= dim
+            # the largest divisor of dim not above max(8, dim / 4): about 4 dims per one-byte code
+            assert pq == max(d for d in range(1, max(8, dim // 4) + 1) if dim % d == 0)
             assert nlist & (nlist - 1) == 0  # a power of two
             assert 0.5 * 4 * np.sqrt(n) <= nlist <= 2 * 4 * np.sqrt(n)
 

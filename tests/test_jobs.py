@@ -32,8 +32,21 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     assert index_job.main(["--images", collection.gallery_dir, "--index", index, "--config", config_file]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["indexed"] == collection.n_gallery and printed["errors"] == 0
-    argv = ["--index", index, "--queries", collection.queries_uri, "--out", out, "--config", config_file,
-            "--top-k", "5", "--rerank", "2", "--no-overlays"]
+    argv = [
+        "--index",
+        index,
+        "--queries",
+        collection.queries_uri,
+        "--out",
+        out,
+        "--config",
+        config_file,
+        "--top-k",
+        "5",
+        "--rerank",
+        "2",
+        "--no-overlays",
+    ]
     assert query_job.main(argv) == 0
     res = pq.read_table(os.path.join(out, "results.parquet")).to_pandas()
     assert res.groupby(S.QUERY_ID).size().max() == 5
@@ -48,11 +61,26 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
 
 
 def test_bad_arguments_give_clear_errors(tmp_path, config_file, capsys):
-    assert index_job.main(["--images", str(tmp_path / "missing"), "--index", str(tmp_path / "i"),
-                           "--config", config_file]) == 2
+    assert (
+        index_job.main(["--images", str(tmp_path / "missing"), "--index", str(tmp_path / "i"), "--config", config_file])
+        == 2
+    )
     assert "missing" in capsys.readouterr().err
-    assert query_job.main(["--index", str(tmp_path / "nothing"), "--queries", str(tmp_path), "--out",
-                           str(tmp_path / "o"), "--config", config_file]) == 2
+    assert (
+        query_job.main(
+            [
+                "--index",
+                str(tmp_path / "nothing"),
+                "--queries",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--config",
+                config_file,
+            ]
+        )
+        == 2
+    )
     assert "no published index" in capsys.readouterr().err
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("query:\n  top_kk: 3\n")

@@ -65,7 +65,7 @@ def test_local_folder_index_and_query(collection, tiny_cfg, tmp_path):
     qc = tiny_cfg.query
     assert qr.errors == 0 and qr.queries == collection.n_queries
     assert len(res) == collection.n_queries * min(qc.top_k, len(files))
-    for qid, g in res.groupby(S.QUERY_ID):
+    for _, g in res.groupby(S.QUERY_ID):
         assert list(g.sort_values(S.RANK)[S.RANK]) == list(range(1, len(g) + 1))
         top = g.sort_values(S.RANK).head(qc.rerank)
         assert top[S.SCORE].notna().all() and top[S.HEATMAP_URI].notna().all()
@@ -76,8 +76,14 @@ def test_local_folder_index_and_query(collection, tiny_cfg, tmp_path):
     row = res.sort_values([S.QUERY_ID, S.RANK]).iloc[0]
     queries = pq.read_table(collection.queries_uri).to_pandas().set_index(S.QUERY_ID)
     rr = Reranker(tiny_cfg, {row[S.QUERY_ID]: (queries.loc[row[S.QUERY_ID], S.URI], None)})
-    direct = rr({S.IMAGE_ID: np.array([row[S.IMAGE_ID]]), S.URI: np.array([row[S.URI]], dtype=object),
-                 "query_ids": [[row[S.QUERY_ID]]], "coarse_scores": [[row[S.COARSE_SCORE]]]})
+    direct = rr(
+        {
+            S.IMAGE_ID: np.array([row[S.IMAGE_ID]]),
+            S.URI: np.array([row[S.URI]], dtype=object),
+            "query_ids": [[row[S.QUERY_ID]]],
+            "coarse_scores": [[row[S.COARSE_SCORE]]],
+        }
+    )
     assert direct[S.SCORE][0] == pytest.approx(row[S.SCORE], abs=1e-5)
     np.testing.assert_allclose([direct[c][0] for c in S.BOX], [row[c] for c in S.BOX], atol=1e-3)
     # metrics run on the real output (values depend on the untrained model; only their ranges are checked here)
@@ -184,8 +190,11 @@ def test_bad_inputs_land_in_errors_and_counts_add_up(collection, tiny_cfg, tmp_p
     expected = bad_inputs(folder, good)
     # a corrupt tar member and a member escaping the folder, in a shard beside the files
     with tarfile.open(os.path.join(folder, "shard.tar"), "w") as tar:
-        for name, data in (("ok.jpg", open(good[0], "rb").read()), ("bad.jpg", b"garbage" * 50),
-                           ("../escape.jpg", open(good[1], "rb").read())):
+        for name, data in (
+            ("ok.jpg", open(good[0], "rb").read()),
+            ("bad.jpg", b"garbage" * 50),
+            ("../escape.jpg", open(good[1], "rb").read()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

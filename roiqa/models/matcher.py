@@ -105,8 +105,14 @@ class Matcher(nn.Module):
 
     def region_descriptors(self, feat: torch.Tensor, boxes: torch.Tensor, level: int) -> torch.Tensor:
         """r_k = L2(head(GeM(ROIAlign(X^l, box_k)))) for boxes (K, 4) in input pixels of a (1, C, H, W) map. (K, C)."""
-        rois = roi_align(feat, [boxes.to(feat.dtype)], output_size=(3, 3), spatial_scale=1.0 / self.stride(level),
-                         sampling_ratio=2, aligned=True)  # (K, C, 3, 3)
+        rois = roi_align(
+            feat,
+            [boxes.to(feat.dtype)],
+            output_size=(3, 3),
+            spatial_scale=1.0 / self.stride(level),
+            sampling_ratio=2,
+            aligned=True,
+        )  # (K, C, 3, 3)
         return F.normalize(self.head(self.gem(rois)), dim=-1)
 
     # --- dense matching ------------------------------------------------------------------------------------

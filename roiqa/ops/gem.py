@@ -6,7 +6,9 @@ import torch
 from torch import nn
 
 
-def gem(x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6, mask: torch.Tensor | None = None) -> torch.Tensor:
+def gem(
+    x: torch.Tensor, p: float | torch.Tensor = 3.0, eps: float = 1e-6, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """GeM over the spatial dims: (mean over cells of clamp(x, eps)**p) ** (1/p).
 
     x: (B, C, H, W). mask: optional (B, 1, H, W) {0, 1} weights; only cells with weight 1 are averaged (padding of a
