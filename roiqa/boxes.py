@@ -74,12 +74,15 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def feature_window_to_boxes(
     rows: torch.Tensor, cols: torch.Tensor, win_h: torch.Tensor, win_w: torch.Tensor, stride: float
 ) -> torch.Tensor:
-    """Boxes in input pixels of windows centred on feature cells (rows, cols) with size win_h x win_w pixels.
+    """Boxes in input pixels of same-padded correlation windows at output cells (rows, cols).
 
-    Feature cell (r, c) of a map with `stride` covers pixels [c*stride, (c+1)*stride) horizontally; its centre is
-    ((c + 0.5) * stride, (r + 0.5) * stride). Returns (N, 4) float32 x0, y0, x1, y1.
+    A query of win_h x win_w pixels has a kernel of kh = ceil(win_h / stride) by kw cells, and output cell (r, c)
+    of `roiqa.ops.xcorr.cosine_xcorr` is the window whose top-left cell is (r - kh // 2, c - kw // 2). The query's
+    pixels fill its kernel from the top-left, so the box starts at that cell's top-left corner, stride * (c - kw //
+    2), and spans win_w x win_h pixels. Returns (N, 4) float32 x0, y0, x1, y1.
     """
-    cx = (cols.float() + 0.5) * stride
-    cy = (rows.float() + 0.5) * stride
-    hw, hh = win_w.float() / 2, win_h.float() / 2
-    return torch.stack([cx - hw, cy - hh, cx + hw, cy + hh], dim=1)
+    kh = torch.ceil(win_h.float() / stride)
+    kw = torch.ceil(win_w.float() / stride)
+    x0 = (cols.float() - torch.div(kw, 2, rounding_mode="floor")) * stride
+    y0 = (rows.float() - torch.div(kh, 2, rounding_mode="floor")) * stride
+    return torch.stack([x0, y0, x0 + win_w.float(), y0 + win_h.float()], dim=1)

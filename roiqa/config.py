@@ -16,6 +16,7 @@ class ModelConfig:
     descriptor_level: int = 4  # level whose GeM pooling gives the global (index) descriptor
     gem_p: float = 3.0  # GeM exponent p (1 = average pooling, large = max pooling)
     gamma: float = 10.0  # fusion temperature gamma of seed 003 eq. 4 (learned; this is its initial value)
+    center: bool = True  # subtract the search map's mean feature from both sides before eq. 3 (see matcher.py)
     score_beta: float = 10.0  # temperature of the LSE over region similarities, seed 003 eq. 5
     backbone_weights: str | None = (
         None  # URI of torchvision ResNet weights (.pth state dict or .safetensors); None: random init

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import math
 
@@ -198,10 +200,16 @@ def test_level_heatmaps_and_fuse(model: Matcher) -> None:
     search = model.pyramid(_images(2, 64, 96, seed=6))
     hms = model.level_heatmaps(query, search)
     assert [tuple(h.shape) for h in hms] == [(2, 8, 12), (2, 4, 6), (2, 2, 3)]
-    # adapters are the identity at init: eq. 3 on the raw features
+    # adapters are the identity at init: eq. 3 on the raw features, centred on the query's mean feature
     for lv, h in zip(CFG.levels, hms, strict=True):
-        torch.testing.assert_close(h, cosine_xcorr(query[lv][0], search[lv]), rtol=1e-5, atol=1e-6)
+        mu = query[lv][0].mean(dim=(1, 2), keepdim=True)  # (C, 1, 1)
+        torch.testing.assert_close(h, cosine_xcorr(query[lv][0] - mu, search[lv] - mu[None]), rtol=1e-5, atol=1e-6)
         assert h.abs().max() <= 1 + 1e-5
+    # without centring: eq. 3 on the raw features exactly
+    raw = Matcher(dataclasses.replace(CFG, center=False))
+    raw.load_state_dict(model.state_dict())
+    for lv, h in zip(CFG.levels, raw.level_heatmaps(query, search), strict=True):
+        torch.testing.assert_close(h, cosine_xcorr(query[lv][0], search[lv]), rtol=1e-5, atol=1e-6)
     fused = model.fuse(hms)
     assert fused.shape == (2, 8, 12)
     assert torch.isfinite(fused).all()

@@ -352,14 +352,30 @@ def test_as_boxes_shapes() -> None:
 
 def test_feature_window_to_boxes_hand_case() -> None:
     out = B.feature_window_to_boxes(
-        torch.tensor([2]), torch.tensor([3]), torch.tensor([16.0]), torch.tensor([24.0]), stride=8
+        torch.tensor([2, 2]), torch.tensor([3, 3]), torch.tensor([16.0, 13.0]), torch.tensor([24.0, 20.0]), stride=8
     )
-    # centre x = (3 + 0.5) * 8 = 28, centre y = (2 + 0.5) * 8 = 20; half sizes 12 (w) and 8 (h)
+    # 16x24 px -> kernel 2x3 cells: top-left cell (2 - 1, 3 - 1) = (1, 2) -> pixels (x 16, y 8), size 24x16
+    # 13x20 px -> kernel 2x3 cells as well (ceil): same top-left, the box keeps the query's own 20x13 pixels
     assert out.dtype == torch.float32
-    assert out.tolist() == [[16.0, 12.0, 40.0, 28.0]]
-    cx = (out[:, 0] + out[:, 2]) / 2
-    cy = (out[:, 1] + out[:, 3]) / 2
-    assert (cx.item(), cy.item()) == (28.0, 20.0)
+    assert out.tolist() == [[16.0, 8.0, 40.0, 24.0], [16.0, 8.0, 36.0, 21.0]]
+
+
+def test_feature_window_boxes_locate_a_planted_query() -> None:
+    # reference: plant a query's features at a known cell offset, correlate, take the argmax, convert to a box
+    torch.manual_seed(0)
+    stride, (qh_px, qw_px) = 8, (20, 27)
+    kh, kw = -(-qh_px // stride), -(-qw_px // stride)
+    q = torch.randn(4, kh, kw)
+    x = torch.randn(1, 4, 12, 14) * 0.1
+    top, left = 5, 6
+    x[0, :, top : top + kh, left : left + kw] = q
+    from roiqa.ops.xcorr import cosine_xcorr
+
+    h = cosine_xcorr(q, x)[0]
+    r, c = divmod(int(h.argmax()), h.shape[1])
+    box = B.feature_window_to_boxes(torch.tensor([r]), torch.tensor([c]), torch.tensor([float(qh_px)]),
+                                    torch.tensor([float(qw_px)]), stride)[0]
+    assert box.tolist() == [left * stride, top * stride, left * stride + qw_px, top * stride + qh_px]
 
 
 # --- ids ------------------------------------------------------------------------------------------------------

@@ -125,11 +125,21 @@ class Matcher(nn.Module):
         return self.log_gamma.exp()
 
     def level_heatmaps(self, query: dict[int, torch.Tensor], search: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        """Eq. 3 at every level: query {l: (1, C, h, w)}, search {l: (B, C, H, W)} -> [(B, H_l, W_l)]."""
+        """Eq. 3 at every level: query {l: (1, C, h, w)}, search {l: (B, C, H, W)} -> [(B, H_l, W_l)].
+
+        With `cfg.center`, the query's mean feature is subtracted from both sides first. FPN features share a
+        large common component (post-ReLU inputs; BatchNorm is the identity in an untrained network) that pushes
+        every cosine towards 1; removing a per-query constant keeps one query's scores comparable across images
+        (a per-image mean would not). Measured on `roiqa demo` with the untrained model, all 48 images reranked:
+        heatmap-peak mAP 0.345 without, 0.430 with.
+        """
         out = []
         for lv in self.cfg.levels:
             zq = self.phi[str(lv)](query[lv])[0]  # (C, h, w)
             xs = self.psi[str(lv)](search[lv])  # (B, C, H, W)
+            if self.cfg.center:
+                mu = zq.mean(dim=(1, 2), keepdim=True)  # (C, 1, 1), the query's mean feature
+                zq, xs = zq - mu, xs - mu[None]
             out.append(cosine_xcorr(zq, xs))
         return out
 
