@@ -373,8 +373,9 @@ def test_feature_window_boxes_locate_a_planted_query() -> None:
 
     h = cosine_xcorr(q, x)[0]
     r, c = divmod(int(h.argmax()), h.shape[1])
-    box = B.feature_window_to_boxes(torch.tensor([r]), torch.tensor([c]), torch.tensor([float(qh_px)]),
-                                    torch.tensor([float(qw_px)]), stride)[0]
+    box = B.feature_window_to_boxes(
+        torch.tensor([r]), torch.tensor([c]), torch.tensor([float(qh_px)]), torch.tensor([float(qw_px)]), stride
+    )[0]
     assert box.tolist() == [left * stride, top * stride, left * stride + qw_px, top * stride + qh_px]
 
 

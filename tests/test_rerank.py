@@ -32,8 +32,11 @@ def scene(tmp_path_factory):
     gallery[y0 : y0 + face.shape[0], x0 : x0 + face.shape[1]] = face
     truth = np.array([x0, y0, x0 + face.shape[1], y0 + face.shape[0]], np.float32)
     paths = {}
-    for name, img, enc in (("query.png", face, encode_png), ("hit.png", gallery, encode_png),
-                           ("miss.jpg", bg, encode_jpeg)):
+    for name, img, enc in (
+        ("query.png", face, encode_png),
+        ("hit.png", gallery, encode_png),
+        ("miss.jpg", bg, encode_jpeg),
+    ):
         (d / name).write_bytes(enc(img))
         paths[name] = str(d / name)
     return paths, truth
@@ -41,8 +44,12 @@ def scene(tmp_path_factory):
 
 def rerank(cfg: RoiqaConfig, paths: dict, images: list[str]) -> dict:
     rr = Reranker(cfg, {"face": (paths["query.png"], None)})
-    batch = {S.IMAGE_ID: np.arange(len(images), dtype=np.int64), S.URI: np.array(images, dtype=object),
-             "query_ids": [["face"]] * len(images), "coarse_scores": [[0.0]] * len(images)}
+    batch = {
+        S.IMAGE_ID: np.arange(len(images), dtype=np.int64),
+        S.URI: np.array(images, dtype=object),
+        "query_ids": [["face"]] * len(images),
+        "coarse_scores": [[0.0]] * len(images),
+    }
     return rr(batch)
 
 
