@@ -60,6 +60,57 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     assert got == pytest.approx(want, nan_ok=True)
 
 
+def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_path, capsys):
+    """--model: the index records the checkpoint, its embeddings are that model's, and the query reuses it."""
+    import dataclasses
+
+    import numpy as np
+
+    from roiqa.embed import Decoder, Embedder
+    from roiqa.models.checkpoint import save_matcher
+    from roiqa.models.matcher import Matcher
+    from roiqa.sources import read_files
+
+    model_cfg = dataclasses.replace(tiny_cfg.model, seed=7, fpn_channels=24)
+    ckpt = str(tmp_path / "model.safetensors")
+    save_matcher(Matcher(model_cfg), ckpt)
+    index, out = str(tmp_path / "index"), str(tmp_path / "out")
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(tiny_cfg)))
+    assert (
+        index_job.main(
+            ["--images", collection.gallery_dir, "--index", index, "--model", ckpt, "--config", str(cfg_path)]
+        )
+        == 0
+    )
+    from roiqa import index_store as store
+
+    v = store.open_index(index)
+    assert v.manifest["model"]["uri"] == ckpt and v.manifest["embedding_dim"] == 24
+    emb = v.embeddings().to_pandas().sort_values(S.URI)
+    batch = Decoder(tiny_cfg.preprocess)(read_files({S.URI: np.array(emb[S.URI].tolist(), dtype=object)}))
+    ref = Embedder(tiny_cfg.model, ckpt)(batch)[S.EMBEDDING]  # the checkpoint's own config wins (24 channels)
+    np.testing.assert_allclose(np.stack(emb[S.EMBEDDING].to_numpy()), ref, atol=1e-5)
+    assert (
+        query_job.main(
+            [
+                "--index",
+                index,
+                "--queries",
+                collection.queries_uri,
+                "--out",
+                out,
+                "--config",
+                str(cfg_path),
+                "--no-overlays",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert summary["model"]["uri"] == ckpt
+
+
 def test_bad_arguments_give_clear_errors(tmp_path, config_file, capsys):
     assert (
         index_job.main(["--images", str(tmp_path / "missing"), "--index", str(tmp_path / "i"), "--config", config_file])

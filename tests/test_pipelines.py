@@ -8,6 +8,7 @@ import shutil
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -48,10 +49,17 @@ def check_version_consistent(index: str) -> store.IndexVersion:
     return v
 
 
-def test_local_folder_index_and_query(collection, tiny_cfg, tmp_path):
-    index, out = str(tmp_path / "index"), str(tmp_path / "out")
+@pytest.fixture(scope="module")
+def folder_index(collection, tiny_cfg, tmp_path_factory):
+    """The collection's gallery folder indexed once for the tests of this module: (index URI, report)."""
+    index = str(tmp_path_factory.mktemp("folder") / "index")
+    return index, run_index(collection.gallery_dir, index, tiny_cfg)
+
+
+def test_local_folder_index_and_query(collection, tiny_cfg, folder_index, tmp_path):
+    out = str(tmp_path / "out")
     files = gallery_files(collection)
-    report = run_index(collection.gallery_dir, index, tiny_cfg)
+    index, report = folder_index
     assert (report.inputs, report.indexed, report.errors) == (len(files), len(files), 0)
     v = check_version_consistent(index)
     emb = v.embeddings().to_pandas()
@@ -89,6 +97,38 @@ def test_local_folder_index_and_query(collection, tiny_cfg, tmp_path):
     # metrics run on the real output (values depend on the untrained model; only their ranges are checked here)
     m = evaluate(res, pq.read_table(collection.ground_truth_uri).to_pandas())
     assert 0.0 <= m["mAP"] <= 1.0 and m["n_queries"] == collection.n_queries
+
+
+def test_query_box_equals_the_cropped_patch(collection, tiny_cfg, folder_index, tmp_path):
+    """A query given as (photo, box) gives the same results as the crop of that box given as its own image."""
+    index, _ = folder_index
+    queries = pq.read_table(collection.queries_uri).to_pandas()
+    crop_uri = queries[S.URI].iloc[0]
+    crop = np.asarray(__import__("PIL.Image").Image.open(crop_uri).convert("RGB"))
+    h, w = crop.shape[:2]
+    canvas = np.full((h + 30, w + 40, 3), 127, np.uint8)
+    canvas[7 : 7 + h, 10 : 10 + w] = crop
+    (tmp_path / "photo.png").write_bytes(encode_png(canvas))
+    table = pa.table(
+        {
+            S.QUERY_ID: ["crop", "boxed"],
+            S.URI: [crop_uri, "photo.png"],  # relative to the table
+            S.X0: [None, 10.0],
+            S.Y0: [None, 7.0],
+            S.X1: [None, 10.0 + w],
+            S.Y1: [None, 7.0 + h],
+        }
+    )
+    pq.write_table(table, tmp_path / "queries.parquet")
+    run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), tiny_cfg)
+    res = read_results(str(tmp_path / "out"))
+    a = res[res[S.QUERY_ID] == "crop"].sort_values(S.RANK).reset_index(drop=True)
+    b = res[res[S.QUERY_ID] == "boxed"].sort_values(S.RANK).reset_index(drop=True)
+    assert len(a) == len(b) > 0
+    assert a[S.IMAGE_ID].tolist() == b[S.IMAGE_ID].tolist()
+    np.testing.assert_allclose(a[S.SCORE], b[S.SCORE], atol=1e-5)
+    np.testing.assert_allclose(a[S.COARSE_SCORE], b[S.COARSE_SCORE], atol=1e-5)
+    np.testing.assert_allclose(a[S.BOX].to_numpy(), b[S.BOX].to_numpy(), atol=1e-3)
 
 
 def write_shards(files: list[str], folder: str, per_shard: int) -> list[str]:
