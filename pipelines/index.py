@@ -104,7 +104,7 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     ds = ds.map_batches(decode, fn_kwargs={"cfg": cfg.preprocess}, batch_size=ic.read_batch_size, batch_format="numpy")
     ds = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_cfg": cfg.model, "model_uri": model_uri},
+        fn_constructor_kwargs={"model_cfg": cfg.model, "model_uri": model_uri, "threads": ic.torch_threads},
         compute=ray.data.ActorPoolStrategy(size=ic.actors),
         batch_size=ic.batch_size,
         batch_format="numpy",

@@ -131,7 +131,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
     qds = ray.data.from_arrow(qtable).map_batches(
         QueryEncoder,
-        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri},
+        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "threads": qc.torch_threads},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=32,
         batch_format="numpy",
@@ -171,6 +171,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
                 "queries": qmap,
                 "model_uri": model_uri,
                 "overlay_dir": uri_mod.join(out, HEATMAPS) if qc.overlays else None,
+                "threads": qc.torch_threads,
             },
             compute=ray.data.ActorPoolStrategy(size=qc.actors),
             batch_size=qc.batch_size,

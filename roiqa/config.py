@@ -36,6 +36,7 @@ class IndexConfig:
     actors: int = 1  # embedding actors (one GPU each when the cluster has GPUs)
     actor_cpus: float = 0.5  # CPUs per CPU actor: fractional so reading and decoding are never starved
     read_batch_size: int = 32  # URIs per read/decode task batch
+    torch_threads: int = 0  # torch threads per model actor; 0: every core of its node (Ray pins a 0.5-CPU actor to 1)
     faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k images, IVF+PQ above
     faiss_nprobe: int = 32  # IVF cells visited per query
 
@@ -53,6 +54,7 @@ class QueryConfig:
     batch_size: int = 4  # candidate images per rerank batch
     actors: int = 1  # rerank actors
     actor_cpus: float = 0.5  # CPUs per CPU rerank actor
+    torch_threads: int = 0  # torch threads per rerank actor; 0: every core of its node
     overlays: bool = True  # write a heatmap overlay PNG for every reranked pair
     overlay_size: int = 384  # long side of overlay PNGs
 

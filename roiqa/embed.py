@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -63,6 +65,15 @@ class Decoder:
         }
 
 
+def set_threads(threads: int) -> None:
+    """torch intra-op threads: `threads` > 0 as given, 0 every core of this machine, < 0 leave as it is.
+
+    Ray sets OMP_NUM_THREADS to an actor's CPU share (1 for a 0.5-CPU actor), which leaves a CPU model on one core.
+    """
+    if threads >= 0:
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """`device` if given, else CUDA when available, else CPU."""
     if device:
@@ -77,9 +88,12 @@ class Embedder:
     model runs in channels_last with bf16 autocast.
     """
 
-    def __init__(self, model_cfg: ModelConfig, model_uri: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, model_cfg: ModelConfig, model_uri: str | None = None, device: str | None = None, threads: int = -1
+    ) -> None:
         from roiqa.models.checkpoint import load_matcher
 
+        set_threads(threads)
         self.device = pick_device(device)
         self.model = load_matcher(model_uri, model_cfg).to(self.device).eval()
         if self.device.type == "cuda":

@@ -282,10 +282,10 @@ def _encodable(image: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image))
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, 3) RGB or (H, W) grey uint8 -> lossless PNG bytes."""
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """(H, W, 3) RGB or (H, W) grey uint8 -> lossless PNG bytes (zlib `compress_level` 0-9: 1 is fastest)."""
     buf = io.BytesIO()
-    _encodable(image, "encode_png").save(buf, format="PNG")
+    _encodable(image, "encode_png").save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

@@ -11,7 +11,7 @@ from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.boxes import clip_boxes, feature_window_to_boxes
 from roiqa.config import RoiqaConfig
-from roiqa.embed import pick_device
+from roiqa.embed import pick_device, set_threads
 from roiqa.imageio import DecodeError, decode_image, encode_png, resize_long_side
 from roiqa.models.matcher import Matcher
 from roiqa.ops.peaks import local_maxima, nms_peaks
@@ -52,9 +52,12 @@ def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
 class QueryEncoder:
     """{query_id, uri[, x0..y1]} -> {query_id, embedding, error}: global descriptors for the coarse faiss search."""
 
-    def __init__(self, cfg: RoiqaConfig, model_uri: str | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, cfg: RoiqaConfig, model_uri: str | None = None, device: str | None = None, threads: int = -1
+    ) -> None:
         from roiqa.models.checkpoint import load_matcher
 
+        set_threads(threads)
         self.cfg = cfg
         self.device = pick_device(device)
         self.model = load_matcher(model_uri, cfg.model).to(self.device).eval()
@@ -93,9 +96,11 @@ class Reranker:
         model_uri: str | None = None,
         overlay_dir: str | None = None,
         device: str | None = None,
+        threads: int = -1,
     ) -> None:
         from roiqa.models.checkpoint import load_matcher
 
+        set_threads(threads)
         self.cfg = cfg
         self.queries = queries  # query_id -> (uri, box or None)
         self.overlay_dir = overlay_dir
@@ -225,7 +230,7 @@ class Reranker:
         # The finest-level map covers ceil(valid / stride) cells: trim the part past the image before stretching.
         stride = self.model.stride(self.model.cfg.levels[0])
         h = h[: max(1, round(valid[0] / stride)), : max(1, round(valid[1] / stride))]
-        png = encode_png(overlay(img, h, box=box, long_side=self.cfg.query.overlay_size))
+        png = encode_png(overlay(img, h, box=box, long_side=self.cfg.query.overlay_size), compress_level=1)
         target = uri_mod.join(self.overlay_dir, safe_name(qid), f"{iid}.png")
         uri_mod.write_bytes(target, png)
         return target

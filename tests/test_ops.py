@@ -35,6 +35,24 @@ def test_cosine_xcorr_matches_naive_loop(kh: int, kw: int) -> None:
     torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["direct", "fft", "auto"])
+@pytest.mark.parametrize("kh, kw", [(1, 1), (2, 3), (4, 4), (10, 12), (17, 19)])
+def test_cosine_xcorr_methods_match_naive_loop(method: str, kh: int, kw: int) -> None:
+    # the FFT path must give the convolution's answer for every kernel size, including kernels larger than the map
+    g = torch.Generator().manual_seed(kh * 100 + kw)
+    query = torch.randn(5, kh, kw, generator=g, dtype=torch.float64)
+    search = torch.randn(2, 5, 14, 16, generator=g, dtype=torch.float64)
+    fast = cosine_xcorr(query, search, method=method)
+    torch.testing.assert_close(fast, cosine_xcorr_naive(query, search), rtol=1e-9, atol=1e-9)
+    f32 = cosine_xcorr(query.float(), search.float(), method=method)
+    torch.testing.assert_close(f32, fast.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_cosine_xcorr_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match="method"):
+        cosine_xcorr(torch.randn(2, 2, 2), torch.randn(1, 2, 4, 4), method="winograd")
+
+
 def test_cosine_xcorr_float32_matches_naive_and_is_bounded() -> None:
     g = torch.Generator().manual_seed(1)
     query = torch.randn(8, 3, 3, generator=g)
