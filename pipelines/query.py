@@ -99,8 +99,8 @@ def shortlist(scores: np.ndarray, ids: np.ndarray, query_ids: list[str], rerank:
     return pa.table(
         {
             S.IMAGE_ID: pa.array(keys, pa.int64()),
-            "query_ids": pa.array([by_image[k][0] for k in keys], pa.list_(pa.string())),
-            "coarse_scores": pa.array([by_image[k][1] for k in keys], pa.list_(pa.float32())),
+            S.QUERY_IDS: pa.array([by_image[k][0] for k in keys], pa.list_(pa.string())),
+            S.COARSE_SCORES: pa.array([by_image[k][1] for k in keys], pa.list_(pa.float32())),
         }
     )
 

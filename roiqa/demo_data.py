@@ -13,13 +13,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from roiqa.schema import GROUND_TRUTH_SCHEMA, QUERIES_SCHEMA, QUERY_ID, URI, X0, X1, Y0, Y1
-
-# Extra ground-truth columns of the demo (float32): pasted long side / query long side, rotation applied in degrees
-# (counter-clockwise), and the fraction of the ground-truth box covered by an occluder.
-GT_SCALE, GT_ROTATION, GT_OCCLUSION = "scale", "rotation_deg", "occlusion"
-DEMO_GROUND_TRUTH_SCHEMA = pa.schema(
-    list(GROUND_TRUTH_SCHEMA) + [pa.field(c, pa.float32()) for c in (GT_SCALE, GT_ROTATION, GT_OCCLUSION)]
+from roiqa.schema import (
+    DEMO_GROUND_TRUTH_SCHEMA,
+    QUERIES_SCHEMA,
+    QUERY_ID,
+    URI,
+    X0,
+    X1,
+    Y0,
+    Y1,
 )
 
 # skimage.data function -> the files it reads, all shipped inside the installed package (no pooch download).

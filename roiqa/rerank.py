@@ -181,7 +181,7 @@ class Reranker:
             for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err)):
                 out[k].append(v)
 
-        for iid, u, qids, coarse in zip(batch[S.IMAGE_ID], batch[S.URI], batch["query_ids"], batch["coarse_scores"]):
+        for iid, u, qids, coarse in zip(batch[S.IMAGE_ID], batch[S.URI], batch[S.QUERY_IDS], batch[S.COARSE_SCORES]):
             u = str(u)
             try:
                 img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)

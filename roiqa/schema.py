@@ -29,6 +29,8 @@ ERROR = "error"  # string, empty when the row is good: "<stage>:<reason>:<messag
 IMAGE = "image"  # (S, S, 3) uint8, resized and zero-padded
 VALID_HW = "valid_hw"  # (2,) int32, the resized image's size inside the padded square
 SCALE = "scale"  # float32, resized pixels per original pixel
+QUERY_IDS = "query_ids"  # list<string>, the queries that shortlisted a candidate image (rerank input)
+COARSE_SCORES = "coarse_scores"  # list<float32>, their coarse scores, in the same order
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
@@ -93,6 +95,13 @@ GROUND_TRUTH_SCHEMA = pa.schema(
         pa.field(X1, pa.float32()),
         pa.field(Y1, pa.float32()),
     ]
+)
+
+# Extra ground-truth columns of generated collections (float32): pasted long side / query long side, rotation
+# applied in degrees (counter-clockwise), and the fraction of the ground-truth box covered by an occluder.
+GT_SCALE, GT_ROTATION, GT_OCCLUSION = "scale", "rotation_deg", "occlusion"
+DEMO_GROUND_TRUTH_SCHEMA = pa.schema(
+    list(GROUND_TRUTH_SCHEMA) + [pa.field(c, pa.float32()) for c in (GT_SCALE, GT_ROTATION, GT_OCCLUSION)]
 )
 
 

@@ -11,17 +11,21 @@ import pytest
 from PIL import Image
 
 from roiqa import demo_data
-from roiqa.demo_data import (
-    BACKGROUNDS,
+from roiqa.demo_data import BACKGROUNDS, OBJECTS, DemoConfig, build_demo_collection
+from roiqa.schema import (
+    BOX,
     DEMO_GROUND_TRUTH_SCHEMA,
     GT_OCCLUSION,
     GT_ROTATION,
     GT_SCALE,
-    OBJECTS,
-    DemoConfig,
-    build_demo_collection,
+    QUERIES_SCHEMA,
+    QUERY_ID,
+    URI,
+    X0,
+    X1,
+    Y0,
+    Y1,
 )
-from roiqa.schema import BOX, QUERIES_SCHEMA, QUERY_ID, URI, X0, X1, Y0, Y1
 
 SMALL = DemoConfig(n_gallery=12, instances_per_object=2, n_distractors=2)
 

@@ -88,8 +88,8 @@ def test_local_folder_index_and_query(collection, tiny_cfg, folder_index, tmp_pa
         {
             S.IMAGE_ID: np.array([row[S.IMAGE_ID]]),
             S.URI: np.array([row[S.URI]], dtype=object),
-            "query_ids": [[row[S.QUERY_ID]]],
-            "coarse_scores": [[row[S.COARSE_SCORE]]],
+            S.QUERY_IDS: [[row[S.QUERY_ID]]],
+            S.COARSE_SCORES: [[row[S.COARSE_SCORE]]],
         }
     )
     assert direct[S.SCORE][0] == pytest.approx(row[S.SCORE], abs=1e-5)

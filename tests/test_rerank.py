@@ -47,8 +47,8 @@ def rerank(cfg: RoiqaConfig, paths: dict, images: list[str]) -> dict:
     batch = {
         S.IMAGE_ID: np.arange(len(images), dtype=np.int64),
         S.URI: np.array(images, dtype=object),
-        "query_ids": [["face"]] * len(images),
-        "coarse_scores": [[0.0]] * len(images),
+        S.QUERY_IDS: [["face"]] * len(images),
+        S.COARSE_SCORES: [[0.0]] * len(images),
     }
     return rr(batch)
 
