@@ -42,6 +42,14 @@ class QueryFeatures:
     ]  # per query size: ((h, w) px, {level: (1, C, h_l, w_l)})
 
 
+def pyramid(model: Matcher, image: np.ndarray, device: torch.device) -> dict[int, torch.Tensor]:
+    """float32 FPN features of one (H, W, 3) uint8 image; on CUDA the backbone runs in bf16 autocast."""
+    x = torch.from_numpy(np.ascontiguousarray(image[None])).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        feats = model.pyramid(x)
+    return {lv: f.float() for lv, f in feats.items()}
+
+
 def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
     """The optional box of row i of a queries batch (None when the columns are absent)."""
     if S.X0 not in batch:
@@ -73,7 +81,7 @@ class QueryEncoder:
         for i, u in enumerate(batch[S.URI]):
             try:
                 patch, _ = resize_long_side(self.patch(str(u), query_boxes(batch, i)), self.cfg.query.descriptor_size)
-                feats = self.model.pyramid(torch.from_numpy(patch[None].copy()).to(self.device))
+                feats = pyramid(self.model, patch, self.device)
                 emb[i] = self.model.global_descriptor(feats)[0].float().cpu().numpy()
                 errors.append("")
             except (DecodeError, ValueError, OSError) as exc:
@@ -138,7 +146,7 @@ class Reranker:
         """
         pad = self.cfg.query.context_pad
         x = np.pad(patch, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric") if pad else patch
-        feats = self.model.pyramid(torch.from_numpy(np.ascontiguousarray(x[None])).to(self.device))
+        feats = pyramid(self.model, x, self.device)
         h, w = patch.shape[:2]
         out = {}
         for lv, f in feats.items():
@@ -200,7 +208,7 @@ class Reranker:
                 continue
             resized, scale = resize_long_side(img, self.cfg.preprocess.image_size)
             valid = resized.shape[:2]
-            feats = self.model.pyramid(torch.from_numpy(np.ascontiguousarray(resized[None])).to(self.device))
+            feats = pyramid(self.model, resized, self.device)
             for qid, cs in zip(qids, coarse):
                 try:
                     heat, box, regions_score, peak = self.match(self.query_features(str(qid)), feats, tuple(valid))

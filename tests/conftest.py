@@ -89,3 +89,15 @@ def ray_local(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests are skipped on machines without CUDA (CI never has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
