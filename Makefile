@@ -21,5 +21,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# Measurements (not tests): each prints JSON + a Markdown table with a same-run reference; see benchmarks/RESULTS.md.
+bench: $(STAMP)
+	$(PY) -m benchmarks.bench_model --out benchmarks/results
+	$(PY) -m benchmarks.bench_index --out benchmarks/results
+	$(PY) -m benchmarks.bench_query --out benchmarks/results
+	$(PY) -m benchmarks.bench_faiss --out benchmarks/results
+
 clean:
 	rm -rf demo-out .pytest_cache

@@ -29,13 +29,20 @@ LAYOUT_HELP = (
 )
 MATMUL_SIZES_CPU = (2048, 4096)
 MATMUL_SIZES_CUDA = (4096, 8192)
+CPU_REF_N = 2048  # the matmul timed alternately with every CPU model figure (the MFU's denominator)
 XCORR_SEARCH = (1, 128, 64, 48)  # level-3 map of a 512x384 gallery image, the reranker's typical search map
 XCORR_KERNELS = ((5, 4), (7, 5), (10, 7), (10, 10), (14, 10), (20, 14), (28, 20))  # query kernels, (h, w) cells
 CUDA_SATURATION_GAIN = 1.05  # grow the CUDA batch while images/s improves by more than 5%
+CONTENDED_REF = 0.85  # a paired reference below this fraction of the peak means the machine was busy meanwhile
 FLOP_NOTE = (
     "FLOPs from torch.utils.flop_counter.FlopCounterMode on one forward (batch 1), per image: convolutions and "
     "matrix multiplies only (2 FLOPs per multiply-add); elementwise ops (normalisation, BatchNorm, ReLU, residual "
     "adds, FPN upsampling, GeM) are not counted, so achieved FLOP/s and MFU slightly understate the work done"
+)
+MFU_NOTE = (
+    "MFU = achieved FLOP/s / matmul FLOP/s, where the matmul (the reference) is timed alternately with the model "
+    "in every repeat and the MFU is the median of the per-repeat ratios, so that load from other processes hits "
+    "both alike; mfu_vs_peak divides by the peak measured once at the start instead"
 )
 
 Timing = dict[str, Any]
@@ -52,37 +59,45 @@ def syncer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def time_fn(
-    fn: Callable[[], object],
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
     repeats: int,
     sync: Callable[[], None],
     warmup: int = 1,
     min_seconds: float = 0.0,
-) -> Timing:
-    """Median wall time of `fn` over `repeats` timed samples after `warmup` calls.
+) -> dict[str, Timing]:
+    """Wall time per call of every function in `fns`, sampled alternately: repeat r times each of them in turn.
 
-    With `min_seconds`, each sample runs `fn` enough times back to back to last about that long (short kernels)
-    and reports the time per call.
+    Alternating (the order rotated every repeat) makes a ratio of two figures from the same repeat see the same
+    machine load. With `min_seconds`, a sample runs its function enough times back to back to last about that
+    long (short kernels) and reports the time per call. Returns {name: {median_s, samples_s, inner}}.
     """
-    for _ in range(warmup):
-        fn()
-    sync()
-    inner = 1
-    if min_seconds > 0:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        once = time.perf_counter() - t0
-        inner = max(1, min(1000, math.ceil(min_seconds / max(once, 1e-9))))
-    samples = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - t0) / inner)
-    return {"median_s": statistics.median(samples), "samples_s": [round(s, 6) for s in samples], "inner": inner}
+    names = list(fns)
+    inner = dict.fromkeys(names, 1)
+    for name in names:
+        once = 0.0
+        for _ in range(max(1, warmup)):  # the last warm-up call's time sizes the samples
+            sync()
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            once = time.perf_counter() - t0
+        if min_seconds > 0:
+            inner[name] = max(1, min(1000, math.ceil(min_seconds / max(once, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fns[name]()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / inner[name])
+    return {
+        name: {"median_s": statistics.median(s), "samples_s": [round(v, 6) for v in s], "inner": inner[name]}
+        for name, s in samples.items()
+    }
 
 
 def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
@@ -107,6 +122,13 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     info: dict[str, Any] = {
@@ -121,6 +143,7 @@ def machine_info() -> dict[str, Any]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_start": load_average(),
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
@@ -130,20 +153,32 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], repeats: int) -> dict[str, Any]:
-    """FLOP/s of torch.mm on square (n, n) matrices, 2 n^3 FLOPs per product; the best size is the peak."""
-    sync = syncer(device)
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for n in sizes:
-        a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
-        c = torch.empty(n, n, device=device, dtype=dtype)
+# --- matmul reference ------------------------------------------------------------------------------------------
+class Matmul:
+    """torch.mm of two random square (n, n) matrices into a preallocated output: 2 n^3 FLOPs per call."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, n: int) -> None:
+        gen = torch.Generator().manual_seed(n)
+        self.n, self.flops = n, 2 * n**3
+        self.a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        self.b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+        self.c = torch.empty(n, n, device=device, dtype=dtype)
+
+    def __call__(self) -> torch.Tensor:
         with torch.inference_mode():
-            t = time_fn(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats, sync, warmup=2, min_seconds=0.2)
-        rows.append({"n": n, "ms": 1e3 * t["median_s"], "gflops": 2 * n**3 / t["median_s"] / 1e9, "timing": t})
-        del a, b, c
-        log(f"  matmul {device.type} {dtype} n={n}: {rows[-1]['gflops']:.1f} GFLOP/s")
+            return torch.mm(self.a, self.b, out=self.c)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], repeats: int) -> dict[str, Any]:
+    """FLOP/s of torch.mm at every size (sampled alternately); the best size's median is the peak."""
+    mms = {str(n): Matmul(device, dtype, n) for n in sizes}
+    t = time_interleaved(dict(mms), repeats, syncer(device), warmup=2, min_seconds=0.2)
+    rows = []
+    for key, mm in mms.items():
+        s = t[key]["median_s"]
+        rows.append({"n": mm.n, "ms": 1e3 * s, "gflops": mm.flops / s / 1e9, "timing": t[key]})
+        log(f"  matmul {device.type} {dtype} n={mm.n}: {rows[-1]['gflops']:.1f} GFLOP/s")
+    del mms
     best = max(rows, key=lambda r: r["gflops"])
     for r in rows:
         r["of_best"] = r["gflops"] / best["gflops"]
@@ -154,6 +189,39 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], 
         "peak_gflops": best["gflops"],
         "best_n": best["n"],
         "sizes": rows,
+    }
+
+
+def paired_row(
+    what: str,
+    layout: str,
+    batch: int,
+    model_fn: Callable[[], object],
+    ref: Matmul,
+    flops_per_image: int,
+    peak_gflops: float,
+    repeats: int,
+    sync: Callable[[], None],
+) -> dict[str, Any]:
+    """Images/s of `model_fn` on a batch, and its MFU against the reference matmul timed alternately with it."""
+    t = time_interleaved({"model": model_fn, "ref": ref}, repeats, sync, min_seconds=0.05)
+    model_s, ref_s = t["model"]["samples_s"], t["ref"]["samples_s"]
+    mfus = [(flops_per_image * batch / m) / (ref.flops / r) for m, r in zip(model_s, ref_s)]
+    ips = batch / t["model"]["median_s"]
+    achieved = flops_per_image * ips / 1e9
+    ref_gflops = ref.flops / t["ref"]["median_s"] / 1e9
+    return {
+        "what": what,
+        "layout": layout,
+        "batch": batch,
+        "images_per_s": ips,
+        "ms_per_image": 1e3 / ips,
+        "achieved_gflops": achieved,
+        "ref_gflops": ref_gflops,
+        "mfu": statistics.median(mfus),
+        "mfu_vs_peak": achieved / peak_gflops,
+        "ref_vs_peak": ref_gflops / peak_gflops,
+        "timing": t,
     }
 
 
@@ -186,23 +254,6 @@ def cpu_layout(model: torch.nn.Module, layout: str) -> Iterator[None]:
         raise ValueError(f"unknown layout {layout!r}; choose from {CPU_LAYOUTS}")
 
 
-def throughput_row(
-    what: str, layout: str, batch: int, t: Timing, flops_per_image: int, peak_gflops: float
-) -> dict[str, Any]:
-    ips = batch / t["median_s"]
-    achieved = flops_per_image * ips / 1e9
-    return {
-        "what": what,
-        "layout": layout,
-        "batch": batch,
-        "images_per_s": ips,
-        "ms_per_image": 1e3 / ips,
-        "achieved_gflops": achieved,
-        "mfu": achieved / peak_gflops,
-        "timing": t,
-    }
-
-
 def model_flops(emb: Any, size: int) -> dict[str, Any]:
     """FLOPs per image of the embedding forward (backbone + FPN + descriptor) and of `model.body` alone."""
     model = emb.model
@@ -231,7 +282,7 @@ def layout_comparison(rows: list[dict[str, Any]], reference: str = "nchw") -> di
         for b in batches
     }
     ratios: dict[str, dict[int, float]] = {}
-    if any(lay == reference for lay in layouts):
+    if reference in layouts:
         for lay in layouts:
             ratios[lay] = {
                 b: by[(lay, b)]["images_per_s"] / by[(reference, b)]["images_per_s"]
@@ -250,7 +301,7 @@ def layout_comparison(rows: list[dict[str, Any]], reference: str = "nchw") -> di
 
 
 def bench_cpu_model(
-    size: int, batch_sizes: Sequence[int], layouts: Sequence[str], repeats: int, peak_gflops: float
+    size: int, batch_sizes: Sequence[int], layouts: Sequence[str], repeats: int, peak_gflops: float, ref_n: int
 ) -> dict[str, Any]:
     """Embedder.embed and model.body on CPU at every batch size and layout, as images/s and MFU."""
     from roiqa.config import ModelConfig
@@ -262,29 +313,34 @@ def bench_cpu_model(
     log(f"  FLOPs per image: embed {flops['embed_per_image'] / 1e9:.2f} G, body {flops['body_per_image'] / 1e9:.2f} G")
     rng = np.random.default_rng(0)
     sync = syncer(torch.device("cpu"))
+    ref = Matmul(torch.device("cpu"), torch.float32, ref_n)
     embed_rows, body_rows = [], []
     for layout in layouts:
         with cpu_layout(model, layout):
             for b in batch_sizes:
                 images, valid = random_batch(rng, b, size)
-                t = time_fn(lambda images=images, valid=valid: emb.embed(images, valid), repeats, sync)
-                embed_rows.append(throughput_row("embed", layout, b, t, flops["embed_per_image"], peak_gflops))
+                fn = functools.partial(emb.embed, images, valid)
+                row = paired_row("embed", layout, b, fn, ref, flops["embed_per_image"], peak_gflops, repeats, sync)
+                embed_rows.append(row)
                 with torch.inference_mode():
                     x = model.normalize(torch.from_numpy(images))
-                    t = time_fn(lambda x=x: model.body(x), repeats, sync)
-                body_rows.append(throughput_row("body", layout, b, t, flops["body_per_image"], peak_gflops))
+                fn = functools.partial(torch.inference_mode()(model.body), x)
+                row = paired_row("body", layout, b, fn, ref, flops["body_per_image"], peak_gflops, repeats, sync)
+                body_rows.append(row)
+                e, o = embed_rows[-1], body_rows[-1]
                 log(
-                    f"  cpu {layout:>13} batch {b:>3}: embed {embed_rows[-1]['images_per_s']:.2f} img/s "
-                    f"(MFU {embed_rows[-1]['mfu']:.2f}), body {body_rows[-1]['images_per_s']:.2f} img/s "
-                    f"(MFU {body_rows[-1]['mfu']:.2f})"
+                    f"  cpu {layout:>13} batch {b:>3}: embed {e['images_per_s']:.2f} img/s (MFU {e['mfu']:.2f}), "
+                    f"body {o['images_per_s']:.2f} img/s (MFU {o['mfu']:.2f}); reference at "
+                    f"{e['ref_vs_peak']:.2f}/{o['ref_vs_peak']:.2f} of the peak"
                 )
-                del images, valid, x
+                del images, valid, x, fn
                 gc.collect()
     return {
         "device": "cpu",
         "threads": torch.get_num_threads(),
         "image_size": size,
         "peak_gflops": peak_gflops,
+        "ref_n": ref_n,
         "flops": flops,
         "layouts": LAYOUT_HELP,
         "embed": embed_rows,
@@ -295,68 +351,84 @@ def bench_cpu_model(
 
 
 def bench_cuda_model(
-    size: int, repeats: int, max_batch: int, flops: dict[str, Any], peak_gflops: float
+    size: int, repeats: int, max_batch: int, flops: dict[str, Any], peak: dict[str, Any], device_name: str = "cuda"
 ) -> dict[str, Any]:
     """Embedder.embed on CUDA (its own channels_last + bf16 autocast), batch doubled until images/s saturates."""
     from roiqa.config import ModelConfig
     from roiqa.embed import Embedder
 
-    device = torch.device("cuda")
-    emb = Embedder(ModelConfig(), device="cuda")
+    device = torch.device(device_name)  # "cuda"; another device only to exercise this code without a GPU
+    emb = Embedder(ModelConfig(), device=device_name)
     model = emb.model
     sync = syncer(device)
+    ref = Matmul(device, torch.bfloat16, peak["best_n"])
+    peak_gflops = peak["peak_gflops"]
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
     stop = "reached --cuda-max-batch"
     b = 1
     while b <= max_batch:
         images, valid = random_batch(rng, b, size)
+        fn = functools.partial(emb.embed, images, valid)
         try:
-            t = time_fn(lambda images=images, valid=valid: emb.embed(images, valid), repeats, sync)
+            row = paired_row(
+                "embed", "channels_last+bf16", b, fn, ref, flops["embed_per_image"], peak_gflops, repeats, sync
+            )
         except torch.cuda.OutOfMemoryError:
             stop = f"out of memory at batch {b}"
             break
         finally:
-            torch.cuda.empty_cache()
-        row = throughput_row("embed", "channels_last+bf16", b, t, flops["embed_per_image"], peak_gflops)
+            del fn
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         row["gain_vs_previous"] = row["images_per_s"] / rows[-1]["images_per_s"] if rows else None
         rows.append(row)
         log(f"  cuda embed batch {b:>4}: {row['images_per_s']:.1f} img/s (MFU {row['mfu']:.3f})")
-        if rows[-1]["gain_vs_previous"] is not None and rows[-1]["gain_vs_previous"] <= CUDA_SATURATION_GAIN:
+        if row["gain_vs_previous"] is not None and row["gain_vs_previous"] <= CUDA_SATURATION_GAIN:
             stop = f"batch {b} improved images/s by <= {100 * (CUDA_SATURATION_GAIN - 1):.0f}%"
             break
         b *= 2
     if not rows:
-        return {"device": "cuda", "error": stop}
+        return {"device": device.type, "error": stop}
     last = rows[-1]
     saturated = rows[-2] if len(rows) > 1 and last["gain_vs_previous"] <= CUDA_SATURATION_GAIN else last
     sat_b = saturated["batch"]
     images, _ = random_batch(rng, sat_b, size)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+
+    @torch.inference_mode()
+    def body(x: torch.Tensor) -> object:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model.body(x)
+
+    with torch.inference_mode():
         x = model.normalize(torch.from_numpy(images).to(device))
-        t = time_fn(lambda x=x: model.body(x), repeats, sync)
-    body = throughput_row("body", "channels_last+bf16", sat_b, t, flops["body_per_image"], peak_gflops)
-    body["input_on_device"] = True
-    log(f"  cuda body batch {sat_b}: {body['images_per_s']:.1f} img/s (MFU {body['mfu']:.3f})")
-    del x, images
-    torch.cuda.empty_cache()
+    fn = functools.partial(body, x)
+    body_row = paired_row(
+        "body", "channels_last+bf16", sat_b, fn, ref, flops["body_per_image"], peak_gflops, repeats, sync
+    )
+    body_row["input_on_device"] = True
+    log(f"  cuda body batch {sat_b}: {body_row['images_per_s']:.1f} img/s (MFU {body_row['mfu']:.3f})")
+    del x, images, fn, ref
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return {
-        "device": "cuda",
+        "device": device.type,
         "image_size": size,
         "peak_gflops": peak_gflops,
         "peak_dtype": "bfloat16",
+        "ref_n": peak["best_n"],
         "embed_growth": rows,
         "growth_stop": stop,
         "saturating_batch": sat_b,
         "embed": saturated,
-        "body": body,
+        "body": body_row,
         "note": "embed includes the host-to-device copy of the uint8 batch and the descriptors' copy back, as in "
-        "the pipeline; body runs on an input already on the device",
+        "the pipeline; body runs on an input already on the device; MFU against the bf16 matmul",
     }
 
 
 # --- cross-correlation -----------------------------------------------------------------------------------------
-def bench_xcorr(device: torch.device, repeats: int, peak_gflops: float) -> dict[str, Any]:
+def bench_xcorr(device: torch.device, repeats: int, peak_gflops: float | None) -> dict[str, Any]:
     """cosine_xcorr on the reranker's typical search map for growing kernels: direct vs FFT, and what auto picks."""
     from roiqa.ops.xcorr import FFT_MIN_CELLS, cosine_xcorr
 
@@ -367,14 +439,15 @@ def bench_xcorr(device: torch.device, repeats: int, peak_gflops: float) -> dict[
     rows = []
     for kh, kw in XCORR_KERNELS:
         query = torch.randn(c, kh, kw, generator=gen).to(device)
-        t = {}
-        with torch.inference_mode():
-            for method in ("direct", "fft"):
-                fn = functools.partial(cosine_xcorr, query, search, method=method)
-                t[method] = time_fn(fn, repeats, sync, warmup=2, min_seconds=0.05)
+        fns = {
+            method: torch.inference_mode()(functools.partial(cosine_xcorr, query, search, method=method))
+            for method in ("direct", "fft")
+        }
+        t = time_interleaved(fns, repeats, sync, warmup=2, min_seconds=0.05)
         direct_s, fft_s = t["direct"]["median_s"], t["fft"]["median_s"]
+        ratio = statistics.median(d / f for d, f in zip(t["direct"]["samples_s"], t["fft"]["samples_s"]))
         auto = "fft" if kh * kw >= FFT_MIN_CELLS else "direct"
-        faster = "fft" if fft_s < direct_s else "direct"
+        faster = "fft" if ratio > 1 else "direct"
         direct_gflops = 2 * c * kh * kw * h * w / direct_s / 1e9  # the correlation's multiply-adds only
         rows.append(
             {
@@ -382,40 +455,70 @@ def bench_xcorr(device: torch.device, repeats: int, peak_gflops: float) -> dict[
                 "cells": kh * kw,
                 "direct_ms": 1e3 * direct_s,
                 "fft_ms": 1e3 * fft_s,
-                "direct_over_fft": direct_s / fft_s,
+                "direct_over_fft": ratio,
                 "faster": faster,
                 "auto": auto,
                 "auto_is_faster": auto == faster,
                 "direct_gflops": direct_gflops,
-                "direct_mfu": direct_gflops / peak_gflops,
+                "direct_mfu_vs_peak": None if peak_gflops is None else direct_gflops / peak_gflops,
                 "timing": t,
             }
         )
-        log(f"  xcorr {device.type} {kh}x{kw}: direct {1e3 * direct_s:.2f} ms, fft {1e3 * fft_s:.2f} ms")
+        log(
+            f"  xcorr {device.type} {torch.get_num_threads()} threads {kh}x{kw}: "
+            f"direct {1e3 * direct_s:.2f} ms, fft {1e3 * fft_s:.2f} ms"
+        )
+    note = "direct_over_fft is the median of per-repeat ratios (the two sampled alternately); direct GFLOP/s counts "
+    note += "the correlation's 2*C*h*w*H*W FLOPs only (not the window norms)"
+    if device.type == "cuda":
+        note += f"; cuDNN may run the fp32 convolution in TF32 (allow_tf32={torch.backends.cudnn.allow_tf32})"
     return {
         "device": device.type,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "dtype": "float32",
         "search": list(XCORR_SEARCH),
         "fft_min_cells": FFT_MIN_CELLS,
         "peak_gflops": peak_gflops,
         "rows": rows,
-        "note": "direct GFLOP/s counts the correlation's 2*C*h*w*H*W FLOPs only (not the window norms)",
+        "note": note,
     }
 
 
 # --- verdicts and report ---------------------------------------------------------------------------------------
+def warnings_for(result: dict[str, Any]) -> list[str]:
+    """Signs that the machine was busy with other work while measuring."""
+    out = []
+    rows = result["cpu"]["embed"] + result["cpu"]["body"]
+    low = [r for r in rows if r["ref_vs_peak"] < CONTENDED_REF]
+    if low:
+        worst = min(r["ref_vs_peak"] for r in low)
+        out.append(
+            f"{len(low)} of {len(rows)} CPU rows ran their reference matmul below {CONTENDED_REF:.0%} of the peak "
+            f"(lowest {worst:.2f}): the machine was busy; the paired MFU corrects for steady load only"
+        )
+    over = [r for r in rows if r["mfu"] > 1.0]
+    if over:
+        out.append(f"{len(over)} CPU rows have MFU > 1, which is impossible: their timings are not trustworthy")
+    load = result["machine"].get("load_average_start")
+    cpus = result["machine"]["os_cpu_count"] or 1
+    if load and load[0] > 0.5 * cpus:
+        out.append(f"load average {load[0]} on {cpus} CPUs when the benchmark started")
+    return out
+
+
 def verdicts(cpu: dict[str, Any], pipeline_batch: int) -> list[dict[str, Any]]:
-    body = cpu["body"]
+    body = [r for r in cpu["body"] if r["mfu"] <= 1.0] or cpu["body"]
     best = max(body, key=lambda r: r["mfu"])
-    at_pipeline = next((r for r in body if r["layout"] == "as_pipeline" and r["batch"] == pipeline_batch), None)
+    at_pipeline = next((r for r in cpu["body"] if r["layout"] == "as_pipeline" and r["batch"] == pipeline_batch), None)
     met = best["mfu"] >= MFU_GOAL
     line = (
         f"{'MET' if met else 'NOT MET'}: backbone (model.body) MFU on CPU {best['mfu']:.2f} vs goal {MFU_GOAL:.2f} "
-        f"(best: batch {best['batch']}, {best['layout']}; {best['achieved_gflops']:.1f} of "
-        f"{cpu['peak_gflops']:.1f} GFLOP/s fp32 matmul peak, {cpu['threads']} threads)"
+        f"(best: batch {best['batch']}, {best['layout']}; {best['achieved_gflops']:.1f} GFLOP/s against the "
+        f"fp32 matmul's {best['ref_gflops']:.1f} timed alongside (peak {cpu['peak_gflops']:.1f}), "
+        f"{cpu['threads']} threads)"
     )
     if at_pipeline is not None:
-        line += f"; as the index pipeline runs it (batch {pipeline_batch}): {at_pipeline['mfu']:.2f}"
+        line += f"; as the index pipeline runs it (batch {pipeline_batch}, as_pipeline): {at_pipeline['mfu']:.2f}"
     return [
         {
             "goal": f"backbone MFU on CPU >= {MFU_GOAL:.2f}",
@@ -445,7 +548,8 @@ def markdown(result: dict[str, Any]) -> str:
     out.append("## bench_model\n")
     out.append(
         f"torch {m['torch']}, {m['cpu']} ({m['cpu_capability']}), {m['torch_threads']} torch threads "
-        f"(os.cpu_count {m['os_cpu_count']}, affinity {m['cpu_affinity']}, OMP_NUM_THREADS {m['OMP_NUM_THREADS']})"
+        f"(os.cpu_count {m['os_cpu_count']}, affinity {m['cpu_affinity']}, OMP_NUM_THREADS {m['OMP_NUM_THREADS']}), "
+        f"load average {m['load_average_start']} -> {result['load_average_end']}"
         + (f", CUDA: {m['cuda_device']}" if m["cuda"] else ", no CUDA")
         + f"; medians of {result['repeats']} repeats{' (--quick)' if result['quick'] else ''}.\n"
     )
@@ -460,33 +564,34 @@ def markdown(result: dict[str, Any]) -> str:
     f = cpu["flops"]
     out.append(
         f"### CPU model, {cpu['image_size']}x{cpu['image_size']}, {cpu['threads']} threads, "
-        f"MFU vs {cpu['peak_gflops']:.1f} GFLOP/s\n"
+        f"reference fp32 matmul n={cpu['ref_n']} (peak {cpu['peak_gflops']:.1f} GFLOP/s)\n"
     )
     out.append(
         f"FLOPs per image: embed (backbone + FPN + descriptor) {f['embed_per_image'] / 1e9:.2f} G, model.body "
-        f"(ResNet + FPN) {f['body_per_image'] / 1e9:.2f} G. {f['note']}. Normalised input channels_last: "
-        f"{f['normalised_input_channels_last']}. Layouts: {cpu['layouts']}.\n"
+        f"(ResNet + FPN) {f['body_per_image'] / 1e9:.2f} G. {f['note']}. {MFU_NOTE}. Normalised input "
+        f"channels_last: {f['normalised_input_channels_last']}. Layouts: {cpu['layouts']}.\n"
     )
-    headers = ["what", "layout", "batch", "images/s", "ms/image", "GFLOP/s", "MFU", "vs nchw"]
+    headers = ["what", "layout", "batch", "images/s", "ms/image", "GFLOP/s", "ref GFLOP/s", "MFU", "MFU vs peak"]
     rows = [
-        [r["what"], r["layout"], r["batch"], r["images_per_s"], r["ms_per_image"], r["achieved_gflops"], r["mfu"]]
-        + [r.get("vs_nchw")]
+        [r["what"], r["layout"], r["batch"], r["images_per_s"], r["ms_per_image"], r["achieved_gflops"]]
+        + [r["ref_gflops"], r["mfu"], r["mfu_vs_peak"], r.get("vs_nchw")]
         for r in cpu["embed"] + cpu["body"]
     ]
-    out.append(md_table(headers, rows) + "\n")
+    out.append(md_table([*headers, "images/s vs nchw"], rows) + "\n")
     out.append(f"Layouts: embed: {cpu['embed_layouts']['summary']}; body: {cpu['body_layouts']['summary']}.\n")
     cuda = result.get("cuda")
     if cuda and "error" not in cuda:
         out.append(
-            f"### CUDA model (Embedder: channels_last + bf16 autocast), MFU vs bf16 peak "
-            f"{cuda['peak_gflops'] / 1e3:.1f} TFLOP/s\n"
+            f"### CUDA model (Embedder: channels_last + bf16 autocast), reference bf16 matmul n={cuda['ref_n']} "
+            f"(peak {cuda['peak_gflops'] / 1e3:.1f} TFLOP/s)\n"
         )
         rows = [
             [r["what"], r["batch"], r["images_per_s"], r["ms_per_image"], r["achieved_gflops"] / 1e3, r["mfu"]]
-            + [r.get("gain_vs_previous")]
+            + [r["mfu_vs_peak"], r.get("gain_vs_previous")]
             for r in cuda["embed_growth"] + [cuda["body"]]
         ]
-        out.append(md_table(["what", "batch", "images/s", "ms/image", "TFLOP/s", "MFU", "gain vs previous"], rows))
+        headers = ["what", "batch", "images/s", "ms/image", "TFLOP/s", "MFU", "MFU vs peak", "gain vs previous"]
+        out.append(md_table(headers, rows))
         out.append(
             f"\nSaturating batch {cuda['saturating_batch']} ({cuda['growth_stop']}); body measured there. "
             f"{cuda['note']}.\n"
@@ -495,18 +600,25 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(f"### CUDA model\n\n{cuda['error']}\n")
     for x in result["xcorr"]:
         out.append(
-            f"### cosine_xcorr, search {tuple(x['search'])} {x['dtype']} on {x['device']} "
-            f"(auto uses FFT from {x['fft_min_cells']} cells)\n"
+            f"### cosine_xcorr, search {tuple(x['search'])} {x['dtype']} on {x['device']}"
+            + (f", {x['threads']} threads " if x["threads"] else " ")
+            + f"(auto uses FFT from {x['fft_min_cells']} cells)\n"
         )
+        one = "direct_speedup_of_1_thread" in x["rows"][0]
         rows = [
             [r["kernel"], r["cells"], r["direct_ms"], r["fft_ms"], r["direct_over_fft"], r["faster"], r["auto"]]
-            + [r["auto_is_faster"], r["direct_gflops"], r["direct_mfu"]]
+            + [r["auto_is_faster"], r["direct_gflops"]]
+            + ([r["direct_speedup_of_1_thread"], r["fft_speedup_of_1_thread"]] if one else [r["direct_mfu_vs_peak"]])
             for r in x["rows"]
         ]
         headers = ["kernel", "cells", "direct ms", "fft ms", "direct/fft", "faster", "auto", "auto right", "GFLOP/s"]
-        out.append(md_table([*headers, "direct MFU"], rows) + "\n")
+        headers += ["direct: 1-thread speedup", "fft: 1-thread speedup"] if one else ["direct vs peak"]
+        out.append(md_table(headers, rows) + f"\n\n{x['note']}.\n")
     out.append("### Verdicts\n")
     out.extend(f"- {v['line']}" for v in result["verdicts"])
+    if result["warnings"]:
+        out.append("\n### Warnings\n")
+        out.extend(f"- {w}" for w in result["warnings"])
     return "\n".join(out) + "\n"
 
 
@@ -521,7 +633,7 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def str_list(text: str) -> list[str]:
+def layout_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in CPU_LAYOUTS]
     if not values or bad:
@@ -535,8 +647,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=512, help="square gallery image side S (preprocess.image_size)")
     p.add_argument("--batch-sizes", type=int_list, default=None, help="CPU batch sizes (default 1,4,8,16,32)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure, median reported (default 5)")
-    p.add_argument("--layouts", type=str_list, default=list(CPU_LAYOUTS), help=f"CPU layouts: {LAYOUT_HELP}")
-    p.add_argument("--matmul-sizes", type=int_list, default=None, help="CPU matmul sizes n (default 2048,4096)")
+    p.add_argument("--layouts", type=layout_list, default=list(CPU_LAYOUTS), help=f"CPU layouts: {LAYOUT_HELP}")
+    p.add_argument("--matmul-sizes", type=int_list, default=None, help="CPU matmul peak sizes n (default 2048,4096)")
+    p.add_argument("--ref-n", type=int, default=CPU_REF_N, help="CPU reference matmul n timed alongside the model")
     p.add_argument("--threads", type=int, default=-1, help="torch.set_num_threads first (> 0); default: as is")
     p.add_argument("--cuda-max-batch", type=int, default=1024, help="largest CUDA batch tried while growing")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA measurements even when a GPU is present")
@@ -547,8 +660,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.matmul_sizes = args.matmul_sizes or ([2048] if args.quick else list(MATMUL_SIZES_CPU))
     if args.quick:
         args.cuda_max_batch = min(args.cuda_max_batch, 64)
-    if args.repeats < 1 or args.image_size < 32:
-        p.error("--repeats must be >= 1 and --image-size >= 32")
+    if args.repeats < 1 or args.image_size < 32 or args.ref_n < 64:
+        p.error("--repeats must be >= 1, --image-size >= 32 and --ref-n >= 64")
     return args
 
 
@@ -566,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "repeats": args.repeats,
         "args": dict(vars(args)),
+        "mfu_note": MFU_NOTE,
     }
     log(f"threads: torch {torch.get_num_threads()}, os.cpu_count {os.cpu_count()}; cuda: {use_cuda}")
 
@@ -579,20 +693,33 @@ def main(argv: list[str] | None = None) -> int:
     cpu_peak = peaks[0]["peak_gflops"]
 
     log("CPU model")
-    result["cpu"] = bench_cpu_model(args.image_size, args.batch_sizes, args.layouts, args.repeats, cpu_peak)
+    result["cpu"] = bench_cpu_model(args.image_size, args.batch_sizes, args.layouts, args.repeats, cpu_peak, args.ref_n)
     if use_cuda:
         log("CUDA model")
-        bf16_peak = peaks[2]["peak_gflops"]
         result["cuda"] = bench_cuda_model(
-            args.image_size, args.repeats, args.cuda_max_batch, result["cpu"]["flops"], bf16_peak
+            args.image_size, args.repeats, args.cuda_max_batch, result["cpu"]["flops"], peaks[2]
         )
 
     log("cosine_xcorr")
     result["xcorr"] = [bench_xcorr(cpu, args.repeats, cpu_peak)]
+    threads = torch.get_num_threads()
+    if threads > 1:  # the same on one thread: OpenMP barriers of small ops stall when another process holds a core
+        torch.set_num_threads(1)
+        try:
+            one = bench_xcorr(cpu, args.repeats, None)
+        finally:
+            torch.set_num_threads(threads)
+        for r1, rn in zip(one["rows"], result["xcorr"][0]["rows"]):
+            r1["direct_speedup_of_1_thread"] = rn["direct_ms"] / r1["direct_ms"]
+            r1["fft_speedup_of_1_thread"] = rn["fft_ms"] / r1["fft_ms"]
+        one["note"] += f"; speedup of 1 thread = {threads}-thread ms / 1-thread ms (> 1: one thread is faster)"
+        result["xcorr"].append(one)
     if use_cuda:
         result["xcorr"].append(bench_xcorr(torch.device("cuda"), args.repeats, peaks[1]["peak_gflops"]))
 
+    result["load_average_end"] = load_average()
     result["verdicts"] = verdicts(result["cpu"], IndexConfig().batch_size)
+    result["warnings"] = warnings_for(result)
     md = markdown(result)
     text = json.dumps(result, indent=2)
     out = Path(args.out)
