@@ -126,6 +126,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     model_uri = version.manifest["model"]["uri"]
     qc = cfg.query
     qtable = load_queries(queries)
+    if qtable.num_rows == 0:
+        raise ValueError(f"{queries}: no queries")
     res = actor_resources(qc.actor_cpus)
 
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
@@ -137,7 +139,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         batch_format="numpy",
         **res,
     )
-    enc = pa.concat_tables([t for t in ray.get(qds.to_arrow_refs())]) if qtable.num_rows else None
+    enc = pa.concat_tables(ray.get(qds.to_arrow_refs()))
     qids = enc.column(S.QUERY_ID).to_pylist()
     qerr = [str(e) for e in enc.column(S.ERROR).to_pylist()]
     good = [i for i, e in enumerate(qerr) if not e]
@@ -186,7 +188,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     results = rank_results(ok.drop(columns=[S.ERROR], errors="ignore"), coarse)
     table = S.check_columns(pa.Table.from_pandas(results, preserve_index=False), S.RESULTS_SCHEMA, "results")
     store.write_table(table, uri_mod.join(out, RESULTS))
-    err_rows = [(qtable.column(S.URI)[i].as_py(), *parse_error(qerr[i])) for i in range(len(qerr)) if qerr[i]]
+    query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
+    err_rows = [(query_uri[q], *parse_error(e)) for q, e in zip(qids, qerr) if e]
     err_rows += [(f"{r[S.QUERY_ID]}|{r[S.URI]}", *parse_error(r[S.ERROR])) for _, r in rerr.iterrows()]
     cols = list(zip(*err_rows)) if err_rows else [[], [], [], []]
     errors = pa.table({n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)})

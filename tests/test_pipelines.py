@@ -266,3 +266,22 @@ def test_rerun_publishes_new_version_and_keeps_old(collection, tiny_cfg, tmp_pat
     assert old.faiss().ntotal == emb1.num_rows  # checksum still matches
     new = check_version_consistent(index)
     assert new.manifest["parent"] == first.version
+
+
+def test_bad_query_is_recorded_and_the_rest_answered(collection, tiny_cfg, folder_index, tmp_path):
+    index, _ = folder_index
+    queries = pq.read_table(collection.queries_uri).to_pandas()
+    (tmp_path / "not-an-image.png").write_bytes(b"plain text")
+    table = pa.table(
+        {
+            S.QUERY_ID: ["good", "missing", "garbage"],
+            S.URI: [queries[S.URI].iloc[0], str(tmp_path / "nope.png"), str(tmp_path / "not-an-image.png")],
+        }
+    )
+    pq.write_table(table, tmp_path / "queries.parquet")
+    report = run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), tiny_cfg)
+    res = read_results(str(tmp_path / "out"))
+    assert set(res[S.QUERY_ID]) == {"good"} and report.errors == 2
+    err = pq.read_table(tmp_path / "out" / "errors.parquet").to_pandas().set_index(S.URI)
+    assert err.loc[str(tmp_path / "not-an-image.png"), S.REASON] == "not_an_image"
+    assert err.loc[str(tmp_path / "nope.png"), S.STAGE] == "query"

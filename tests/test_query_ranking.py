@@ -1,0 +1,61 @@
+"""The query pipeline's pure parts: final ranking, shortlists grouped by image, query tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.query import load_queries, query_map, rank_results, shortlist
+from roiqa import schema as S
+
+
+def test_rank_results_reranked_first_by_score_then_coarse_order():
+    reranked = pd.DataFrame(
+        {
+            S.QUERY_ID: ["a", "a", "a"],
+            S.IMAGE_ID: [1, 2, 3],
+            S.SCORE: [0.2, np.nan, 0.9],
+            S.COARSE_SCORE: [0.9, 0.8, 0.7],
+        }
+    )
+    coarse = pd.DataFrame(
+        {S.QUERY_ID: ["a"] * 5, S.IMAGE_ID: [1, 2, 3, 4, 5], S.COARSE_SCORE: [0.9, 0.8, 0.7, 0.5, 0.6]}
+    )
+    out = rank_results(reranked, coarse)
+    # reranked: 3 (0.9), 1 (0.2), 2 (NaN last); then the rest by coarse score: 5 (0.6), 4 (0.5)
+    assert out.sort_values(S.RANK)[S.IMAGE_ID].tolist() == [3, 1, 2, 5, 4]
+    assert out.sort_values(S.RANK)[S.RANK].tolist() == [1, 2, 3, 4, 5]
+    assert out[S.SCORE].isna().sum() == 3  # the NaN rerank and the two coarse-only rows
+
+
+def test_shortlist_groups_candidates_by_image():
+    scores = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]], np.float32)
+    ids = np.array([[10, 20, 30], [20, 40, -1]])
+    t = shortlist(scores, ids, ["q1", "q2"], rerank=2).to_pydict()
+    assert t[S.IMAGE_ID] == [10, 20, 40]
+    assert t[S.QUERY_IDS] == [["q1"], ["q1", "q2"], ["q2"]]
+    assert t[S.COARSE_SCORES] == [[pytest.approx(0.9)], [pytest.approx(0.8), pytest.approx(0.7)], [pytest.approx(0.6)]]
+
+
+def test_load_queries_parquet_folder_and_errors(tmp_path):
+    (tmp_path / "crops").mkdir()
+    for name in ("b.png", "a.jpg", ".hidden.png"):
+        (tmp_path / "crops" / name).write_bytes(b"x")
+    t = load_queries(str(tmp_path / "crops"))
+    assert t.column(S.QUERY_ID).to_pylist() == ["a", "b"]
+    assert query_map(t)["a"] == (str(tmp_path / "crops" / "a.jpg"), None)
+    pq.write_table(pa.table({S.QUERY_ID: ["x", "x"], S.URI: ["1.png", "2.png"]}), tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="unique"):
+        load_queries(str(tmp_path / "dup.parquet"))
+    pq.write_table(pa.table({S.URI: ["1.png"]}), tmp_path / "noid.parquet")
+    with pytest.raises(ValueError, match="query_id"):
+        load_queries(str(tmp_path / "noid.parquet"))
+    pq.write_table(
+        pa.table({S.QUERY_ID: ["q"], S.URI: ["sub/1.png"], S.X0: [1.0], S.Y0: [2.0], S.X1: [3.0], S.Y1: [4.0]}),
+        tmp_path / "boxed.parquet",
+    )
+    t = load_queries(str(tmp_path / "boxed.parquet"))
+    assert query_map(t)["q"] == (str(tmp_path / "sub" / "1.png"), [1.0, 2.0, 3.0, 4.0])
