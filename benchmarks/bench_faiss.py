@@ -19,7 +19,7 @@ from benchmarks.common import machine, markdown, median, write_report
 
 DIM = 256
 KS = (10, 100)
-DEFAULT_FACTORIES = "Flat,IVF4096,Flat,OPQ32,IVF4096,PQ32,HNSW32,IVF4096,PQ32,IVF1024,PQ64"
+DEFAULT_FACTORIES = "Flat,IVF4096,Flat,OPQ32,IVF4096,PQ32,HNSW32,IVF4096,PQ32,IVF1024,PQ64,IVF4096,SQ8"
 RECALL_GOAL = 0.95
 BYTES_GOAL = 64.0  # bytes per image, the 8-byte id included
 IDMAP_BYTES = 8  # IndexIDMap2 keeps one int64 per vector

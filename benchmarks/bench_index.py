@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 import pyarrow as pa
 
-from benchmarks.common import machine, markdown, median, sample_images, timed, write_report
+from benchmarks.common import bar_chart_png, machine, markdown, median, sample_images, timed, write_report
 
 
 def bare_loop(files: list[str], cfg, out: str) -> dict:
@@ -138,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     report["goal"] = {"pipeline >= 0.9x bare loop (marginal, start-up excluded)": best >= 0.9, "best_ratio": best}
     table = markdown(["variant", "images/s", "x bare (end to end)", "x bare (marginal)", "notes"], rows)
     write_report(args.out, "bench_index", report, table)
+    labels = ["bare loop (reference)"] + [f"pipeline, marginal: {n}" for n in report["pipeline"]]
+    values = [bare_ips] + [v["marginal_images_per_s"] for v in report["pipeline"].values()]
+    bar_chart_png(
+        os.path.join(args.out, "index_throughput.png"),
+        labels,
+        values,
+        f"index throughput, {len(files)} images at {base.preprocess.image_size}px (medians)",
+        "img/s",
+    )
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -71,3 +71,20 @@ def markdown(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def bar_chart_png(path: str, labels: list[str], values: list[float], title: str, unit: str) -> None:
+    """A horizontal bar chart drawn with PIL (the project does not depend on matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    row, left, width = 28, 330, 360
+    img = Image.new("RGB", (left + width + 90, 50 + row * len(labels)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), title, fill="black")
+    top = max(values) if values and max(values) > 0 else 1.0
+    for i, (label, v) in enumerate(zip(labels, values)):
+        y = 40 + i * row
+        d.text((10, y + 6), label[:52], fill="black")
+        d.rectangle([left, y + 4, left + int(width * v / top), y + row - 4], fill=(70, 110, 180))
+        d.text((left + int(width * v / top) + 6, y + 6), f"{v:.2f} {unit}", fill="black")
+    img.save(path)

@@ -37,7 +37,7 @@ class IndexConfig:
     actor_cpus: float = 0.5  # CPUs per CPU actor: fractional so reading and decoding are never starved
     read_batch_size: int = 32  # URIs per read/decode task batch
     torch_threads: int = 0  # torch threads per model actor; 0: every core of its node (Ray pins a 0.5-CPU actor to 1)
-    faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k images, IVF+PQ above
+    faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k images, IVF,SQ8 above
     faiss_nprobe: int = 32  # IVF cells visited per query
 
 

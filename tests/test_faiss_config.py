@@ -8,6 +8,7 @@ import os
 import re
 import tarfile
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -113,18 +114,26 @@ def test_choose_factory() -> None:
     assert fi.choose_factory("auto", 1000, 128) == "Flat"
     assert fi.choose_factory("auto", fi.AUTO_FLAT_LIMIT - 1, 128) == "Flat"
     assert fi.choose_factory("HNSW32", 10**7, 128) == "HNSW32"  # explicit specs pass through
-    assert fi.choose_factory("auto", 200_000, 128) == "IVF2048,PQ32"  # 4 * sqrt(2e5) = 1789 -> 2**11; 128 / 4
+    assert fi.choose_factory("auto", 200_000, 128) == "IVF2048,SQ8"  # 4 * sqrt(2e5) = 1789 -> 2**11
     for n in (fi.AUTO_FLAT_LIMIT, 10**6, 10**8):
         for dim in (16, 36, 50, 64, 70, 100, 128, 130, 256, 2048):
             spec = fi.choose_factory("auto", n, dim)
-            m = re.fullmatch(r"IVF(\d+),PQ(\d+)", spec)
+            m = re.fullmatch(r"IVF(\d+),SQ8", spec)
             assert m, spec
-            nlist, pq = int(m.group(1)), int(m.group(2))
-            assert dim % pq == 0 and 1 <= pq <= dim
-            # the largest divisor of dim not above max(8, dim / 4): about 4 dims per one-byte code
-            assert pq == max(d for d in range(1, max(8, dim // 4) + 1) if dim % d == 0)
+            nlist = int(m.group(1))
             assert nlist & (nlist - 1) == 0  # a power of two
             assert 0.5 * 4 * np.sqrt(n) <= nlist <= 2 * 4 * np.sqrt(n)
+            faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)  # valid for every dimension
+
+
+def test_ivf_indexes_keep_their_own_ids_without_an_id_map() -> None:
+    vectors, ids = _unit(3000, 32, 11), _ids(3000, 12)
+    ivf = fi.build_index(vectors, ids, "IVF16,SQ8")
+    flat = fi.build_index(vectors, ids, "Flat")
+    assert isinstance(flat, faiss.IndexIDMap2) and not isinstance(ivf, faiss.IndexIDMap2)
+    _, got = fi.search(ivf, vectors[:5], 1, nprobe=16)
+    assert got[:, 0].tolist() == ids[:5].tolist()  # each vector finds itself under its own id
+    assert fi.deserialize(fi.serialize(ivf)).ntotal == 3000
 
 
 def test_ivf_all_cells_matches_exact() -> None:
