@@ -613,12 +613,13 @@ def main(argv: list[str] | None = None) -> int:
             "generate_s": gen_s,
         },
         "method": {
-            "index": "roiqa.faiss_index.build_index (IndexIDMap2, METRIC_INNER_PRODUCT), random unique int64 ids",
+            "index": "roiqa.faiss_index.build_index (METRIC_INNER_PRODUCT; IndexIDMap2 around Flat and HNSW, IVF "
+            "indexes keep their own ids), random unique int64 ids",
             "search": "roiqa.faiss_index.search (sets nprobe); HNSW efSearch set via faiss.ParameterSpace",
             "ground_truth": "faiss.IndexFlatIP top-100 over the same vectors, same run",
             "recall@k": "mean over queries of |exact top-k ids ∩ index top-k ids| / k",
-            "bytes_per_vector": "len(roiqa.faiss_index.serialize(index)) / N (IDMap2's 8-byte id included; IVF "
-            "lists add their own 8-byte id); code_bytes_per_vector is the vector encoding alone",
+            "bytes_per_vector": "len(roiqa.faiss_index.serialize(index)) / N (8-byte ids included: IDMap2's for Flat "
+            "and HNSW, the inverted lists' own for IVF); code_bytes_per_vector is the vector encoding alone",
             "bytes_vs_exact": "bytes_per_vector / (exact IndexFlatIP serialised bytes per vector + 8-byte id)",
             "build_s": f"build_index wall time (id uniqueness check + train + add), one build per factory, "
             f"{args.threads} threads; trained on min(N, {args.train_size}) sampled vectors (build_index's "
