@@ -53,7 +53,7 @@ def pipeline(folder: str, cfg, out: str) -> dict:
     index = tempfile.mkdtemp(dir=out)
     r = run_index(folder, index, cfg)
     shutil.rmtree(index, ignore_errors=True)
-    return {"seconds": r.seconds, "pipeline_seconds": r.pipeline_seconds, "images": r.inputs}
+    return {"seconds": r.seconds, "pipeline_seconds": r.pipeline_seconds, "images": r.inputs, "stages": r.stage_seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,23 @@ class IndexReport:
     errors: int  # rows in the errors table
     seconds: float  # wall time of the whole run
     pipeline_seconds: float  # wall time of read -> decode -> embed -> write
+    stage_seconds: dict = field(default_factory=dict)  # summed remote wall time per Ray Data operator, + "write"
+
+
+_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.M)
+_WALL = re.compile(r"Remote wall time: .*?([\d.]+)(us|ms|s) total")
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def stage_seconds(stats: str) -> dict[str, float]:
+    """{operator name: summed remote wall time in seconds} from `Dataset.stats()` text (tasks and actors alike)."""
+    out: dict[str, float] = {}
+    parts = _OPERATOR.split(stats)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        m = _WALL.search(body)
+        if m:
+            out[name] = out.get(name, 0.0) + float(m.group(1)) * _UNIT[m.group(2)]
+    return out
 
 
 def read_any(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -111,12 +129,15 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
         **actor_resources(ic.actor_cpus),
     )
     ds = ds.materialize()  # rows are small once embedded; both tables below read this one result
+    stages = stage_seconds(ds.stats())
 
     first = ds.take(1)
     dim = dim or (len(first[0][S.EMBEDDING]) if first else cfg.model.fpn_channels)
     good = ds.map_batches(embeddings_table, fn_kwargs={"dim": dim}, batch_format="numpy", batch_size=1024)
     fs, emb_path = uri_mod.filesystem(store.version_uri(index, version, store.EMBEDDINGS))
+    tw = time.perf_counter()
     good.write_parquet(emb_path, filesystem=fs)
+    stages["write"] = time.perf_counter() - tw
     bad = ds.map_batches(errors_table, batch_format="numpy", batch_size=1024)
     err_tables = [t for t in ray.get(bad.to_arrow_refs()) if t.num_rows]
     errors = pa.concat_tables([errors_from_rows([(u, *parse_error(e)) for u, e in listing.errors]), *err_tables])
@@ -152,7 +173,7 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     }
     store.write_manifest(index, version, manifest)
     store.publish(index, version)
-    return IndexReport(index, version, inputs, emb.num_rows, errors.num_rows, time.perf_counter() - t0, t2 - t1)
+    return IndexReport(index, version, inputs, emb.num_rows, errors.num_rows, time.perf_counter() - t0, t2 - t1, stages)
 
 
 def _duplicates(emb: pa.Table) -> list[str]:

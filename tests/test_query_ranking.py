@@ -1,4 +1,4 @@
-"""The query pipeline's pure parts: final ranking, shortlists grouped by image, query tables."""
+"""The pipelines' pure parts: final ranking, shortlists grouped by image, query tables, Ray Data stats parsing."""
 
 from __future__ import annotations
 
@@ -59,3 +59,19 @@ def test_load_queries_parquet_folder_and_errors(tmp_path):
     )
     t = load_queries(str(tmp_path / "boxed.parquet"))
     assert query_map(t)["q"] == (str(tmp_path / "sub" / "1.png"), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_stage_seconds_parses_ray_data_stats():
+    from pipelines.index import stage_seconds
+
+    text = (
+        "Operator 1 FromArrow: 0 tasks executed, 1 blocks produced in 0s\n\n"
+        "Operator 2 MapBatches(read_any)->MapBatches(decode): 4 tasks executed, 4 blocks produced in 1.2s\n"
+        "* Remote wall time: 100ms min, 300ms max, 250ms mean, 1.0s total\n"
+        "* Remote cpu time: 90ms min, 280ms max, 240ms mean, 960ms total\n\n"
+        "Operator 3 MapBatches(Embedder): 2 tasks executed, 2 blocks produced in 9s\n"
+        "* Remote wall time: 4.1s min, 4.5s max, 4.3s mean, 8.6s total\n"
+        "Operator 4 Limit: x\n* Remote wall time: 5us min, 9us max, 7us mean, 14us total\n"
+    )
+    got = stage_seconds(text)
+    assert got == {"MapBatches(read_any)->MapBatches(decode)": 1.0, "MapBatches(Embedder)": 8.6, "Limit": 14e-6}
