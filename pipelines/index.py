@@ -20,7 +20,7 @@ from roiqa import uri as uri_mod
 from roiqa.config import RoiqaConfig, to_dict
 from roiqa.embed import Decoder, Embedder
 from roiqa.models.checkpoint import describe
-from roiqa.sources import expand_tar, parse_error, read_files
+from roiqa.sources import errors_table, expand_tar, parse_error, read_files
 
 
 @dataclass(frozen=True)
@@ -86,18 +86,10 @@ def embeddings_table(batch: dict[str, np.ndarray], dim: int) -> pa.Table:
     return pa.table(cols, schema=S.embeddings_schema(dim))
 
 
-def errors_table(batch: dict[str, np.ndarray]) -> pa.Table:
+def batch_errors(batch: dict[str, np.ndarray]) -> pa.Table:
     """Failed rows of a batch as an errors-schema table."""
     rows = [(str(u), *parse_error(str(e))) for u, e in zip(batch[S.URI], batch[S.ERROR]) if e]
-    return errors_from_rows(rows)
-
-
-def errors_from_rows(rows: list[tuple[str, str, str, str]]) -> pa.Table:
-    cols = list(zip(*rows)) if rows else [[], [], [], []]
-    return pa.table(
-        {n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)},
-        schema=S.ERRORS_SCHEMA,
-    )
+    return errors_table(rows)
 
 
 def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> IndexReport:
@@ -138,9 +130,9 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     tw = time.perf_counter()
     good.write_parquet(emb_path, filesystem=fs)
     stages["write"] = time.perf_counter() - tw
-    bad = ds.map_batches(errors_table, batch_format="numpy", batch_size=1024)
+    bad = ds.map_batches(batch_errors, batch_format="numpy", batch_size=1024)
     err_tables = [t for t in ray.get(bad.to_arrow_refs()) if t.num_rows]
-    errors = pa.concat_tables([errors_from_rows([(u, *parse_error(e)) for u, e in listing.errors]), *err_tables])
+    errors = pa.concat_tables([errors_table([(u, *parse_error(e)) for u, e in listing.errors]), *err_tables])
     errors = errors.cast(S.ERRORS_SCHEMA)
     t2 = time.perf_counter()
 

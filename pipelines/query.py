@@ -20,7 +20,7 @@ from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict
 from roiqa.rerank import QueryEncoder, Reranker
-from roiqa.sources import parse_error
+from roiqa.sources import errors_table, parse_error
 
 RESULTS = "results.parquet"
 ERRORS = "errors.parquet"
@@ -191,8 +191,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
     err_rows = [(query_uri[q], *parse_error(e)) for q, e in zip(qids, qerr) if e]
     err_rows += [(f"{r[S.QUERY_ID]}|{r[S.URI]}", *parse_error(r[S.ERROR])) for _, r in rerr.iterrows()]
-    cols = list(zip(*err_rows)) if err_rows else [[], [], [], []]
-    errors = pa.table({n: pa.array(list(c), pa.string()) for n, c in zip([S.URI, S.STAGE, S.REASON, S.MESSAGE], cols)})
+    errors = errors_table(err_rows)
     store.write_table(errors, uri_mod.join(out, ERRORS))
     summary = {
         "index": version.root,

@@ -11,7 +11,7 @@ from roiqa import schema as S
 from roiqa.config import ModelConfig, PreprocessConfig
 from roiqa.ids import image_id
 from roiqa.imageio import DecodeError, decode_image, pad_to_square, resize_long_side
-from roiqa.sources import _object_array, content_hash, error_string
+from roiqa.sources import content_hash, error_string, object_array
 
 
 def prepare(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int], float]:
@@ -57,11 +57,11 @@ class Decoder:
             S.WIDTH: width,
             S.HEIGHT: height,
             S.SIZE_BYTES: nbytes,
-            S.CONTENT_HASH: _object_array(hashes),
+            S.CONTENT_HASH: object_array(hashes),
             S.IMAGE: images,
             S.VALID_HW: valid,
             S.SCALE: scale,
-            S.ERROR: _object_array(errors),
+            S.ERROR: object_array(errors),
         }
 
 
@@ -119,7 +119,7 @@ class Embedder:
                 errors = list(batch[S.ERROR])
                 for i in np.flatnonzero(ok):
                     errors[i] = error_string("embed", "model_failed", f"{type(exc).__name__}: {exc}")
-                batch[S.ERROR] = _object_array(errors)
+                batch[S.ERROR] = object_array(errors)
         out = {k: v for k, v in batch.items() if k not in (S.IMAGE, S.VALID_HW, S.SCALE)}
         out[S.EMBEDDING] = emb
         return out

@@ -15,7 +15,7 @@ from roiqa.embed import pick_device, set_threads
 from roiqa.imageio import DecodeError, decode_image, encode_png, resize_long_side
 from roiqa.models.matcher import Matcher
 from roiqa.ops.peaks import local_maxima, nms_peaks
-from roiqa.sources import _object_array, error_string
+from roiqa.sources import error_string, object_array
 
 SCORES = ("peak", "regions")  # query.score: fused-heatmap maximum (eq. 4) or LSE over region similarities (eq. 5)
 
@@ -30,6 +30,11 @@ def crop_patch(image: np.ndarray, box: np.ndarray | None, name: str) -> np.ndarr
     if x1 - x0 < 2 or y1 - y0 < 2:
         raise ValueError(f"{name}: query box {list(map(float, box))} is empty inside the {w}x{h} image")
     return image[y0:y1, x0:x1]
+
+
+def load_patch(uri: str, box: np.ndarray | None, max_pixels: int) -> np.ndarray:
+    """Read, decode and crop a query patch (the whole image when `box` is None)."""
+    return crop_patch(decode_image(uri_mod.read_bytes(uri), uri, max_pixels), box, uri)
 
 
 @dataclass
@@ -70,9 +75,6 @@ class QueryEncoder:
         self.device = pick_device(device)
         self.model = load_matcher(model_uri, cfg.model).to(self.device).eval()
 
-    def patch(self, uri: str, box: np.ndarray | None) -> np.ndarray:
-        return crop_patch(decode_image(uri_mod.read_bytes(uri), uri, self.cfg.preprocess.max_pixels), box, uri)
-
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, dim = len(batch[S.QUERY_ID]), self.model.cfg.fpn_channels
@@ -80,13 +82,14 @@ class QueryEncoder:
         errors = []
         for i, u in enumerate(batch[S.URI]):
             try:
-                patch, _ = resize_long_side(self.patch(str(u), query_boxes(batch, i)), self.cfg.query.descriptor_size)
+                patch = load_patch(str(u), query_boxes(batch, i), self.cfg.preprocess.max_pixels)
+                patch, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
                 feats = pyramid(self.model, patch, self.device)
                 emb[i] = self.model.global_descriptor(feats)[0].float().cpu().numpy()
                 errors.append("")
             except (DecodeError, ValueError, OSError) as exc:
                 errors.append(error_string("query", getattr(exc, "reason", "bad_query"), str(exc)))
-        return {S.QUERY_ID: batch[S.QUERY_ID], S.EMBEDDING: emb, S.ERROR: _object_array(errors)}
+        return {S.QUERY_ID: batch[S.QUERY_ID], S.EMBEDDING: emb, S.ERROR: object_array(errors)}
 
 
 class Reranker:
@@ -126,8 +129,9 @@ class Reranker:
         """Pyramids of the query patch resized to every `query.query_sizes` (cached per actor)."""
         if query_id not in self._cache:
             uri, box = self.queries[query_id]
-            img = decode_image(uri_mod.read_bytes(uri), uri, self.cfg.preprocess.max_pixels)
-            patch = crop_patch(img, None if box is None else np.asarray(box, np.float32), uri)
+            patch = load_patch(
+                uri, None if box is None else np.asarray(box, np.float32), self.cfg.preprocess.max_pixels
+            )
             scales = []
             for size in self.cfg.query.query_sizes:
                 p, _ = resize_long_side(patch, size)
@@ -220,14 +224,14 @@ class Reranker:
                 heat_uri = self.write_overlay(str(qid), int(iid), img, heat, valid, box) if self.overlay_dir else None
                 emit(qid, iid, u, score, cs, box, heat_uri, "")
         return {
-            S.QUERY_ID: _object_array(out[S.QUERY_ID]),
+            S.QUERY_ID: object_array(out[S.QUERY_ID]),
             S.IMAGE_ID: np.array(out[S.IMAGE_ID], dtype=np.int64),
-            S.URI: _object_array(out[S.URI]),
+            S.URI: object_array(out[S.URI]),
             S.SCORE: np.array(out[S.SCORE], dtype=np.float32),
             S.COARSE_SCORE: np.array(out[S.COARSE_SCORE], dtype=np.float32),
             **{c: np.array(out[c], dtype=np.float32) for c in S.BOX},
-            S.HEATMAP_URI: _object_array(out[S.HEATMAP_URI]),
-            S.ERROR: _object_array(out[S.ERROR]),
+            S.HEATMAP_URI: object_array(out[S.HEATMAP_URI]),
+            S.ERROR: object_array(out[S.ERROR]),
         }
 
     def write_overlay(self, qid: str, iid: int, img: np.ndarray, heat: torch.Tensor, valid, box: np.ndarray) -> str:

@@ -8,6 +8,7 @@ import posixpath
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 
 from roiqa import schema as S
 from roiqa import uri as uri_mod
@@ -25,6 +26,13 @@ def parse_error(value: str) -> tuple[str, str, str]:
     return stage, reason, message
 
 
+def errors_table(rows: list[tuple[str, str, str, str]]) -> pa.Table:
+    """An errors-schema table from (uri, stage, reason, message) rows."""
+    cols = list(zip(*rows)) if rows else [[], [], [], []]
+    names = [S.URI, S.STAGE, S.REASON, S.MESSAGE]
+    return pa.table({n: pa.array(list(c), pa.string()) for n, c in zip(names, cols)}, schema=S.ERRORS_SCHEMA)
+
+
 def content_hash(data: bytes) -> str:
     """BLAKE2b-128 of encoded bytes, hex: identifies unchanged content across re-indexing."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -37,7 +45,8 @@ def safe_member_name(name: str) -> bool:
     return ".." not in posixpath.normpath(name).split("/") and not posixpath.normpath(name).startswith("..")
 
 
-def _object_array(values: list) -> np.ndarray:
+def object_array(values: list) -> np.ndarray:
+    """A 1-D object array of `values` (bytes, strings, lists), never broadcast into more dimensions."""
     out = np.empty(len(values), dtype=object)
     out[:] = values
     return out
@@ -45,9 +54,9 @@ def _object_array(values: list) -> np.ndarray:
 
 def _rows(uris: list[str], payloads: list[bytes], errors: list[str]) -> dict[str, np.ndarray]:
     return {
-        S.URI: _object_array(uris),
-        S.BYTES: _object_array(payloads),
-        S.ERROR: _object_array(errors),
+        S.URI: object_array(uris),
+        S.BYTES: object_array(payloads),
+        S.ERROR: object_array(errors),
     }
 
 
