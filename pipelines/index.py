@@ -19,7 +19,7 @@ from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import RoiqaConfig, to_dict
 from roiqa.embed import Decoder, Embedder
-from roiqa.models.checkpoint import describe
+from roiqa.models.checkpoint import describe, model_config
 from roiqa.sources import errors_table, expand_tar, parse_error, read_files
 
 
@@ -106,7 +106,7 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     version = uri_mod.new_version_id()
     listing = list_images(images)
     ic = cfg.index
-    dim = cfg.model.fpn_channels if model_uri is None else None
+    dim = model_config(model_uri, cfg.model).fpn_channels  # the checkpoint's own width when one is given
 
     t1 = time.perf_counter()
     ds = uri_dataset(listing.uris, ic.read_batch_size)
@@ -123,8 +123,6 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     ds = ds.materialize()  # rows are small once embedded; both tables below read this one result
     stages = stage_seconds(ds.stats())
 
-    first = ds.take(1)
-    dim = dim or (len(first[0][S.EMBEDDING]) if first else cfg.model.fpn_channels)
     good = ds.map_batches(embeddings_table, fn_kwargs={"dim": dim}, batch_format="numpy", batch_size=1024)
     fs, emb_path = uri_mod.filesystem(store.version_uri(index, version, store.EMBEDDINGS))
     tw = time.perf_counter()

@@ -391,3 +391,16 @@ def test_backbone_weights_of_wrong_architecture(tmp_path) -> None:
     path.write_bytes(st_save({"conv1.weight": torch.zeros(64, 3, 7, 7)}))
     with pytest.raises(ValueError, match="wrong.safetensors: not resnet18 weights"):
         build_backbone(ModelConfig(fpn_channels=16, backbone_weights=str(path)))
+
+
+def test_model_config_reads_the_checkpoint_header_only(tmp_path) -> None:
+    from roiqa.models.checkpoint import model_config
+
+    cfg = ModelConfig(fpn_channels=24, seed=9)
+    path = str(tmp_path / "m.safetensors")
+    save_matcher(Matcher(cfg), path)
+    assert model_config(path, CFG) == load_matcher(path).cfg  # the checkpoint's config, not the one passed in
+    assert model_config(None, CFG) == CFG
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        model_config(str(tmp_path / "junk.safetensors"), CFG)

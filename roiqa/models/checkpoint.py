@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from safetensors.torch import load as st_load
@@ -45,13 +46,7 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     if uri is None:
         return Matcher(cfg or ModelConfig())
     data = uri_mod.read_bytes(uri)
-    meta = read_metadata(data, uri)
-    if CONFIG_KEY not in meta:
-        raise ValueError(f"{uri}: safetensors file without {CONFIG_KEY!r} metadata is not a roiqa checkpoint")
-    model_cfg = from_dict(ModelConfig, json.loads(meta[CONFIG_KEY]), where=f"{uri}:{CONFIG_KEY}")
-    # The checkpoint carries every weight: skip any backbone_weights file the config names.
-    model_cfg = ModelConfig(**{**to_dict(model_cfg), "levels": tuple(model_cfg.levels), "backbone_weights": None})
-    model = Matcher(model_cfg)
+    model = Matcher(_config(read_metadata(data, uri), uri))
     state = st_load(data)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -59,9 +54,29 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     return model
 
 
+def _config(meta: dict[str, str], uri: str) -> ModelConfig:
+    if CONFIG_KEY not in meta:
+        raise ValueError(f"{uri}: safetensors file without {CONFIG_KEY!r} metadata is not a roiqa checkpoint")
+    model_cfg = from_dict(ModelConfig, json.loads(meta[CONFIG_KEY]), where=f"{uri}:{CONFIG_KEY}")
+    # The checkpoint carries every weight: skip any backbone_weights file the config names.
+    return dataclasses.replace(model_cfg, backbone_weights=None)
+
+
+def model_config(uri: str | None, cfg: ModelConfig) -> ModelConfig:
+    """The config of the model `load_matcher(uri, cfg)` would build, reading only the checkpoint's header."""
+    if uri is None:
+        return cfg
+    fs, path = uri_mod.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        head += f.read(n) if 0 < n < 100_000_000 else b""
+    return _config(read_metadata(head, uri), uri)
+
+
 def describe(uri: str | None, cfg: ModelConfig) -> dict:
     """What a manifest records about the model: its URI (or random init with seed) and config."""
     if uri is None:
         weights = f"random-init(seed={cfg.seed})" if not cfg.backbone_weights else f"backbone:{cfg.backbone_weights}"
         return {"uri": None, "weights": weights, "config": to_dict(cfg)}
-    return {"uri": uri, "weights": "checkpoint", "config": to_dict(load_matcher(uri).cfg)}
+    return {"uri": uri, "weights": "checkpoint", "config": to_dict(model_config(uri, cfg))}
