@@ -9,6 +9,7 @@ VERBS = {
     "demo": ("jobs.demo", "build a sample collection from bundled photographs, index it, query it, print metrics"),
     "index": ("jobs.index", "embed an image collection into a new published index version"),
     "query": ("jobs.query", "search an index for query patches: ranked images, scores, boxes, heatmaps"),
+    "train": ("jobs.train", "train the matcher with Ray Train (self-supervised photographs or a box manifest)"),
     "eval": ("jobs.eval", "mAP, Recall@K and localization AP@0.5 of results against ground truth"),
 }
 

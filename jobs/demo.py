@@ -19,7 +19,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample collection")
     p.add_argument("--top-k", type=int, default=None, help="images per query (default: the whole gallery)")
     p.add_argument("--rerank", type=int, default=24, help="of those, how many are reranked densely")
-    p.add_argument("--model", default=None, help="matcher checkpoint (.safetensors); default: random init")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="matcher checkpoint (.safetensors URI); default: the shipped checkpoint; 'none': random init",
+    )
     add_config_arg(p)
     return p
 
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
+        from roiqa.weights import resolve_model
+
         from pipelines.index import run_index
         from pipelines.query import read_results, run_query
         from roiqa import index_store as store
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t0:.1f} s)"
         )
         index_uri, query_out = os.path.join(out, "index"), os.path.join(out, "query")
-        ir = run_index(col.gallery_dir, index_uri, cfg, args.model)
+        ir = run_index(col.gallery_dir, index_uri, cfg, resolve_model(args.model))
         qr = run_query(index_uri, col.queries_uri, query_out, cfg)
         results, gt = read_results(query_out), store.read_table(col.ground_truth_uri).to_pandas()
         m = evaluate(results, gt)

@@ -12,7 +12,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa index", description=__doc__)
     p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
     p.add_argument("--index", required=True, help="index URI (local path, file:// or s3://)")
-    p.add_argument("--model", default=None, help="matcher checkpoint (.safetensors); default: random init")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="matcher checkpoint (.safetensors URI); default: the shipped checkpoint; 'none': random init",
+    )
     p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
     add_config_arg(p)
@@ -23,10 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
+        from roiqa.weights import resolve_model
+
         from pipelines.index import run_index
 
         cfg = config_from(args, index={"actors": args.actors, "batch_size": args.batch_size})
-        r = run_index(args.images, args.index, cfg, args.model)
+        r = run_index(args.images, args.index, cfg, resolve_model(args.model))
         print(
             json.dumps(
                 {

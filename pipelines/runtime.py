@@ -12,14 +12,18 @@ import ray
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (or the job's), else start Ray in this process; quiet logs."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (or the job's), else start Ray in this process; quiet logs.
+
+    `dashboard`: start the dashboard (and with it the State API) in an embedded Ray; Ray Train and Tune query
+    actor state through it and otherwise log a warning every second and may leak placement groups.
+    """
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         ray.init(
             address=os.environ.get("RAY_ADDRESS") or None,
             num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus,
-            include_dashboard=False,
+            include_dashboard=dashboard,
             logging_level=logging.WARNING,
             runtime_env={"env_vars": env} if env else None,
         )

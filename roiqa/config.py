@@ -60,11 +60,44 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10  # passes; each is `steps_per_epoch` optimiser steps per worker, then a checkpoint
+    steps_per_epoch: int = 100  # optimiser steps per worker per epoch
+    batch_size: int = 8  # (query, positive, negative) triples per worker step
+    lr: float = 3e-4  # AdamW learning rate (cosine-decayed to 5% over the run)
+    weight_decay: float = 1e-4  # AdamW weight decay
+    freeze: str = "none"  # parameters kept fixed: none | stem (conv1 + layer1) | body (the whole ResNet)
+    image_size: int = 320  # side of the square search images a training pair is made at
+    query_size: int = 96  # long side of the query patch (zero-padded to a square of this side)
+    object_scale: tuple[float, float] = (32.0, 160.0)  # pasted object's long side in search-image pixels
+    max_rotation_deg: float = 30.0  # self-supervised pairs: rotation drawn in [-max, max]
+    perspective: float = 0.1  # self-supervised pairs: corner displacement of the perspective warp (fraction)
+    color_jitter: float = 0.2  # self-supervised pairs: brightness/contrast/saturation gain range (+-)
+    blur_prob: float = 0.3  # self-supervised pairs: probability of a Gaussian blur of the pasted copy
+    jpeg_prob: float = 0.5  # self-supervised pairs: probability of re-encoding the search image as JPEG
+    occlusion_prob: float = 0.4  # self-supervised pairs: probability of an occluder over the pasted copy
+    max_occlusion: float = 0.35  # self-supervised pairs: largest fraction of the box an occluder covers
+    tau: float = 0.07  # InfoNCE temperature (seed 003 eq. 7)
+    margin: float = 0.2  # triplet region margin m (seed 003 eq. 8)
+    mined_negatives: int = 8  # hardest descriptors from a queue of earlier batches added to InfoNCE's negatives
+    queue_size: int = 256  # global descriptors of earlier batches kept for mining
+    focal_alpha: float = 0.25  # focal loss weight of positives
+    focal_gamma: float = 2.0  # focal loss focusing exponent
+    heatmap_temperature: float = 3.0  # focal/Dice logits = temperature * (zscore(H) - 2); KL softmax temperature
+    lambda_nce: float = 1.0  # lambda_1, InfoNCE over global descriptors
+    lambda_dense: float = 1.0  # lambda_2, focal + Dice of the fused heatmap against the box mask
+    lambda_trip: float = 1.0  # lambda_3, triplet region loss
+    lambda_scale: float = 0.1  # lambda_4, KL between per-level and fused heatmaps
+    seed: int = 0  # seed of sampling and augmentation
+
+
+@dataclass(frozen=True)
 class RoiqaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the matcher
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # decoding and resizing
     index: IndexConfig = field(default_factory=IndexConfig)  # index pipeline sizes and faiss
     query: QueryConfig = field(default_factory=QueryConfig)  # query pipeline sizes and rerank
+    train: TrainConfig = field(default_factory=TrainConfig)  # training data, losses and optimiser
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -73,6 +74,28 @@ BACKGROUNDS: tuple[str, ...] = (
     "text",
 )
 
+# Photographs that training may draw from, and the disjoint ones the evaluation set is built from.
+TRAINING_PHOTOS: tuple[str, ...] = tuple(
+    "camera stereo_motorcycle horse clock cell microaneurysms grass gravel retina immunohistochemistry text".split()
+)
+EVAL_PHOTOS: tuple[str, ...] = tuple("astronaut chelsea coffee rocket coins moon page hubble_deep_field brick".split())
+# Evaluation objects (same format as OBJECTS): the demo's boxes where the photo is an evaluation photo, plus new
+# crops picked by eye on a 50-pixel grid. Crops of one photo do not overlap, so no object hides inside another.
+EVAL_OBJECTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+    "astronaut_face": ("astronaut", (150, 14, 304, 186)),
+    "mission_patch": ("astronaut", (134, 348, 210, 427)),
+    "us_flag": ("astronaut", (0, 0, 92, 205)),  # the flag's corner behind her left shoulder (stars and stripes)
+    "shuttle_model": ("astronaut", (352, 0, 472, 285)),  # the shuttle stack model, top right, stand excluded
+    "coffee_cup": ("coffee", (170, 10, 428, 305)),
+    "saucer_edge": ("coffee", (76, 80, 170, 365)),  # left rim of the saucer: little texture, a hard case
+    "cat_face": ("chelsea", (70, 20, 400, 290)),
+    "rocket": ("rocket", (286, 122, 354, 410)),
+    "coin": ("coins", (304, 14, 364, 74)),
+    "coin_large": ("coins", (314, 155, 381, 220)),  # the large helmeted head, right of the third row
+}
+# Evaluation backgrounds: the evaluation photographs that hold no evaluation object.
+EVAL_BACKGROUNDS: tuple[str, ...] = ("moon", "page", "hubble_deep_field", "brick")
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -93,7 +116,7 @@ class DemoConfig:
 class DemoCollection:
     gallery_dir: str  # folder of gallery JPEGs
     queries_uri: str  # Parquet, QUERIES_SCHEMA; query images are PNG crops in queries/, box columns null
-    ground_truth_uri: str  # Parquet, DEMO_GROUND_TRUTH_SCHEMA (GROUND_TRUTH_SCHEMA + scale, rotation_deg, occlusion)
+    ground_truth_uri: str  # Parquet, DEMO_GROUND_TRUTH_SCHEMA (+ scale, rotation_deg, occlusion, clutter)
     n_gallery: int  # gallery images written
     n_queries: int  # query images written (one per object)
 
@@ -123,6 +146,23 @@ def _crop_object(name: str, photo: str, box: tuple[int, int, int, int]) -> np.nd
     if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
         raise ValueError(f"object {name!r}: crop box {box} is outside photo {photo!r} of size {w}x{h} (W x H)")
     return img[y0:y1, x0:x1]
+
+
+def clutter(img: np.ndarray) -> float:
+    """Mean gradient magnitude (grey levels per pixel) of the grayscale of an (H, W, 3) or (H, W) image.
+
+    Grayscale is the ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B); gradients are `np.gradient`'s central
+    differences (one-sided at the border), averaged over the whole image.
+    """
+    x = np.asarray(img, dtype=np.float64)
+    if x.ndim == 3 and x.shape[2] == 3:
+        x = x @ np.array([0.299, 0.587, 0.114])
+    elif x.ndim != 2:
+        raise ValueError(f"clutter: expected an (H, W) or (H, W, 3) image, got shape {x.shape}")
+    if min(x.shape) < 2:
+        raise ValueError(f"clutter: image of shape {x.shape} is too small for a gradient (needs >= 2x2)")
+    gy, gx = np.gradient(x)  # (H, W) each
+    return float(np.hypot(gx, gy).mean())
 
 
 def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -245,6 +285,15 @@ def _gallery_image(
     return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), placed
 
 
+def _check_disjoint_crops(objects: Mapping[str, tuple[str, tuple[int, int, int, int]]]) -> None:
+    """Refuse objects cropped from overlapping parts of one photo (each would hold an unannotated part of the other)."""
+    items = list(objects.items())
+    for i, (a, (photo_a, box_a)) in enumerate(items):
+        for b, (photo_b, box_b) in items[i + 1 :]:
+            if photo_a == photo_b and _overlaps(box_a, [box_b]):
+                raise ValueError(f"objects {a!r} {box_a} and {b!r} {box_b} overlap in photo {photo_a!r}")
+
+
 def _clean(folder: str, suffix: str) -> None:
     """Remove files this builder writes (`*<suffix>`) from `folder`, so a rebuild leaves no stale images."""
     for name in os.listdir(folder):
@@ -269,6 +318,7 @@ def build_demo_collection(
     shared = sorted({photo for photo, _ in objects.values()} & set(backgrounds))
     if shared:  # a background showing an object would be an unannotated instance
         raise ValueError(f"photo(s) {shared} are used both for objects and as backgrounds")
+    _check_disjoint_crops(objects)
     _check(cfg, len(objects))
     names = list(objects)
     queries = [_crop_object(n, *objects[n]) for n in names]
@@ -288,10 +338,11 @@ def build_demo_collection(
         img, placed = _gallery_image(objs, queries, backgrounds, cfg, np.random.default_rng(seeds[i + 1]))
         path = os.path.join(gallery_dir, f"img_{i:04d}.jpg")
         Image.fromarray(img).save(path, format="JPEG", quality=cfg.jpeg_quality)
+        image_clutter = clutter(img)  # of the pixels written, before JPEG coding
         for obj, box, scale, angle, occlusion in placed:
             for col, value in zip(
                 DEMO_GROUND_TRUTH_SCHEMA.names,
-                (names[obj], path, *box, scale, angle, occlusion),
+                (names[obj], path, *box, scale, angle, occlusion, image_clutter),
                 strict=True,
             ):
                 gt[col].append(value)
@@ -305,3 +356,42 @@ def build_demo_collection(
     pq.write_table(q_table.cast(QUERIES_SCHEMA), queries_uri)
     pq.write_table(pa.table(gt, schema=DEMO_GROUND_TRUTH_SCHEMA), gt_uri)
     return DemoCollection(gallery_dir, queries_uri, gt_uri, n_gallery=cfg.n_gallery, n_queries=len(names))
+
+
+def eval_config(seed: int = 1000, n_gallery: int = 64) -> DemoConfig:
+    """Settings of the evaluation set: wider scales, rotations and occlusions than the demo, for the stress buckets.
+
+    Objects are pasted 4 times each when the gallery allows it (fewer in small galleries, at least once); a sixth
+    of the gallery (at least 2 images) holds no object.
+    """
+    distractors = max(2, n_gallery // 6)
+    base = DemoConfig(
+        n_gallery=n_gallery,
+        n_distractors=distractors,
+        scale_range=(32.0, 200.0),
+        max_rotation_deg=45.0,
+        max_occlusion=0.45,
+        occlusion_prob=0.5,
+        seed=seed,
+    )
+    active, per, n = n_gallery - distractors, base.max_objects_per_image, len(EVAL_OBJECTS)
+    fits = [k for k in range(1, 5) if active - (n * k - k) // per >= k]  # the condition `_check` enforces
+    if not fits:
+        raise ValueError(f"n_gallery {n_gallery} is too small for {n} evaluation objects; use at least 12")
+    cfg = dataclasses.replace(base, instances_per_object=max(fits))
+    _check(cfg, n)
+    return cfg
+
+
+def build_eval_collection(out_dir: str, seed: int = 1000, n_gallery: int = 64) -> DemoCollection:
+    """The evaluation collection under `out_dir`: EVAL_OBJECTS in EVAL_BACKGROUNDS, built like the demo's.
+
+    Its photographs are disjoint from TRAINING_PHOTOS and its default seed differs from the demo's and training's.
+    """
+    photos = {p for p, _ in EVAL_OBJECTS.values()} | set(EVAL_BACKGROUNDS)
+    seen = sorted((photos | set(EVAL_PHOTOS)) & set(TRAINING_PHOTOS))
+    if seen:
+        raise ValueError(f"evaluation photo(s) {seen} are also training photos")
+    if not photos <= set(EVAL_PHOTOS):
+        raise ValueError(f"evaluation photo(s) {sorted(photos - set(EVAL_PHOTOS))} are not listed in EVAL_PHOTOS")
+    return build_demo_collection(out_dir, eval_config(seed, n_gallery), EVAL_OBJECTS, EVAL_BACKGROUNDS)

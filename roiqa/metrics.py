@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from roiqa.boxes import box_iou
-from roiqa.schema import BOX, QUERY_ID, RANK, SCORE, URI
+from roiqa.schema import BOX, GT_CLUTTER, GT_OCCLUSION, GT_ROTATION, QUERY_ID, RANK, SCORE, URI
 
 # Names of the two input tables (used in error messages) and of the metrics returned.
 RESULTS = "results"
@@ -18,6 +18,16 @@ MAP = "mAP"
 N_QUERIES = "n_queries"
 LOC_AP50 = "loc_ap50"
 TOP10_IOU50 = "top10_iou50"
+N_POSITIVES = "n_positives"
+
+# Stress buckets over ground-truth rows (see `stress_masks`) and the bucket of every row.
+ALL = "all"
+SMALL, MID, LARGE, OCCLUDED, ROTATED, CLUTTERED = "small", "mid", "large", "occluded", "rotated", "cluttered"
+STRESS_BUCKETS = (SMALL, MID, LARGE, OCCLUDED, ROTATED, CLUTTERED)
+SIZE_EDGES = (64.0, 128.0)  # box long side in original pixels: small < 64 <= mid < 128 <= large
+OCCLUDED_ABOVE = 0.2  # occluded: occlusion fraction > this
+ROTATED_ABOVE_DEG = 15.0  # rotated: |rotation_deg| > this
+CLUTTER_QUANTILE = 2 / 3  # cluttered: clutter >= this quantile of the ground truth's clutter values
 
 RESULTS_COLUMNS = [QUERY_ID, RANK, URI, SCORE, *BOX]
 GROUND_TRUTH_COLUMNS = [QUERY_ID, URI, *BOX]
@@ -269,3 +279,86 @@ def evaluate(results: pd.DataFrame, ground_truth: pd.DataFrame, ks: Sequence[int
     out[LOC_AP50] = localization_ap(results, ground_truth, iou_threshold=0.5)
     out[TOP10_IOU50] = hit_rate_iou(results, ground_truth, k=10, iou_threshold=0.5)
     return out
+
+
+# --- stress buckets and curves -----------------------------------------------------------------------------
+
+
+def stress_masks(ground_truth: pd.DataFrame) -> dict[str, np.ndarray]:
+    """{bucket: (N,) bool mask over the rows of `ground_truth`} for every name in STRESS_BUCKETS.
+
+    small / mid / large: box long side max(x1 - x0, y1 - y0) < 64, in [64, 128), >= 128 (original pixels);
+    occluded: occlusion > 0.2; rotated: |rotation_deg| > 15; cluttered: clutter >= the 2/3 quantile (linear
+    interpolation) of the table's clutter values. Rows with a NaN value are in no bucket that reads it.
+    """
+    _require(ground_truth, GROUND_TRUTH, [*GROUND_TRUTH_COLUMNS, GT_OCCLUSION, GT_ROTATION, GT_CLUTTER])
+    b = _boxes(ground_truth).astype(np.float64)
+    long_side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])  # (N,)
+    occlusion = ground_truth[GT_OCCLUSION].to_numpy(dtype=np.float64, na_value=np.nan)
+    rotation = ground_truth[GT_ROTATION].to_numpy(dtype=np.float64, na_value=np.nan)
+    clutter = ground_truth[GT_CLUTTER].to_numpy(dtype=np.float64, na_value=np.nan)
+    finite = clutter[np.isfinite(clutter)]
+    cut = float(np.quantile(finite, CLUTTER_QUANTILE)) if finite.size else math.inf
+    lo, hi = SIZE_EDGES
+    return {
+        SMALL: long_side < lo,
+        MID: (long_side >= lo) & (long_side < hi),
+        LARGE: long_side >= hi,
+        OCCLUDED: occlusion > OCCLUDED_ABOVE,
+        ROTATED: np.abs(rotation) > ROTATED_ABOVE_DEG,
+        CLUTTERED: clutter >= cut,
+    }
+
+
+def bucket_results(results: pd.DataFrame, ground_truth: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """`results` without the rows of (query_id, uri) pairs whose ground truth lies wholly outside `mask`.
+
+    Those rows belong to positives of other buckets: removed, they count neither as hits nor as false positives.
+    Rows of pairs with no ground truth (true negatives) stay. A pair holding instances both inside and outside the
+    bucket keeps its rows, with only the inside boxes as targets (never the case in generated collections, where
+    an object is pasted at most once per image).
+    """
+    _require(results, RESULTS, [QUERY_ID, URI])
+    _require(ground_truth, GROUND_TRUTH, [QUERY_ID, URI])
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (len(ground_truth),):
+        raise ValueError(f"mask has shape {mask.shape}; expected ({len(ground_truth)},) for the ground-truth rows")
+    inside = pd.MultiIndex.from_frame(ground_truth.loc[mask, [QUERY_ID, URI]])
+    outside = pd.MultiIndex.from_frame(ground_truth.loc[~mask, [QUERY_ID, URI]]).difference(inside)
+    if len(results) == 0 or len(outside) == 0:
+        return results
+    pairs = pd.MultiIndex.from_frame(results[[QUERY_ID, URI]])
+    return results[~pairs.isin(outside)]
+
+
+def evaluate_buckets(
+    results: pd.DataFrame, ground_truth: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, dict[str, float]]:
+    """{"all": ..., bucket: ...} for "all" and every STRESS_BUCKETS name: `evaluate` plus "n_positives".
+
+    "all" is `evaluate(results, ground_truth)`. A bucket is evaluated with only its ground-truth rows as positives,
+    on `bucket_results` (the rows of the other positives removed). "n_positives" counts ground-truth rows
+    (instances). A bucket without rows has nan metrics.
+    """
+    _require(results, RESULTS, RESULTS_COLUMNS)
+    masks = stress_masks(ground_truth)
+    out = {ALL: {**evaluate(results, ground_truth, ks), N_POSITIVES: len(ground_truth)}}
+    for name, mask in masks.items():
+        gt = ground_truth[mask]
+        out[name] = {**evaluate(bucket_results(results, ground_truth, mask), gt, ks), N_POSITIVES: int(mask.sum())}
+    return out
+
+
+def pr_curve_points(
+    results: pd.DataFrame, ground_truth: pd.DataFrame, iou_threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """(precision, recall) of the localization curve whose area `localization_ap` takes, one point per result row.
+
+    Rows pooled over queries in detection order (score descending); empty arrays when there is no ground truth.
+    """
+    _require(results, RESULTS, RESULTS_COLUMNS)
+    _require(ground_truth, GROUND_TRUTH, GROUND_TRUTH_COLUMNS)
+    if len(ground_truth) == 0:
+        return np.zeros(0), np.zeros(0)
+    scores, is_tp = _match_results(results, ground_truth, iou_threshold)
+    return precision_recall_curve(scores, is_tp, len(ground_truth))

@@ -98,10 +98,12 @@ GROUND_TRUTH_SCHEMA = pa.schema(
 )
 
 # Extra ground-truth columns of generated collections (float32): pasted long side / query long side, rotation
-# applied in degrees (counter-clockwise), and the fraction of the ground-truth box covered by an occluder.
+# applied in degrees (counter-clockwise), the fraction of the ground-truth box covered by an occluder, and the
+# clutter of the gallery image holding the instance (mean gradient magnitude of its grayscale, levels per pixel).
 GT_SCALE, GT_ROTATION, GT_OCCLUSION = "scale", "rotation_deg", "occlusion"
+GT_CLUTTER = "clutter"
 DEMO_GROUND_TRUTH_SCHEMA = pa.schema(
-    list(GROUND_TRUTH_SCHEMA) + [pa.field(c, pa.float32()) for c in (GT_SCALE, GT_ROTATION, GT_OCCLUSION)]
+    list(GROUND_TRUTH_SCHEMA) + [pa.field(c, pa.float32()) for c in (GT_SCALE, GT_ROTATION, GT_OCCLUSION, GT_CLUTTER)]
 )
 
 

@@ -29,7 +29,9 @@ def config_file(tiny_cfg, tmp_path) -> str:
 
 def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     index, out = str(tmp_path / "index"), str(tmp_path / "out")
-    assert index_job.main(["--images", collection.gallery_dir, "--index", index, "--config", config_file]) == 0
+    assert index_job.main(
+        ["--images", collection.gallery_dir, "--index", index, "--model", "none", "--config", config_file]
+    ) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["indexed"] == collection.n_gallery and printed["errors"] == 0
     argv = [
@@ -147,7 +149,7 @@ def test_cli_dispatch(capsys):
 
 def test_demo_main(tmp_path, config_file, capsys):
     out = str(tmp_path / "demo")
-    assert demo.main(["--out", out, "--n-gallery", "12", "--config", config_file]) == 0
+    assert demo.main(["--out", out, "--n-gallery", "12", "--model", "none", "--config", config_file]) == 0
     text = capsys.readouterr().out
     assert "random-init" in text and "UNTRAINED" in text and "mAP" in text
     metrics = json.loads(open(os.path.join(out, "metrics.json")).read())

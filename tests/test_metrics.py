@@ -366,3 +366,136 @@ def test_missing_columns_name_the_table():
         evaluate(results.drop(columns=[X0, Y0]), gt)
     with pytest.raises(ValueError, match=rf"^ground_truth: .*'{QUERY_ID}'"):
         hit_rate_iou(results, gt.drop(columns=[QUERY_ID]))
+
+
+# --- stress buckets ---------------------------------------------------------------------------------------
+
+
+def _bucket_example() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two queries, five instances spread over the buckets; results with hits, misses and negatives."""
+    from roiqa.schema import GT_CLUTTER, GT_OCCLUSION, GT_ROTATION
+
+    # (query, uri, box, occlusion, rotation, clutter); long sides a 50, b 100, c 200, d 60, e 130
+    rows = [
+        ("q1", "a", [0.0, 0.0, 50.0, 40.0], 0.0, 0.0, 1.0),  # small
+        ("q1", "b", [0.0, 0.0, 100.0, 80.0], 0.3, 20.0, 2.0),  # mid, occluded, rotated
+        ("q1", "c", [0.0, 0.0, 200.0, 150.0], 0.0, -30.0, 3.0),  # large, rotated
+        ("q2", "d", [10.0, 10.0, 70.0, 70.0], 0.5, 5.0, 4.0),  # small, occluded, cluttered
+        ("q2", "e", [0.0, 0.0, 130.0, 60.0], 0.1, 0.0, 5.0),  # large, cluttered
+    ]
+    gt = gt_df([(q, u, box) for q, u, box, *_ in rows])
+    gt[GT_OCCLUSION] = [r[3] for r in rows]
+    gt[GT_ROTATION] = [r[4] for r in rows]
+    gt[GT_CLUTTER] = [r[5] for r in rows]
+    boxes = dict(zip("abcde", [r[2] for r in rows]))
+    results = results_df(
+        [
+            ("q1", 1, "x", 0.9, FAR),  # negative image
+            ("q1", 2, "a", 0.8, boxes["a"]),  # hit
+            ("q1", 3, "b", 0.7, boxes["b"]),  # hit
+            ("q1", 4, "c", 0.6, FAR),  # retrieved, wrong box
+            ("q2", 1, "e", 0.95, boxes["e"]),  # hit
+            ("q2", 2, "y", 0.5, FAR),  # negative image
+            ("q2", 3, "d", 0.4, boxes["d"]),  # hit
+        ]
+    )
+    return results, gt
+
+
+def test_stress_masks_hand_example():
+    from roiqa.metrics import STRESS_BUCKETS, stress_masks
+
+    _, gt = _bucket_example()
+    m = stress_masks(gt)
+    assert tuple(m) == STRESS_BUCKETS
+    # clutter [1, 2, 3, 4, 5]: the 2/3 quantile sits at position 4 * 2/3 = 2.67 -> 3.67, so d and e are cluttered
+    want = {
+        "small": [1, 0, 0, 1, 0],
+        "mid": [0, 1, 0, 0, 0],
+        "large": [0, 0, 1, 0, 1],
+        "occluded": [0, 1, 0, 1, 0],
+        "rotated": [0, 1, 1, 0, 0],
+        "cluttered": [0, 0, 0, 1, 1],
+    }
+    for name, mask in want.items():
+        np.testing.assert_array_equal(m[name], np.array(mask, bool), err_msg=name)
+
+
+def test_stress_masks_edges():
+    from roiqa.metrics import stress_masks
+    from roiqa.schema import GT_CLUTTER, GT_OCCLUSION, GT_ROTATION
+
+    # long sides exactly 64 and 128 go up a bucket; occlusion 0.2 and |rotation| 15 are not above their thresholds
+    gt = gt_df([("q", "a", [0.0, 0.0, 64.0, 10.0]), ("q", "b", [0.0, 0.0, 10.0, 128.0]), ("q", "c", [0, 0, 63.9, 1])])
+    gt[GT_OCCLUSION] = [0.2, 0.21, 0.0]
+    gt[GT_ROTATION] = [-15.0, -15.5, 15.0]
+    gt[GT_CLUTTER] = [2.0, 2.0, 1.0]  # 2/3 quantile of [1, 2, 2] is 2: both 2s are cluttered
+    m = stress_masks(gt)
+    np.testing.assert_array_equal(m["small"], [False, False, True])
+    np.testing.assert_array_equal(m["mid"], [True, False, False])
+    np.testing.assert_array_equal(m["large"], [False, True, False])
+    np.testing.assert_array_equal(m["occluded"], [False, True, False])
+    np.testing.assert_array_equal(m["rotated"], [False, True, False])
+    np.testing.assert_array_equal(m["cluttered"], [True, True, False])
+    with pytest.raises(ValueError, match=r"^ground_truth: .*'clutter'"):
+        stress_masks(gt.drop(columns=[GT_CLUTTER]))
+
+
+def test_evaluate_buckets_hand_example():
+    from roiqa.metrics import N_POSITIVES, STRESS_BUCKETS, evaluate_buckets
+
+    results, gt = _bucket_example()
+    got = evaluate_buckets(results, gt)
+    assert set(got) == {"all", *STRESS_BUCKETS}
+    r1, r5 = recall_key(1), recall_key(5)
+    # Per bucket, by hand (rows of the other buckets' positives removed from each query's list):
+    want = {
+        # q1: x, a -> AP 1/2; q2: y, d -> AP 1/2. Localization: x FP .9, a TP .8, y FP .5, d TP .4 over 2 positives
+        # -> precision at the two hits 1/2 and 2/4 -> AP .5 * .5 + .5 * .5 = .5; both pairs hit in the top 10.
+        "small": {MAP: 0.5, r1: 0.0, r5: 1.0, LOC_AP50: 0.5, TOP10_IOU50: 1.0, N_QUERIES: 2, N_POSITIVES: 2},
+        # q1: x, b -> AP 1/2; q2 has no mid positive (its y stays as a negative). Loc: x FP, b TP, y FP -> 1/2.
+        "mid": {MAP: 0.5, r1: 0.0, r5: 1.0, LOC_AP50: 0.5, TOP10_IOU50: 1.0, N_QUERIES: 1, N_POSITIVES: 1},
+        # q1: x, c -> AP 1/2; q2: e, y -> AP 1 -> mAP 3/4. Loc: e TP .95, x FP, c FP (wrong box), y FP -> AP .5 * 1.
+        "large": {MAP: 0.75, r1: 0.5, r5: 1.0, LOC_AP50: 0.5, TOP10_IOU50: 0.5, N_QUERIES: 2, N_POSITIVES: 2},
+        # q1: x, b -> 1/2; q2: y, d -> 1/2. Loc: x FP, b TP (1/2), y FP, d TP (2/4) -> .5
+        "occluded": {MAP: 0.5, r1: 0.0, r5: 1.0, LOC_AP50: 0.5, TOP10_IOU50: 1.0, N_QUERIES: 2, N_POSITIVES: 2},
+        # q1: x, b, c -> relevant [0, 1, 1] -> AP (1/2 + 2/3) / 2 = 7/12. Loc: x FP, b TP (1/2), c FP, y FP -> .25
+        "rotated": {MAP: 7 / 12, r1: 0.0, r5: 1.0, LOC_AP50: 0.25, TOP10_IOU50: 0.5, N_QUERIES: 1, N_POSITIVES: 2},
+        # q2: e, y, d -> [1, 0, 1] -> AP (1 + 2/3) / 2 = 5/6. Loc: e TP (1), x FP, y FP, d TP (2/4) -> .5 + .25
+        "cluttered": {MAP: 5 / 6, r1: 0.5, r5: 1.0, LOC_AP50: 0.75, TOP10_IOU50: 1.0, N_QUERIES: 1, N_POSITIVES: 2},
+    }
+    for bucket, metrics in want.items():
+        for key, value in metrics.items():
+            assert got[bucket][key] == pytest.approx(value), (bucket, key)
+    assert got["all"] == {**evaluate(results, gt), N_POSITIVES: 5}
+    # Without removing the other positives' rows the small bucket would score lower: q2 would read e, y, d.
+    plain = evaluate(results, gt[[True, False, False, True, False]])
+    assert plain[MAP] == pytest.approx((1 / 2 + 1 / 3) / 2) and plain[MAP] < got["small"][MAP]
+
+
+def test_bucket_results_keeps_negatives_and_mixed_pairs():
+    from roiqa.metrics import bucket_results
+
+    gt = gt_df([("q", "a", [0, 0, 10, 10]), ("q", "a", [20, 20, 30, 30]), ("q", "b", [0, 0, 10, 10])])
+    results = results_df([("q", 1, "a", 0.9, FAR), ("q", 2, "b", 0.8, FAR), ("q", 3, "n", 0.7, FAR)])
+    # bucket = the first box of a: a is kept (it also holds a bucket instance), b goes, the negative n stays
+    kept = bucket_results(results, gt, np.array([True, False, False]))
+    assert kept[URI].tolist() == ["a", "n"]
+    # bucket = the second box of a (same pair) and nothing else: b still goes
+    assert bucket_results(results, gt, np.array([False, True, False]))[URI].tolist() == ["a", "n"]
+    assert bucket_results(results, gt, np.ones(3, bool))[URI].tolist() == ["a", "b", "n"]
+    with pytest.raises(ValueError, match="mask has shape"):
+        bucket_results(results, gt, np.ones(2, bool))
+
+
+def test_pr_curve_points_hand_example():
+    from roiqa.metrics import pr_curve_points
+
+    results, gt = _bucket_example()
+    precision, recall = pr_curve_points(results, gt)
+    # detection order e (TP), x, a (TP), b (TP), c, y, d (TP) over 5 positives
+    np.testing.assert_allclose(precision, [1, 1 / 2, 2 / 3, 3 / 4, 3 / 5, 3 / 6, 4 / 7])
+    np.testing.assert_allclose(recall, [0.2, 0.2, 0.4, 0.6, 0.6, 0.6, 0.8])
+    assert interpolated_ap(precision, recall) == pytest.approx(localization_ap(results, gt))
+    p0, r0 = pr_curve_points(results, gt.iloc[:0])
+    assert p0.size == 0 and r0.size == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -15,9 +16,17 @@ from roiqa.models.matcher import Matcher
 CONFIG_KEY = "roiqa.model_config"
 
 
-def save_matcher(model: Matcher, uri: str, extra: dict[str, str] | None = None) -> bytes:
-    """Write the matcher's weights and config to `uri` (.safetensors); returns the bytes written."""
+def save_matcher(
+    model: Matcher, uri: str, extra: dict[str, str] | None = None, dtype: torch.dtype | None = None
+) -> bytes:
+    """Write the matcher's weights and config to `uri` (.safetensors); returns the bytes written.
+
+    `dtype` (e.g. torch.float16) stores floating-point weights at that precision (half the bytes); loading casts
+    them back to the model's float32.
+    """
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     meta = {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}
     data = st_save(state, metadata=meta)
     uri_mod.write_bytes(uri, data)
@@ -48,6 +57,8 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     data = uri_mod.read_bytes(uri)
     model = Matcher(_config(read_metadata(data, uri), uri))
     state = st_load(data)
+    ref = model.state_dict()
+    state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -151,3 +151,51 @@ class Matcher(nn.Module):
     def score(self, z: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
         """Eq. 5: LSE over k of <z, r_k>; z (C,), regions (K, C) -> scalar."""
         return lse_score(regions @ z, self.cfg.score_beta)
+
+    # --- the whole model -----------------------------------------------------------------------------------
+    def patch_features(self, patch: np.ndarray, pad: int = 0) -> dict[int, torch.Tensor]:
+        """{level: (1, C, ceil(h / s), ceil(w / s))} features of one (h, w, 3) uint8 query patch, computed with
+        `pad` pixels of mirrored context around it (as the query pipeline does) and cropped back to its cells."""
+        x = np.pad(patch, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric") if pad else patch
+        feats = self.pyramid(torch.from_numpy(np.array(x[None])).to(self.mean.device))
+        h, w = patch.shape[:2]
+        out = {}
+        for lv, f in feats.items():
+            s, o = self.stride(lv), pad // self.stride(lv)
+            out[lv] = f[..., o : o + -(-h // s), o : o + -(-w // s)]
+        return out
+
+    def forward(
+        self, query: np.ndarray, images: torch.Tensor | np.ndarray, peaks: int = 5, nms_iou: float = 0.3, pad: int = 32
+    ) -> dict[str, torch.Tensor]:
+        """One query patch against a batch of images at the patch's own scale (the rerank tries several scales).
+
+        query: (h, w, 3) uint8 patch; images: (B, H, W, 3) uint8. Returns {"heatmap": (B, H_f, W_f) fused eq. 4
+        map, "boxes": (B, K, 4) peak boxes (input pixels, best first; rows past a map's peaks repeat its best),
+        "score": (B,) eq. 5 LSE over the K region similarities, "global": (B, C) index descriptors}.
+        """
+        from roiqa.boxes import feature_window_to_boxes
+        from roiqa.ops.peaks import local_maxima, nms_peaks
+
+        query = np.asarray(query)
+        qf = self.patch_features(query, pad)
+        z = self.query_descriptor(qf)[0]
+        feats = self.pyramid(images)
+        heat = self.fuse(self.level_heatmaps(qf, feats))  # (B, H_f, W_f)
+        finest, (h, w) = self.cfg.levels[0], query.shape[:2]
+        all_boxes, scores = [], []
+        for b in range(len(heat)):
+            vals, rows, cols = local_maxima(heat[b].detach(), k=4 * peaks)
+            n = len(vals)
+            boxes = feature_window_to_boxes(
+                rows.cpu(), cols.cpu(), torch.full((n,), float(h)), torch.full((n,), float(w)), self.stride(finest)
+            )
+            boxes = boxes[nms_peaks(boxes, vals.cpu(), nms_iou, peaks)].to(heat.device)
+            scores.append(self.score(z, self.region_descriptors(feats[finest][b : b + 1], boxes, finest)))
+            all_boxes.append(torch.cat([boxes, boxes[:1].expand(peaks - len(boxes), 4)]))
+        return {
+            "heatmap": heat,
+            "boxes": torch.stack(all_boxes),
+            "score": torch.stack(scores),
+            "global": self.global_descriptor(feats),
+        }

@@ -1,0 +1,382 @@
+"""Training on Ray: (query, positive, negative) triples streamed by Ray Data into a data-parallel Ray Train run.
+
+Ray Data makes the samples (`roiqa.train_data`: self-supervised composites from unlabeled photographs, or pairs from
+a labelled manifest) in tasks beside training; each of N `TorchTrainer` workers (one GPU each when asked, gloo on
+CPU) reads its shard, computes the seed-003 objective (`roiqa.training.batch_losses`) and all-reduces gradients.
+Every epoch rank 0 writes a checkpoint directory (model.safetensors, optimizer.safetensors, state.json; nothing is
+pickled) that Ray persists under `<out>/<name>/`; a failed worker restarts the group from the last one
+(`FailureConfig`), and running again with `resume=True` continues the same run. At the end the final weights are
+written to `<out>/model.safetensors` and every epoch's metrics to `<out>/train_history.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from roiqa.config import RoiqaConfig, from_dict, to_dict
+
+BUNDLED = "bundled"  # --images value: the training photographs that ship inside scikit-image
+VAL_TRIPLES = 16  # held-in validation triples per epoch (rank 0)
+VAL_SEED_OFFSET = 1_000_003  # validation samples use seeds disjoint from the training rows
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What one `run_train` did."""
+
+    out: str  # output URI
+    model: str  # URI of the final weights (safetensors)
+    run_dir: str  # Ray Train run directory holding the per-epoch checkpoints
+    epochs: int  # epochs completed in total (a resumed run counts the earlier ones)
+    seconds: float  # wall time of this call
+    history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
+
+
+# --- samples -----------------------------------------------------------------------------------------------------
+_SOURCES: dict[tuple, object] = {}  # per worker process: decoded photographs or a LabeledPairs, by source
+
+
+def _source(kind: str, uri: str, cfg: RoiqaConfig):
+    """The photographs (self-supervised) or LabeledPairs (manifest) of a source, loaded once per process."""
+    key = (kind, uri, cfg.train.image_size, cfg.train.query_size)
+    if key not in _SOURCES:
+        from roiqa import train_data
+
+        if kind == "manifest":
+            _SOURCES[key] = train_data.LabeledPairs(train_data.read_manifest(uri), cfg.train, cfg.preprocess.max_pixels)
+        elif uri == BUNDLED:
+            from roiqa.demo_data import load_photo
+
+            _SOURCES[key] = [load_photo(name) for name in train_data.TRAIN_PHOTOS]
+        else:
+            _SOURCES[key] = train_data.load_photos(uri, cfg.preprocess.max_pixels)
+    return _SOURCES[key]
+
+
+def make_samples(kind: str, uri: str, cfg: RoiqaConfig, ids: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """The batch of samples for row ids `ids`: sample i is a pure function of (seed, id), wherever it is made."""
+    from roiqa import train_data
+
+    src = _source(kind, uri, cfg)
+    out = []
+    for i in np.asarray(ids, dtype=np.int64):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, int(i)]))
+        out.append(src.sample(rng) if kind == "manifest" else train_data.synthesize_pair(src, cfg.train, rng))
+    return train_data.collate(out)
+
+
+class _SampleMaker:
+    """Ray Data batch function: {"id"} -> stacked samples."""
+
+    def __init__(self, kind: str, uri: str, cfg: dict) -> None:
+        self.kind, self.uri, self.cfg = kind, uri, from_dict(RoiqaConfig, cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return make_samples(self.kind, self.uri, self.cfg, batch["id"], self.cfg.train.seed)
+
+
+def sample_dataset(kind: str, uri: str, cfg: RoiqaConfig, rows: int):
+    """A Ray Dataset of `rows` training samples made in Ray Data tasks."""
+    import ray
+
+    maker = _SampleMaker(kind, uri, to_dict(cfg))
+    return ray.data.range(rows).map_batches(maker, batch_size=cfg.train.batch_size, num_cpus=0.5)
+
+
+# --- checkpoints (safetensors + JSON, never pickle) ----------------------------------------------------------------
+def save_state(directory: str, model, optimizer, state: dict) -> None:
+    """model.safetensors (a matcher checkpoint `roiqa query --model` reads), optimizer.safetensors, state.json."""
+    from safetensors.torch import save_file
+
+    from roiqa.models.checkpoint import save_matcher
+
+    save_matcher(model, os.path.join(directory, "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, steps = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            name = names[id(p)]
+            tensors[f"exp_avg/{name}"] = st["exp_avg"].detach().cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().cpu().contiguous()
+            steps[name] = float(st["step"])
+    save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump({**state, "optimizer_steps": steps}, f)
+
+
+def load_state(directory: str, model, optimizer) -> dict:
+    """Restore what `save_state` wrote into `model` and `optimizer`; returns state.json."""
+    import torch
+    from safetensors.torch import load_file
+
+    from roiqa.models.checkpoint import load_matcher
+
+    model.load_state_dict(load_matcher(os.path.join(directory, "model.safetensors")).state_dict())
+    with open(os.path.join(directory, "state.json")) as f:
+        state = json.load(f)
+    tensors = load_file(os.path.join(directory, "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+    for name, step in state.pop("optimizer_steps", {}).items():
+        p = params[name]
+        optimizer.state[p] = {
+            "step": torch.tensor(step),
+            "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+            "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
+        }
+    return state
+
+
+# --- the loop each worker runs --------------------------------------------------------------------------------------
+def learning_rate(cfg: RoiqaConfig, step: int) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 5% of train.lr at the last step."""
+    t = cfg.train
+    total = max(1, t.epochs * t.steps_per_epoch)
+    warm = max(1, total // 20)
+    if step < warm:
+        return t.lr * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    return t.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _all_reduce_grads(params, world: int) -> None:
+    """Average gradients over the workers: one flat all-reduce (data-parallel SGD, as DDP does in buckets)."""
+    import torch
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(p)
+        offset += n
+
+
+def validate(model, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device) -> dict[str, float]:
+    """Held-in validation on fixed triples: val_map (each query's global descriptor ranks all 2V search images,
+    its positive the one relevant) and val_loc50 (fraction of positives whose best heatmap box at the true size has
+    IoU >= 0.5 with the truth), plus the validation loss."""
+    import torch
+
+    from roiqa.boxes import box_iou
+    from roiqa.metrics import average_precision
+    from roiqa.training import _region_boxes, batch_losses, padded_pyramid, resize_hw
+
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        _, stats = batch_losses(net, batch, cfg, None, device)
+        images = np.concatenate([batch["image"], batch["negative"]])
+        feats = net.pyramid(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+        g_img = net.global_descriptor(feats)
+        aps, hits = [], []
+        b = len(batch["query"])
+        for i in range(b):
+            h, w = (int(v) for v in batch["query_hw"][i])
+            patch = np.array(batch["query"][i, :h, :w])
+            s = cfg.query.descriptor_size / max(h, w)
+            small = resize_hw(patch, (max(1, round(h * s)), max(1, round(w * s))))
+            gq = net.global_descriptor(net.pyramid(torch.from_numpy(small[None].copy()).to(device)))[0]
+            order = torch.argsort(g_img @ gq, descending=True).cpu().numpy()
+            aps.append(average_precision(order == i, 1))
+            bx = batch["box"][i]
+            kh, kw = max(8, int(round(float(bx[3] - bx[1])))), max(8, int(round(float(bx[2] - bx[0]))))
+            kernel = padded_pyramid(net, resize_hw(patch, (kh, kw)), cfg.query.context_pad, device)
+            fused = net.fuse(net.level_heatmaps(kernel, {lv: f[[i]] for lv, f in feats.items()}))[0]
+            best = _region_boxes(net, fused, (kh, kw), 1, cfg.query.nms_iou)[:1].numpy()
+            hits.append(float(box_iou(best, np.asarray(bx, np.float32)[None]).max()) >= 0.5)
+    net.train(was_training)
+    freeze_batchnorm(net)
+    return {"val_loss": stats["loss"], "val_map": float(np.mean(aps)), "val_loc50": float(np.mean(hits))}
+
+
+def freeze_batchnorm(model) -> None:
+    """BatchNorm layers keep their running statistics (eval mode) while the rest trains, as detection fine-tuning
+    does with frozen BN: query patches come one at a time, and inference uses the running statistics anyway."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker training function handed to `TorchTrainer`."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from roiqa.embed import set_threads
+    from roiqa.models.checkpoint import load_matcher
+    from roiqa.training import DescriptorQueue, batch_losses, center_head, trainable_parameters
+
+    cfg = from_dict(RoiqaConfig, config["cfg"])
+    t = cfg.train
+    set_threads(config.get("threads", 0))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    model = load_matcher(config.get("init_model"), cfg.model).to(device)
+    model.train()
+    freeze_batchnorm(model)
+    params = trainable_parameters(model, t.freeze)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    start_epoch, history = 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(d, model, opt)
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        history.append({"event": "resumed", "from_epoch": int(state["epoch"]), "rank": rank})
+
+    ids = np.arange(VAL_TRIPLES) + VAL_SEED_OFFSET
+    val = make_samples(config["kind"], config["uri"], cfg, ids, t.seed)  # the same on every rank
+    if ckpt is None and config.get("init_model") is None:
+        center_head(model, val, device)  # identical on every rank: the replicas stay equal
+
+    queue = DescriptorQueue(t.queue_size)
+    batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size, batch_format="numpy")
+    it = iter(batches)
+    for epoch in range(start_epoch, t.epochs):
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(t.steps_per_epoch):
+            try:
+                batch = next(it)
+            except StopIteration:  # a restarted worker re-reads its shard from the start
+                it = iter(ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size))
+                batch = next(it)
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(cfg, epoch * t.steps_per_epoch + steps)
+            loss, stats = batch_losses(model, batch, cfg, queue, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                _all_reduce_grads(params, world)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            steps += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics = {k: v / max(1, steps) for k, v in sums.items()}
+        metrics.update(epoch=epoch, steps=(epoch + 1) * t.steps_per_epoch, lr=opt.param_groups[0]["lr"])
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        if rank == 0:
+            metrics.update(validate(model, val, cfg, device))
+            history.append(dict(metrics))
+            with tempfile.TemporaryDirectory() as d:
+                save_state(d, model, opt, {"epoch": epoch, "history": history, "config": to_dict(cfg)})
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+# --- the driver -------------------------------------------------------------------------------------------------------
+def storage(out: str):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: local paths as they are, s3:// through
+    the same fsspec filesystem (endpoint, credentials) roiqa uses everywhere else."""
+    from roiqa import uri as uri_mod
+
+    out = uri_mod.normalize(out)
+    if "://" not in out or out.startswith("file://"):
+        path = out[len("file://") :] if out.startswith("file://") else out
+        return os.path.abspath(path), None
+    import pyarrow.fs as pafs
+
+    fs, path = uri_mod.filesystem(out)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def run_train(
+    out: str,
+    cfg: RoiqaConfig,
+    images: str | None = None,
+    manifest: str | None = None,
+    workers: int = 2,
+    use_gpu: bool | None = None,
+    resume: bool = False,
+    name: str = "train",
+    init_model: str | None = None,
+    max_failures: int = 2,
+    half: bool = False,
+) -> TrainReport:
+    """Train the matcher with `workers` Ray Train workers; see the module docstring for what is written where."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.runtime import cluster_gpus, init_ray
+    from roiqa import uri as uri_mod
+    from roiqa.models.checkpoint import load_matcher, save_matcher
+
+    if (images is None) == (manifest is None):
+        raise ValueError("give exactly one of --images (unlabeled photographs, self-supervised) and --manifest")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    t = cfg.train
+    if t.epochs < 1 or t.steps_per_epoch < 1 or t.batch_size < 2:
+        raise ValueError("train.epochs and train.steps_per_epoch must be >= 1 and train.batch_size >= 2")
+    kind, uri = ("manifest", manifest) if manifest is not None else ("images", images)
+    t0 = time.perf_counter()
+    init_ray(dashboard=True)
+    make_samples(kind, uri, cfg, np.arange(2), t.seed)  # fail here, clearly, on a bad source
+    gpu = cluster_gpus() > 0 if use_gpu is None else use_gpu
+    path, fs = storage(out)
+    run_dir = uri_mod.join(out, name)
+    rfs, rpath = uri_mod.filesystem(run_dir)
+    if rfs.exists(rpath) and not resume:
+        raise ValueError(f"{run_dir} already holds a training run; pass --resume to continue it or a new --name")
+
+    rows = t.epochs * t.steps_per_epoch * t.batch_size * workers
+    threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers) if not gpu else 0
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": to_dict(cfg), "kind": kind, "uri": uri, "init_model": init_model, "threads": threads},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=gpu, resources_per_worker=None if gpu else {"CPU": 0.5}
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": sample_dataset(kind, uri, cfg, rows)},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        model = load_matcher(os.path.join(d, "model.safetensors"))
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+    model_uri = uri_mod.join(out, "model.safetensors")
+    save_matcher(
+        model,
+        model_uri,
+        extra={"roiqa.train": json.dumps({"epochs": state["epoch"] + 1})},
+        dtype=torch.float16 if half else None,
+    )
+    history = state["history"]
+    uri_mod.write_bytes(uri_mod.join(out, "train_history.json"), json.dumps(history, indent=1).encode())
+    epochs = sum(1 for h in history if "event" not in h)
+    return TrainReport(out, model_uri, run_dir, epochs, time.perf_counter() - t0, history)
