@@ -58,13 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
-        from roiqa.weights import resolve_model
-
         from pipelines.index import run_index
         from pipelines.query import read_results, run_query
         from roiqa import index_store as store
         from roiqa.demo_data import build_demo_collection
         from roiqa.metrics import evaluate
+        from roiqa.weights import resolve_model
 
         out = os.path.abspath(args.out)
         cfg = config_from(args, query={"top_k": args.top_k or args.n_gallery, "rerank": args.rerank})

@@ -27,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
-        from roiqa.weights import resolve_model
-
         from pipelines.index import run_index
+        from roiqa.weights import resolve_model
 
         cfg = config_from(args, index={"actors": args.actors, "batch_size": args.batch_size})
         r = run_index(args.images, args.index, cfg, resolve_model(args.model))

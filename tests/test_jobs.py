@@ -29,9 +29,12 @@ def config_file(tiny_cfg, tmp_path) -> str:
 
 def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     index, out = str(tmp_path / "index"), str(tmp_path / "out")
-    assert index_job.main(
-        ["--images", collection.gallery_dir, "--index", index, "--model", "none", "--config", config_file]
-    ) == 0
+    assert (
+        index_job.main(
+            ["--images", collection.gallery_dir, "--index", index, "--model", "none", "--config", config_file]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["indexed"] == collection.n_gallery and printed["errors"] == 0
     argv = [
