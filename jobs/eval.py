@@ -2,7 +2,7 @@
 
 Two modes. With --results and --ground-truth: the metrics of one results table (--out: a metrics.json URI).
 Without them: the full evaluation under --out DIR: build the evaluation collection (photographs disjoint from
-training), index and query it with the matcher (--model, default an untrained random init), run the classical
+training), index and query it with the matcher (--model, default the shipped checkpoint), run the classical
 baselines on the same gallery, and write per-method results, metrics.json (overall and stress buckets), metrics.md,
 pr_curves.png and heatmap_gallery.png.
 """
@@ -41,7 +41,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="with --results: write metrics.json here (a file URI); otherwise the full evaluation's output folder",
     )
-    p.add_argument("--model", default=None, help="full mode: matcher checkpoint (.safetensors); default: random init")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="full mode: matcher checkpoint (.safetensors); default: the shipped checkpoint; 'none': random init",
+    )
     p.add_argument("--seed", type=int, default=None, help="full mode: seed of the evaluation collection (1000)")
     p.add_argument("--n-gallery", type=int, default=None, help="full mode: gallery images to build (64)")
     p.add_argument(
@@ -137,6 +141,7 @@ def run_full(args: argparse.Namespace) -> int:
     from roiqa.eval_report import INDEX_BYTES_PER_IMAGE, LATENCY, heatmap_gallery_png, markdown_table, pr_curves_png
     from roiqa.metrics import evaluate_buckets, pr_curve_points
     from roiqa.rerank import load_patch
+    from roiqa.weights import resolve_model
 
     seed = 1000 if args.seed is None else args.seed
     n_gallery = 64 if args.n_gallery is None else args.n_gallery
@@ -158,7 +163,7 @@ def run_full(args: argparse.Namespace) -> int:
     gt = store.read_table(col.ground_truth_uri).to_pandas()
     cfg = config_from(args, query={"top_k": n_gallery, "rerank": min(rerank, n_gallery)})
     index = os.path.join(out, "index")
-    ir = run_index(col.gallery_dir, index, cfg, args.model)
+    ir = run_index(col.gallery_dir, index, cfg, resolve_model(args.model))
     qr = run_query(index, col.queries_uri, os.path.join(out, ROIQA), cfg)
     version = store.open_index(index)
     weights = version.manifest["model"]["weights"]

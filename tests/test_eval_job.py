@@ -70,6 +70,7 @@ def test_full_eval_main(tmp_path, tiny_cfg, capsys):
     config.write_text(yaml.safe_dump(to_dict(tiny_cfg)))
     out = str(tmp_path / "eval")
     argv = ["--out", out, "--n-gallery", "12", "--config", str(config), "--baselines", "template,sift", "--rerank", "4"]
+    argv += ["--model", "none"]
     assert eval_job.main(argv) == 0
     printed = capsys.readouterr().out
     assert "UNTRAINED" in printed and "| roiqa | all |" in printed
