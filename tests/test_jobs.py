@@ -159,3 +159,21 @@ def test_demo_main(tmp_path, config_file, capsys):
     assert metrics["index_images"] == 12 and 0 <= metrics["mAP"] <= 1
     assert os.path.exists(os.path.join(out, "query", "results.parquet"))
     assert any(f.endswith(".png") for _, _, fs in os.walk(os.path.join(out, "query", "heatmaps")) for f in fs)
+
+
+def test_model_resolution_and_the_shipped_checkpoint():
+    """--model: default -> the shipped checkpoint, none/random -> random init; the shipped file loads as float32."""
+    import torch
+
+    from roiqa.models.checkpoint import load_matcher, model_config
+    from roiqa.weights import SHIPPED, resolve_model
+
+    assert resolve_model("none") is None and resolve_model("Random") is None
+    assert resolve_model("s3://bucket/m.safetensors") == "s3://bucket/m.safetensors"
+    assert resolve_model(None) == SHIPPED == resolve_model("default")
+    assert os.path.getsize(SHIPPED) < 25 * 2**20
+    cfg = model_config(SHIPPED, None)
+    assert (cfg.backbone, cfg.fpn_channels, tuple(cfg.levels)) == ("resnet18", 128, (3, 4, 5))
+    model = load_matcher(SHIPPED)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.head.fc2.weight.abs().sum() > 0  # trained: the head is no longer the identity
