@@ -334,8 +334,8 @@ def run_train(
         raise ValueError("train.epochs and train.steps_per_epoch must be >= 1 and train.batch_size >= 2")
     kind, uri = ("manifest", manifest) if manifest is not None else ("images", images)
     t0 = time.perf_counter()
+    make_samples(kind, uri, cfg, np.arange(2), t.seed)  # fail here, clearly and before Ray starts, on a bad source
     init_ray(dashboard=True)
-    make_samples(kind, uri, cfg, np.arange(2), t.seed)  # fail here, clearly, on a bad source
     gpu = cluster_gpus() > 0 if use_gpu is None else use_gpu
     path, fs = storage(out)
     run_dir = uri_mod.join(out, name)

@@ -146,3 +146,16 @@ def test_checkpoint_state_round_trip(tmp_path):
     p_old, p_new = model.head.fc2.bias, fresh.head.fc2.bias
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(torch.as_tensor(opt.state[p_old][key]).float(), fresh_opt.state[p_new][key].float()), key
+
+
+def test_train_job_bad_data_is_a_clear_error_before_ray_starts(tmp_path, capsys):
+    from jobs import train as train_job
+
+    bad = tmp_path / "photos"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    assert train_job.main(["--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    assert train_job.main(["--data", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert "m.parquet" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing was started or written
