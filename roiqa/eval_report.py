@@ -128,8 +128,9 @@ def _tile(row: Mapping, tile: int, caption: int, font) -> Image.Image:
     score, iou = row.get(S.SCORE), row.get(IOU)
     score_s = "-" if score is None or not math.isfinite(float(score)) else f"{float(score):.3f}"
     iou_s = "-" if iou is None or not math.isfinite(float(iou)) else f"{float(iou):.2f}"
-    d.text((4, tile + 2), str(row[S.QUERY_ID])[:34], fill="black", font=font)
-    d.text((4, tile + 17), f"rank {row[S.RANK]}  score {score_s}  IoU {iou_s}", fill="black", font=font)
+    y = shown.height + 2  # right under the image, so a caption never sits beside the next row's tile
+    d.text((4, y), str(row[S.QUERY_ID])[:34], fill="black", font=font)
+    d.text((4, y + 15), f"rank {row[S.RANK]}  score {score_s}  IoU {iou_s}", fill="black", font=font)
     return out
 
 
