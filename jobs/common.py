@@ -13,6 +13,15 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML config (sections model, preprocess, index, query)")
 
 
+def add_model_arg(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--model: a checkpoint URI; default the shipped checkpoint, 'none' a random init (roiqa.weights.resolve_model)."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"{prefix}matcher checkpoint (.safetensors URI); default: the shipped checkpoint; 'none': random init",
+    )
+
+
 def config_from(args: argparse.Namespace, query: dict | None = None, index: dict | None = None) -> RoiqaConfig:
     """The YAML config with command-line overrides (only the options that were given)."""
     over = {}

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from jobs.common import add_config_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, config_from, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,11 +19,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample collection")
     p.add_argument("--top-k", type=int, default=None, help="images per query (default: the whole gallery)")
     p.add_argument("--rerank", type=int, default=24, help="of those, how many are reranked densely")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="matcher checkpoint (.safetensors URI); default: the shipped checkpoint; 'none': random init",
-    )
+    add_model_arg(p)
     add_config_arg(p)
     return p
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jobs.common import add_config_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, config_from, run
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,11 +41,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="with --results: write metrics.json here (a file URI); otherwise the full evaluation's output folder",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="full mode: matcher checkpoint (.safetensors); default: the shipped checkpoint; 'none': random init",
-    )
+    add_model_arg(p, "full mode: ")
     p.add_argument("--seed", type=int, default=None, help="full mode: seed of the evaluation collection (1000)")
     p.add_argument("--n-gallery", type=int, default=None, help="full mode: gallery images to build (64)")
     p.add_argument(

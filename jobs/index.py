@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, config_from, run
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa index", description=__doc__)
     p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
     p.add_argument("--index", required=True, help="index URI (local path, file:// or s3://)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="matcher checkpoint (.safetensors URI); default: the shipped checkpoint; 'none': random init",
-    )
+    add_model_arg(p)
     p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
     add_config_arg(p)

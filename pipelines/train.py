@@ -171,8 +171,9 @@ def validate(model, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device) -> d
     import torch
 
     from roiqa.boxes import box_iou
+    from roiqa.imageio import resize_long_side
     from roiqa.metrics import average_precision
-    from roiqa.training import _region_boxes, batch_losses, padded_pyramid, resize_hw
+    from roiqa.training import batch_losses, resize_hw
 
     net = getattr(model, "module", model)
     was_training = net.training
@@ -187,16 +188,15 @@ def validate(model, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device) -> d
         for i in range(b):
             h, w = (int(v) for v in batch["query_hw"][i])
             patch = np.array(batch["query"][i, :h, :w])
-            s = cfg.query.descriptor_size / max(h, w)
-            small = resize_hw(patch, (max(1, round(h * s)), max(1, round(w * s))))
+            small, _ = resize_long_side(patch, cfg.query.descriptor_size)
             gq = net.global_descriptor(net.pyramid(torch.from_numpy(small[None].copy()).to(device)))[0]
             order = torch.argsort(g_img @ gq, descending=True).cpu().numpy()
             aps.append(average_precision(order == i, 1))
             bx = batch["box"][i]
             kh, kw = max(8, int(round(float(bx[3] - bx[1])))), max(8, int(round(float(bx[2] - bx[0]))))
-            kernel = padded_pyramid(net, resize_hw(patch, (kh, kw)), cfg.query.context_pad, device)
+            kernel = net.patch_features(resize_hw(patch, (kh, kw)), cfg.query.context_pad)
             fused = net.fuse(net.level_heatmaps(kernel, {lv: f[[i]] for lv, f in feats.items()}))[0]
-            best = _region_boxes(net, fused, (kh, kw), 1, cfg.query.nms_iou)[:1].numpy()
+            best = net.peak_boxes(fused, (kh, kw), 1, cfg.query.nms_iou)[:1].numpy()
             hits.append(float(box_iou(best, np.asarray(bx, np.float32)[None]).max()) >= 0.5)
     net.train(was_training)
     freeze_batchnorm(net)

@@ -21,7 +21,7 @@ from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.boxes import clip_boxes
 from roiqa.ids import image_id
-from roiqa.imageio import decode_image, resize_long_side
+from roiqa.imageio import check_rgb_u8, decode_image, resize_long_side
 
 DEFAULT_SCALES = tuple(float(2.0 ** (k / 4 - 1)) for k in range(9))  # 0.5x .. 2x of the query, step 2^(1/4), has 1x
 MIN_TEMPLATE_SIDE = 8  # template-matching scales that shrink the query's short side below this are skipped
@@ -35,15 +35,6 @@ def _cv2():
     except ImportError as exc:
         raise ImportError("roiqa.baselines needs OpenCV (opencv-python-headless): pip install -e '.[dev]'") from exc
     return cv2
-
-
-def _check_rgb(image: np.ndarray, name: str) -> None:
-    """ValueError unless `image` is a non-empty (H, W, 3) uint8 array."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {got}")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"{name}: image is empty, shape {image.shape}")
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:
@@ -131,8 +122,8 @@ def template_match(
     float32 x0, y0, x1, y1 in image pixels). A flat (constant) query or window correlates 0 (a flat query is then
     boxed at the top-left corner).
     """
-    _check_rgb(query, "template_match: query")
-    _check_rgb(image, "template_match: image")
+    check_rgb_u8(query, "template_match: query")
+    check_rgb_u8(image, "template_match: image")
     return _template_gray(to_gray(query), to_gray(image), scales, refine)
 
 
@@ -225,8 +216,8 @@ def sift_match(
     corner mapped to infinity); the box is then that of the matched keypoints, or the whole image if none.
     Queries with a long side under 64 px are upscaled before SIFT.
     """
-    _check_rgb(query, "sift_match: query")
-    _check_rgb(image, "sift_match: image")
+    check_rgb_u8(query, "sift_match: query")
+    check_rgb_u8(image, "sift_match: image")
     return _sift_pair(sift_features(query, SIFT_MIN_QUERY_SIDE), sift_features(image), ratio, min_inliers)
 
 
@@ -313,7 +304,7 @@ def run_baseline(
     if method not in METHODS:
         raise ValueError(f"run_baseline: unknown method {method!r}; choose one of {sorted(METHODS)}")
     for qid, patch in queries.items():
-        _check_rgb(patch, f"run_baseline: query {qid!r}")
+        check_rgb_u8(patch, f"run_baseline: query {qid!r}")
     split = _SPLITS.get(method)
     if split is None or split.whole is not METHODS[method]:  # a method registered (or replaced) without a split
         split = _Split(METHODS[method], lambda q: q, lambda im: im, METHODS[method])

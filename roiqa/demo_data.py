@@ -79,6 +79,8 @@ TRAINING_PHOTOS: tuple[str, ...] = tuple(
     "camera stereo_motorcycle horse clock cell microaneurysms grass gravel retina immunohistochemistry text".split()
 )
 EVAL_PHOTOS: tuple[str, ...] = tuple("astronaut chelsea coffee rocket coins moon page hubble_deep_field brick".split())
+if set(TRAINING_PHOTOS) & set(EVAL_PHOTOS):  # not `assert`: it must hold under python -O too
+    raise RuntimeError(f"TRAINING_PHOTOS and EVAL_PHOTOS share {sorted(set(TRAINING_PHOTOS) & set(EVAL_PHOTOS))}")
 # Evaluation objects (same format as OBJECTS): the demo's boxes where the photo is an evaluation photo, plus new
 # crops picked by eye on a 50-pixel grid. Crops of one photo do not overlap, so no object hides inside another.
 EVAL_OBJECTS: dict[str, tuple[str, tuple[int, int, int, int]]] = {

@@ -226,7 +226,8 @@ def decode_image(data: bytes, uri: str = "<bytes>", max_pixels: int = DEFAULT_MA
         raise _failure(uri, exc) from exc
 
 
-def _check_rgb_u8(image: np.ndarray, name: str) -> None:
+def check_rgb_u8(image: np.ndarray, name: str) -> None:
+    """ValueError naming `name` unless `image` is a non-empty (H, W, 3) uint8 array."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"{name}: expected an (H, W, 3) uint8 array, got {got}")
@@ -240,7 +241,7 @@ def resize_long_side(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     `scale` = size / old long side (the factor mapping old pixel coordinates to new ones); small images are
     upscaled. The short side is rounded half up and is at least 1. PIL bilinear (antialiased when shrinking).
     """
-    _check_rgb_u8(image, "resize_long_side")
+    check_rgb_u8(image, "resize_long_side")
     if int(size) != size or size < 1:
         raise ValueError(f"resize_long_side: size must be a positive integer, got {size!r}")
     size = int(size)

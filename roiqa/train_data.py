@@ -35,7 +35,8 @@ from PIL import Image, ImageFilter
 
 from roiqa import uri as uri_mod
 from roiqa.config import TrainConfig
-from roiqa.demo_data import load_photo
+from roiqa.demo_data import EVAL_PHOTOS as _EVAL_PHOTOS
+from roiqa.demo_data import TRAINING_PHOTOS, load_photo
 from roiqa.imageio import decode_image, encode_png, pad_to_square, resize_long_side
 from roiqa.schema import BOX, URI, X0, X1, Y0, Y1, check_columns
 
@@ -57,34 +58,10 @@ TRAIN_MANIFEST_SCHEMA = pa.schema(
 )
 
 # --- photographs shipped inside scikit-image ------------------------------------------------------------------
-# Training photographs (skimage.data names, loaded with roiqa.demo_data.load_photo, never downloaded) ...
-TRAIN_PHOTOS: tuple[str, ...] = (
-    "camera",
-    "stereo_motorcycle",
-    "horse",
-    "clock",
-    "cell",
-    "microaneurysms",
-    "grass",
-    "gravel",
-    "retina",
-    "immunohistochemistry",
-    "text",
-)
-# ... kept disjoint from the photographs reserved for evaluation.
-EVAL_PHOTOS: tuple[str, ...] = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "coins",
-    "moon",
-    "page",
-    "hubble_deep_field",
-    "brick",
-)
-if set(TRAIN_PHOTOS) & set(EVAL_PHOTOS):  # not `assert`: it must hold under python -O too
-    raise RuntimeError(f"TRAIN_PHOTOS and EVAL_PHOTOS share {sorted(set(TRAIN_PHOTOS) & set(EVAL_PHOTOS))}")
+# Training photographs (skimage.data names, loaded with roiqa.demo_data.load_photo, never downloaded), kept disjoint
+# from the evaluation photographs; both lists live in roiqa.demo_data, which checks the disjointness.
+TRAIN_PHOTOS: tuple[str, ...] = TRAINING_PHOTOS
+EVAL_PHOTOS: tuple[str, ...] = _EVAL_PHOTOS
 
 MIN_PHOTO_SIDE = 64  # synthesize_pair needs photos at least this large (room for a crop and a disjoint region)
 _MAX_CROP_FRACTION = 0.6  # a query crop's side is at most this fraction of its photo's side

@@ -18,6 +18,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from roiqa.config import RoiqaConfig
+from roiqa.imageio import resize_long_side
 from roiqa.losses import (
     dice_loss,
     focal_loss,
@@ -29,7 +30,6 @@ from roiqa.losses import (
 )
 from roiqa.models.matcher import Matcher
 from roiqa.ops.fusion import upsample_to
-from roiqa.ops.peaks import local_maxima, nms_peaks
 
 LOSS_NAMES = ("nce", "dense", "trip", "scale")
 
@@ -74,30 +74,6 @@ def resize_hw(patch: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(patch).resize((int(hw[1]), int(hw[0])), Image.Resampling.BILINEAR))
 
 
-def padded_pyramid(model: Matcher, patch: np.ndarray, pad: int, device: torch.device) -> dict[int, torch.Tensor]:
-    """Features of a patch computed with `pad` pixels of mirrored context, cropped back to the patch (with grad)."""
-    return model.patch_features(patch, pad)
-
-
-def _long_side_hw(h: int, w: int, size: int) -> tuple[int, int]:
-    s = size / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
-def _region_boxes(model: Matcher, heat: torch.Tensor, query_hw: tuple[int, int], k: int, nms_iou: float):
-    """The rerank's top-k peak boxes (input pixels) of one fused heatmap (H_f, W_f), as in `Reranker.match`."""
-    stride = model.stride(model.cfg.levels[0])
-    vals, rows, cols = local_maxima(heat.detach(), k=4 * k)
-    from roiqa.boxes import feature_window_to_boxes
-
-    n = len(vals)
-    boxes = feature_window_to_boxes(
-        rows.cpu(), cols.cpu(), torch.full((n,), float(query_hw[0])), torch.full((n,), float(query_hw[1])), stride
-    )
-    keep = nms_peaks(boxes, vals.cpu(), nms_iou, k)
-    return boxes[keep]
-
-
 def batch_losses(
     model: Matcher,
     batch: dict[str, np.ndarray],
@@ -126,14 +102,14 @@ def batch_losses(
     for i in range(b):
         h, w = (int(v) for v in query_hw[i])
         patch = queries[i, :h, :w]
-        small = resize_hw(patch, _long_side_hw(h, w, q.descriptor_size))
+        small, _ = resize_long_side(patch, q.descriptor_size)  # as the query pipeline's encoders do
         g_q.append(net.global_descriptor(net.pyramid(torch.from_numpy(np.array(small[None])).to(device))))
-        z = net.query_descriptor(padded_pyramid(net, small, q.context_pad, device))[0]  # (C,)
+        z = net.query_descriptor(net.patch_features(small, q.context_pad))[0]  # (C,)
 
         bx = boxes[i]
         kh = max(8, int(round(float(bx[3] - bx[1]))))
         kw = max(8, int(round(float(bx[2] - bx[0]))))
-        kernel = padded_pyramid(net, resize_hw(patch, (kh, kw)), q.context_pad, device)
+        kernel = net.patch_features(resize_hw(patch, (kh, kw)), q.context_pad)
         pair = {lv: f[[i, b + i]] for lv, f in feats.items()}  # positive and negative image
         levels = net.level_heatmaps(kernel, pair)  # [(2, H_l, W_l)]
         size = tuple(levels[0].shape[-2:])
@@ -150,7 +126,7 @@ def batch_losses(
 
         sims = []
         for j, extra in ((0, bx[None]), (1, None)):
-            rb = _region_boxes(net, fused[j], (kh, kw), q.peaks, q.nms_iou)
+            rb = net.peak_boxes(fused[j], (kh, kw), q.peaks, q.nms_iou)
             if extra is not None:  # the true box is always among the positive's regions
                 rb = torch.cat([extra, rb])
             regions = net.region_descriptors(feats[net.cfg.levels[0]][[b * j + i]], rb.to(device), net.cfg.levels[0])

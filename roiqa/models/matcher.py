@@ -152,6 +152,18 @@ class Matcher(nn.Module):
         """Eq. 5: LSE over k of <z, r_k>; z (C,), regions (K, C) -> scalar."""
         return lse_score(regions @ z, self.cfg.score_beta)
 
+    def peak_boxes(self, heat: torch.Tensor, query_hw: tuple[int, int], k: int, nms_iou: float) -> torch.Tensor:
+        """(<= k, 4) CPU boxes, input pixels, best first: the windows of a (H_f, W_f) fused heatmap's local maxima
+        for a query of query_hw pixels, after NMS (no gradient flows through the boxes)."""
+        from roiqa.boxes import feature_window_to_boxes
+        from roiqa.ops.peaks import local_maxima, nms_peaks
+
+        vals, rows, cols = local_maxima(heat.detach(), k=4 * k)
+        n = len(vals)
+        qh, qw = torch.full((n,), float(query_hw[0])), torch.full((n,), float(query_hw[1]))
+        boxes = feature_window_to_boxes(rows.cpu(), cols.cpu(), qh, qw, self.stride(self.cfg.levels[0]))
+        return boxes[nms_peaks(boxes, vals.cpu(), nms_iou, k)]
+
     # --- the whole model -----------------------------------------------------------------------------------
     def patch_features(self, patch: np.ndarray, pad: int = 0) -> dict[int, torch.Tensor]:
         """{level: (1, C, ceil(h / s), ceil(w / s))} features of one (h, w, 3) uint8 query patch, computed with
@@ -174,9 +186,6 @@ class Matcher(nn.Module):
         map, "boxes": (B, K, 4) peak boxes (input pixels, best first; rows past a map's peaks repeat its best),
         "score": (B,) eq. 5 LSE over the K region similarities, "global": (B, C) index descriptors}.
         """
-        from roiqa.boxes import feature_window_to_boxes
-        from roiqa.ops.peaks import local_maxima, nms_peaks
-
         query = np.asarray(query)
         qf = self.patch_features(query, pad)
         z = self.query_descriptor(qf)[0]
@@ -185,12 +194,7 @@ class Matcher(nn.Module):
         finest, (h, w) = self.cfg.levels[0], query.shape[:2]
         all_boxes, scores = [], []
         for b in range(len(heat)):
-            vals, rows, cols = local_maxima(heat[b].detach(), k=4 * peaks)
-            n = len(vals)
-            boxes = feature_window_to_boxes(
-                rows.cpu(), cols.cpu(), torch.full((n,), float(h)), torch.full((n,), float(w)), self.stride(finest)
-            )
-            boxes = boxes[nms_peaks(boxes, vals.cpu(), nms_iou, peaks)].to(heat.device)
+            boxes = self.peak_boxes(heat[b], (h, w), peaks, nms_iou).to(heat.device)
             scores.append(self.score(z, self.region_descriptors(feats[finest][b : b + 1], boxes, finest)))
             all_boxes.append(torch.cat([boxes, boxes[:1].expand(peaks - len(boxes), 4)]))
         return {
