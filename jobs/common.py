@@ -22,14 +22,29 @@ def add_model_arg(p: argparse.ArgumentParser, prefix: str = "") -> None:
     )
 
 
-def config_from(args: argparse.Namespace, query: dict | None = None, index: dict | None = None) -> RoiqaConfig:
-    """The YAML config with command-line overrides (only the options that were given)."""
-    over = {}
-    if query:
-        over["query"] = {k: v for k, v in query.items() if v is not None}
-    if index:
-        over["index"] = {k: v for k, v in index.items() if v is not None}
+def config_from(args: argparse.Namespace, **sections: dict | None) -> RoiqaConfig:
+    """The YAML config with command-line overrides per section (only the options that were given)."""
+    over = {name: {k: v for k, v in (values or {}).items() if v is not None} for name, values in sections.items()}
     return load_config(args.config, {k: v for k, v in over.items() if v})
+
+
+def add_stage_flags(p: argparse.ArgumentParser, *stages: str) -> None:
+    """--<stage> / --no-<stage> switches for the optional seed stages (override <stage>.enabled of the config)."""
+    helps = {
+        "complexity": "seed 001: complexity map, quadtree patch layout (and patch embedding with complexity.model)",
+        "masks": "seed 002: confidence masks per task profile (masks.profiles)",
+        "refine": "seed 000: iterative refinement of every reranked box",
+        "verify": "seed 004: ROI-mask verification of every reranked region (verify_prob column)",
+    }
+    for stage in stages:
+        p.add_argument(
+            f"--{stage}", action=argparse.BooleanOptionalAction, default=None, help=f"{helps[stage]} (default: config)"
+        )
+
+
+def stage_overrides(args: argparse.Namespace, *stages: str) -> dict[str, dict]:
+    """{stage: {"enabled": bool}} for the stage switches given on the command line."""
+    return {s: {"enabled": getattr(args, s)} for s in stages if getattr(args, s, None) is not None}
 
 
 def run(fn, argv_name: str) -> int:

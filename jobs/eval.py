@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
+
+STAGES = ("complexity", "masks", "refine", "verify")
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
         "--baselines", default=None, help="full mode: comma-separated classical baselines (template,sift); '' for none"
     )
     p.add_argument("--rerank", type=int, default=None, help="full mode: images reranked per query (the whole gallery)")
+    add_stage_flags(p, *STAGES)
     add_config_arg(p)
     return p
 
@@ -157,7 +160,9 @@ def run_full(args: argparse.Namespace) -> int:
     col = build_eval_collection(os.path.join(out, "collection"), seed=seed, n_gallery=n_gallery)
     print(f"collection: {col.n_gallery} gallery images, {col.n_queries} queries ({time.perf_counter() - t0:.1f} s)")
     gt = store.read_table(col.ground_truth_uri).to_pandas()
-    cfg = config_from(args, query={"top_k": n_gallery, "rerank": min(rerank, n_gallery)})
+    cfg = config_from(
+        args, query={"top_k": n_gallery, "rerank": min(rerank, n_gallery)}, **stage_overrides(args, *STAGES)
+    )
     index = os.path.join(out, "index")
     ir = run_index(col.gallery_dir, index, cfg, resolve_model(args.model))
     qr = run_query(index, col.queries_uri, os.path.join(out, ROIQA), cfg)
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             "--baselines": args.baselines,
             "--rerank": args.rerank,
             "--config": args.config,
+            **{f"--{st}": getattr(args, st) for st in STAGES},
         }
         given = [k for k, v in full_only.items() if v is not None]
         if given:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, config_from, run
+from jobs.common import add_config_arg, add_stage_flags, config_from, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="images per query from the coarse search")
     p.add_argument("--rerank", type=int, default=None, help="of those, how many to rerank densely")
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
+    add_stage_flags(p, "refine", "verify")
     add_config_arg(p)
     return p
 
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.query import run_query
 
         cfg = config_from(
-            args, query={"top_k": args.top_k, "rerank": args.rerank, "overlays": False if args.no_overlays else None}
+            args,
+            query={"top_k": args.top_k, "rerank": args.rerank, "overlays": False if args.no_overlays else None},
+            **stage_overrides(args, "refine", "verify"),
         )
         r = run_query(args.index, args.queries, args.out, cfg)
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -18,7 +19,7 @@ from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
-from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict
+from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
 from roiqa.rerank import QueryEncoder, Reranker
 from roiqa.sources import errors_table, parse_error
 
@@ -77,13 +78,12 @@ def query_map(qtable: pa.Table) -> dict[str, tuple[str, list[float] | None]]:
 
 
 def index_config(version: store.IndexVersion, cfg: RoiqaConfig) -> RoiqaConfig:
-    """The user's query settings with the model and preprocessing the index was built with."""
+    """The user's settings with the model and preprocessing the index was built with."""
     conf = version.manifest["config"]
-    return RoiqaConfig(
+    return dataclasses.replace(
+        cfg,
         model=from_dict(ModelConfig, conf["model"], "manifest.config.model"),
         preprocess=from_dict(PreprocessConfig, conf["preprocess"], "manifest.config.preprocess"),
-        index=cfg.index,
-        query=cfg.query,
     )
 
 
@@ -181,6 +181,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
             **res,
         )
         reranked = pa.concat_tables(ray.get(rds.to_arrow_refs())).to_pandas()
+        reranked[S.REFINE_STEPS] = reranked[S.REFINE_STEPS].where(reranked[S.REFINE_STEPS] >= 0)  # -1: not refined
     t2 = time.perf_counter()
 
     rerr = reranked[reranked[S.ERROR].astype(str) != ""] if len(reranked) else reranked
@@ -201,7 +202,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         "errors": errors.num_rows,
         "model": version.manifest["model"],
         "seconds": {"total": time.perf_counter() - t0, "coarse": t1 - t0, "rerank": t2 - t1},
-        "query_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(qc).items()},
+        "query_config": to_dict(qc),
+        "stages": {name: to_dict(getattr(cfg, name)) for name in ("refine", "verify") if getattr(cfg, name).enabled},
     }
     uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
     return QueryReport(

@@ -270,6 +270,9 @@ def _results_frame(rows: dict[str, list]) -> pd.DataFrame:
             S.URI: pd.Series(rows[S.URI], dtype=object),
             **{c: np.array(rows[c], dtype=np.float32) for c in f32},
             S.HEATMAP_URI: pd.Series([None] * len(rows[S.QUERY_ID]), dtype=object),
+            S.REFINE_STEPS: pd.Series([None] * len(rows[S.QUERY_ID]), dtype=object),
+            S.REFINE_LOSS: np.full(len(rows[S.QUERY_ID]), np.nan, dtype=np.float32),
+            S.VERIFY_PROB: np.full(len(rows[S.QUERY_ID]), np.nan, dtype=np.float32),
         }
     )
     return df[[f.name for f in S.RESULTS_SCHEMA]]

@@ -92,12 +92,69 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ComplexityConfig:
+    """Seed 001: LoG complexity map, quadtree patch layout and (with a model) the patch embedding, in roiqa index."""
+
+    enabled: bool = False  # add complexity statistics, patch layout and complexity PNG columns to the index
+    sigma: float = 1.5  # Gaussian sigma of the LoG, in pixels of the resized image
+    scale: float = 0.05  # per-pixel complexity = tanh(|sigma^2 * LoG(gray in [0, 1])| / scale), in [0, 1)
+    cell: int = 64  # side of the initial quadtree cells (resized-image pixels)
+    min_cell: int = 8  # smallest cell the quadtree subdivides to
+    thresholds: tuple[float, ...] = (0.25, 0.35, 0.45)  # mean complexity above which a 64 / 32 / 16 cell splits
+    map_size: int = 64  # long side of the complexity PNG stored per image
+    model: str | None = None  # URI of a trained patch-embedding network (safetensors); None: no patch_embedding
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Seed 002: per-pixel confidence maps and threshold masks per task profile, in roiqa index."""
+
+    enabled: bool = False  # add mask coverage, threshold and RLE columns per profile to the index
+    profiles: tuple[str, ...] = ("object-instance",)  # shipped profile names or URIs of profile files
+    apply: bool = False  # embed the first profile's masked image (pixels below threshold zeroed) instead of the whole
+    adaptive: bool = True  # adapt each profile's threshold from the primary model's confidence, batch by batch
+    target: float = 0.9  # confidence the controller holds: cosine of masked vs whole-image descriptors
+    probe_every: int = 1  # batches between confidence probes (each probe embeds the unmasked images too)
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Seed 000: iterative ROI refinement of the reranked box from a multi-scale perceptual loss."""
+
+    enabled: bool = False  # refine the best box of every reranked pair
+    iterations: int = 6  # refinement iterations per box
+    rate: float = 0.5  # adjustment rate: log-size (and centre) step per unit of loss difference
+    max_change: float = 0.15  # largest relative change of the ROI size per iteration
+    min_size: float = 12.0  # smallest ROI long side (resized-image pixels)
+    max_size: float = 400.0  # largest ROI long side (resized-image pixels)
+    level_weights: tuple[float, ...] = (0.5, 0.3, 0.2)  # weight of each matcher level (finest first) in the loss
+    w_similarity: float = 1.0  # weight of the size-weighted (1 - cosine) term
+    w_dissimilarity: float = 1.0  # weight of the edge-weighted L1 feature term
+    size_power: float = 0.1  # similarity weight = (initial size / size) ** size_power (smaller ROIs weigh more)
+    move_center: bool = True  # also refine the box centre (seed 000 adjusts size only)
+    depth: str | None = None  # per-image depth map: URI template with {stem} / {name} / {uri} (PNG or .npy); None: off
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Seed 004: verify each reranked region with the ROI-mask classifier (same instance as the query or not)."""
+
+    enabled: bool = False  # add verify_prob to every reranked row
+    model: str | None = None  # URI of a trained verifier (safetensors); None with enabled: the shipped one
+    weight: float = 0.0  # final score = score + weight * (verify_prob - 0.5); 0 leaves the ranking unchanged
+
+
+@dataclass(frozen=True)
 class RoiqaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the matcher
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # decoding and resizing
     index: IndexConfig = field(default_factory=IndexConfig)  # index pipeline sizes and faiss
     query: QueryConfig = field(default_factory=QueryConfig)  # query pipeline sizes and rerank
     train: TrainConfig = field(default_factory=TrainConfig)  # training data, losses and optimiser
+    complexity: ComplexityConfig = field(default_factory=ComplexityConfig)  # seed 001 stage of roiqa index
+    masks: MaskConfig = field(default_factory=MaskConfig)  # seed 002 stage of roiqa index
+    refine: RefineConfig = field(default_factory=RefineConfig)  # seed 000 stage of roiqa query
+    verify: VerifyConfig = field(default_factory=VerifyConfig)  # seed 004 stage of roiqa query
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -169,3 +226,8 @@ def load_config(uri: str | None, overrides: dict | None = None) -> RoiqaConfig:
         data.setdefault(section, {})
         data[section] = {**(data[section] or {}), **values}
     return from_dict(RoiqaConfig, data, where=uri or "config")
+
+
+def replace_section(cfg: RoiqaConfig, section: str, **values: Any) -> RoiqaConfig:
+    """`cfg` with fields of one section replaced, e.g. replace_section(cfg, "refine", enabled=True)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from roiqa import schema as S
 from roiqa import uri as uri_mod
-from roiqa.metrics import LOC_AP50, MAP, N_POSITIVES, TOP10_IOU50, recall_key
+from roiqa.metrics import LOC_AP50, MAP, MEAN_IOU, N_POSITIVES, TOP10_IOU50, recall_key
 
 # Keys of a `heatmap_gallery_png` row besides the result columns query_id, rank, score, uri, heatmap_uri.
 IOU = "iou"  # float or None: IoU of the predicted box with the best-matching true box
@@ -32,6 +32,7 @@ _METRIC_COLUMNS = [
     (recall_key(10), "R@10"),
     (LOC_AP50, "loc AP@0.5"),
     (TOP10_IOU50, "top-10 IoU>=0.5"),
+    (MEAN_IOU, "mean IoU"),
 ]
 
 
@@ -177,7 +178,7 @@ def markdown_table(metrics: Mapping[str, Mapping]) -> str:
     """One Markdown row per method x bucket of `metrics` = {method: {bucket: {metric: value}, ...}}.
 
     Buckets are the method's entries holding "mAP", in their order. Columns: method, bucket, positives, mAP,
-    R@1, R@5, R@10, loc AP@0.5, top-10 IoU>=0.5, then one column per latency key (seconds) found under any
+    R@1, R@5, R@10, loc AP@0.5, top-10 IoU>=0.5, mean IoU, then one column per latency key (seconds) found under any
     method's "latency" and "index bytes/image" when some method has it; those per-method figures fill the
     method's "all" row (its first bucket when it has no "all") and are "-" elsewhere. nan and missing are "-".
     """

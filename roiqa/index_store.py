@@ -19,6 +19,7 @@ EMBEDDINGS = "embeddings"
 FAISS = "faiss.index"
 ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
+MASKS_CONTROLLER = "masks_controller.parquet"  # the masks stage's threshold controller history (when masks are on)
 
 
 def version_uri(root: str, version: str, *parts: str) -> str:

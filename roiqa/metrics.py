@@ -18,6 +18,7 @@ MAP = "mAP"
 N_QUERIES = "n_queries"
 LOC_AP50 = "loc_ap50"
 TOP10_IOU50 = "top10_iou50"
+MEAN_IOU = "mean_iou"
 N_POSITIVES = "n_positives"
 
 # Stress buckets over ground-truth rows (see `stress_masks`) and the bucket of every row.
@@ -271,13 +272,31 @@ def hit_rate_iou(results: pd.DataFrame, ground_truth: pd.DataFrame, k: int = 10,
     return hits / len(gt_boxes)
 
 
+def mean_iou(results: pd.DataFrame, ground_truth: pd.DataFrame) -> float:
+    """Mean over the ground-truth (query_id, uri) pairs that have a result row with a box of the best IoU between
+    that pair's result boxes and its ground-truth boxes (how well found instances are boxed); nan when none."""
+    _require(results, RESULTS, [QUERY_ID, URI, *BOX])
+    _require(ground_truth, GROUND_TRUTH, GROUND_TRUTH_COLUMNS)
+    gt_boxes = _gt_boxes_by_pair(ground_truth)
+    boxed = results[np.isfinite(_boxes(results)).all(axis=1)] if len(results) else results
+    boxes = _boxes(boxed)
+    ious = [
+        float(box_iou(boxes[pos], gt_boxes[key]).max())
+        for key, pos in _pair_positions(boxed).items()
+        if key in gt_boxes
+    ]
+    return _mean(ious)
+
+
 def evaluate(results: pd.DataFrame, ground_truth: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """`retrieval_metrics` plus "loc_ap50" (`localization_ap` at IoU 0.5) and "top10_iou50" (`hit_rate_iou`)."""
+    """`retrieval_metrics` plus "loc_ap50" (`localization_ap` at IoU 0.5), "top10_iou50" (`hit_rate_iou`) and
+    "mean_iou" (`mean_iou`)."""
     _require(results, RESULTS, RESULTS_COLUMNS)
     _require(ground_truth, GROUND_TRUTH, GROUND_TRUTH_COLUMNS)
     out = retrieval_metrics(results, ground_truth, ks)
     out[LOC_AP50] = localization_ap(results, ground_truth, iou_threshold=0.5)
     out[TOP10_IOU50] = hit_rate_iou(results, ground_truth, k=10, iou_threshold=0.5)
+    out[MEAN_IOU] = mean_iou(results, ground_truth)
     return out
 
 

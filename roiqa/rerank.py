@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ class QueryFeatures:
     scales: list[
         tuple[tuple[int, int], dict[int, torch.Tensor]]
     ]  # per query size: ((h, w) px, {level: (1, C, h_l, w_l)})
+    patch: np.ndarray | None = None  # (h, w, 3) uint8 query patch as cropped (the verifier's input)
+    resized: list[np.ndarray] | None = None  # the patch at each query size (the refinement's edge weights)
+    edges: dict = field(default_factory=dict)  # query size index -> {level: (h_l, w_l)} edge weights (lazy)
 
 
 def pyramid(model: Matcher, image: np.ndarray, device: torch.device) -> dict[int, torch.Tensor]:
@@ -123,6 +126,11 @@ class Reranker:
         if cfg.query.score not in SCORES:
             raise ValueError(f"query.score must be one of {SCORES}, got {cfg.query.score!r}")
         self._cache: dict[str, QueryFeatures] = {}
+        self.verifier = None
+        if cfg.verify.enabled:
+            from roiqa.verify import Verifier
+
+            self.verifier = Verifier(cfg.verify.model, device=str(self.device))
 
     # --- queries -------------------------------------------------------------------------------------------
     def query_features(self, query_id: str) -> QueryFeatures:
@@ -132,13 +140,14 @@ class Reranker:
             patch = load_patch(
                 uri, None if box is None else np.asarray(box, np.float32), self.cfg.preprocess.max_pixels
             )
-            scales = []
+            scales, resized = [], []
             for size in self.cfg.query.query_sizes:
                 p, _ = resize_long_side(patch, size)
                 scales.append((p.shape[:2], self.patch_pyramid(p)))
+                resized.append(p)
             p, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
             z = self.model.query_descriptor(self.patch_pyramid(p))[0]
-            self._cache[query_id] = QueryFeatures(z=z, scales=scales)
+            self._cache[query_id] = QueryFeatures(z=z, scales=scales, patch=patch, resized=resized)
         return self._cache[query_id]
 
     def patch_pyramid(self, patch: np.ndarray) -> dict[int, torch.Tensor]:
@@ -161,7 +170,8 @@ class Reranker:
 
     # --- one pair ------------------------------------------------------------------------------------------
     def match(self, q: QueryFeatures, feats: dict[int, torch.Tensor], valid_hw: tuple[int, int]):
-        """Heatmap (H_f, W_f) over the valid region, best box (4,) in resized pixels, eq. 5 score, peak value."""
+        """Heatmap (H_f, W_f) over the valid region, best box (4,) in resized pixels, eq. 5 score, peak value, and
+        the index of the query size whose correlation gave the best peak."""
         m, qc = self.model, self.cfg.query
         finest = m.cfg.levels[0]
         stride = m.stride(finest)
@@ -176,21 +186,54 @@ class Reranker:
         sizes = torch.tensor([hw for hw, _ in q.scales], dtype=torch.float32)[best_scale[rows, cols].cpu()]  # (K, 2)
         boxes = feature_window_to_boxes(rows.cpu(), cols.cpu(), sizes[:, 0], sizes[:, 1], stride)
         keep = nms_peaks(boxes, vals.cpu(), qc.nms_iou, qc.peaks)
+        scale_idx = int(best_scale[rows[keep[0]], cols[keep[0]]])
         boxes, vals = boxes[keep], vals[keep]
         regions = m.region_descriptors(crop[finest], boxes.to(heat.device), finest)  # (K, C)
         score = m.score(q.z, regions)
         assert heat.shape == (hf, wf)
-        return heat, boxes[0].numpy(), float(score), float(vals[0])
+        return heat, boxes[0].numpy(), float(score), float(vals[0]), scale_idx
+
+    # --- optional stages -----------------------------------------------------------------------------------
+    def refine(
+        self,
+        q: QueryFeatures,
+        scale_idx: int,
+        feats: dict[int, torch.Tensor],
+        box: np.ndarray,
+        valid_hw: tuple[int, int],
+        depth: np.ndarray | None,
+    ):
+        """Seed 000: the box (resized pixels) refined against the query at the size that matched best."""
+        from roiqa.refine import edge_pyramid, edge_weights, refine_box
+
+        hw, qfeats = q.scales[scale_idx]
+        query = {lv: f[0] for lv, f in qfeats.items()}  # {level: (C, h_l, w_l)}
+        strides = {lv: self.model.stride(lv) for lv in query}
+        if scale_idx not in q.edges:
+            sizes = {lv: tuple(f.shape[-2:]) for lv, f in query.items()}
+            q.edges[scale_idx] = edge_pyramid(edge_weights(q.resized[scale_idx]), sizes, strides, self.device)
+        edge = q.edges[scale_idx]
+        return refine_box(
+            query, feats, strides, box, self.cfg.refine, edge, depth=depth, image_hw=valid_hw, query_hw=tuple(hw)
+        )
+
+    def depth_map(self, uri: str) -> np.ndarray | None:
+        """The image's depth map from the refine.depth template (any resolution), or None without one."""
+        if not self.cfg.refine.depth:
+            return None
+        from roiqa.refine import load_depth
+
+        return load_depth(self.cfg.refine.depth, uri)
 
     # --- batch ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {
-            k: [] for k in (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX, S.HEATMAP_URI, S.ERROR)
-        }
+        cols = (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX, S.HEATMAP_URI, S.ERROR)
+        cols += (S.REFINE_STEPS, S.REFINE_LOSS, S.VERIFY_PROB)
+        out: dict[str, list] = {k: [] for k in cols}
 
-        def emit(qid, iid, u, score, coarse, box, heat_uri, err):
-            for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err)):
+        def emit(qid, iid, u, score, coarse, box, heat_uri, err, steps=-1, loss=np.nan, prob=np.nan):
+            for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err, steps, loss, prob)):
                 out[k].append(v)
 
         for iid, u, qids, coarse in zip(batch[S.IMAGE_ID], batch[S.URI], batch[S.QUERY_IDS], batch[S.COARSE_SCORES]):
@@ -211,18 +254,32 @@ class Reranker:
                     )
                 continue
             resized, scale = resize_long_side(img, self.cfg.preprocess.image_size)
-            valid = resized.shape[:2]
+            valid = tuple(resized.shape[:2])
             feats = pyramid(self.model, resized, self.device)
+            try:
+                depth = self.depth_map(u) if self.cfg.refine.enabled else None
+            except Exception as exc:  # noqa: BLE001 - a missing or bad depth map fails this image's rows, visibly
+                for qid, cs in zip(qids, coarse):
+                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("refine", "depth", str(exc)))
+                continue
             for qid, cs in zip(qids, coarse):
+                steps, loss, prob = -1, np.nan, np.nan
                 try:
-                    heat, box, regions_score, peak = self.match(self.query_features(str(qid)), feats, tuple(valid))
+                    q = self.query_features(str(qid))
+                    heat, box, regions_score, peak, scale_idx = self.match(q, feats, valid)
                     score = peak if self.cfg.query.score == "peak" else regions_score
+                    if self.cfg.refine.enabled:
+                        r = self.refine(q, scale_idx, feats, box, valid, depth)
+                        box, steps, loss = np.asarray(r.box, np.float32), r.steps, r.loss
+                    box = clip_boxes(box / scale, img.shape[0], img.shape[1])[0]
+                    if self.verifier is not None:
+                        prob = float(self.verifier.verify(q.patch, img, box[None])[0])
+                        score = score + self.cfg.verify.weight * (prob - 0.5)
                 except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
                     continue
-                box = clip_boxes(box / scale, img.shape[0], img.shape[1])[0]
                 heat_uri = self.write_overlay(str(qid), int(iid), img, heat, valid, box) if self.overlay_dir else None
-                emit(qid, iid, u, score, cs, box, heat_uri, "")
+                emit(qid, iid, u, score, cs, box, heat_uri, "", steps, loss, prob)
         return {
             S.QUERY_ID: object_array(out[S.QUERY_ID]),
             S.IMAGE_ID: np.array(out[S.IMAGE_ID], dtype=np.int64),
@@ -232,6 +289,9 @@ class Reranker:
             **{c: np.array(out[c], dtype=np.float32) for c in S.BOX},
             S.HEATMAP_URI: object_array(out[S.HEATMAP_URI]),
             S.ERROR: object_array(out[S.ERROR]),
+            S.REFINE_STEPS: np.array(out[S.REFINE_STEPS], dtype=np.int32),  # -1: not refined (null when written)
+            S.REFINE_LOSS: np.array(out[S.REFINE_LOSS], dtype=np.float32),
+            S.VERIFY_PROB: np.array(out[S.VERIFY_PROB], dtype=np.float32),
         }
 
     def write_overlay(self, qid: str, iid: int, img: np.ndarray, heat: torch.Tensor, valid, box: np.ndarray) -> str:

@@ -23,6 +23,31 @@ X0, Y0, X1, Y1 = "x0", "y0", "x1", "y1"  # float32 box corners, pixels of the or
 BOX = [X0, Y0, X1, Y1]
 HEATMAP_URI = "heatmap_uri"  # string or null, overlay PNG of the fused heatmap
 
+# Seed 001 complexity stage of the index (present when complexity.enabled; pixels are resized-image pixels)
+COMPLEXITY_MEAN = "complexity_mean"  # float32, mean per-pixel complexity over the valid image region, in [0, 1)
+COMPLEXITY_STD = "complexity_std"  # float32, its standard deviation
+COMPLEXITY_P90 = "complexity_p90"  # float32, its 90th percentile
+PATCH_COUNTS = "patch_counts"  # list<int32>, quadtree leaves per cell size, largest size first (64, 32, 16, 8)
+PATCH_LAYOUT = "patch_layout"  # list<int32>, the leaves as flat (x, y, size) triples
+COMPLEXITY_PNG = "complexity_png"  # binary, the complexity map of the valid region as a small 8-bit grey PNG
+PATCH_EMBEDDING = "patch_embedding"  # fixed_size_list<float32, D>, the patch network's embedding (with a model)
+
+# Seed 002 masks stage of the index: three columns per task profile (see `mask_columns`)
+MASK_PROBE = "mask_probe"  # transient float32: the controller's confidence probe of the row's batch (nan: none)
+
+# Seed 000 / 004 stages of the query pipeline (null when the stage is off)
+REFINE_STEPS = "refine_steps"  # int32, refinement iterations that moved the box
+REFINE_LOSS = "refine_loss"  # float32, perceptual loss of the final box
+VERIFY_PROB = "verify_prob"  # float32, the ROI-mask verifier's probability that the region shows the query
+
+
+def mask_columns(profile: str) -> tuple[str, str, str]:
+    """(coverage, threshold, rle) column names of a task profile: float32 fraction of valid pixels kept, float32
+    threshold the mask was cut at, string run-length encoding of the mask (see roiqa.masks.rle_encode)."""
+    key = "".join(ch if ch.isalnum() else "_" for ch in profile.lower()).strip("_")
+    return f"mask_{key}_coverage", f"mask_{key}_threshold", f"mask_{key}_rle"
+
+
 # transient columns inside the pipelines (never written to the published tables)
 BYTES = "bytes"  # binary, encoded image
 ERROR = "error"  # string, empty when the row is good: "<stage>:<reason>:<message>"
@@ -33,8 +58,23 @@ QUERY_IDS = "query_ids"  # list<string>, the queries that shortlisted a candidat
 COARSE_SCORES = "coarse_scores"  # list<float32>, their coarse scores, in the same order
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
-    """One row per indexed image: versions/<id>/embeddings/*.parquet."""
+def stage_fields(complexity: bool = False, patch_dim: int | None = None, profiles: tuple[str, ...] = ()) -> list:
+    """The optional embeddings columns of the seed 001 / 002 stages that are switched on."""
+    fields = []
+    if complexity:
+        fields += [pa.field(c, pa.float32()) for c in (COMPLEXITY_MEAN, COMPLEXITY_STD, COMPLEXITY_P90)]
+        fields += [pa.field(PATCH_COUNTS, pa.list_(pa.int32())), pa.field(PATCH_LAYOUT, pa.list_(pa.int32()))]
+        fields.append(pa.field(COMPLEXITY_PNG, pa.binary()))
+    if patch_dim:
+        fields.append(pa.field(PATCH_EMBEDDING, pa.list_(pa.float32(), patch_dim)))
+    for profile in profiles:
+        cov, thr, rle = mask_columns(profile)
+        fields += [pa.field(cov, pa.float32()), pa.field(thr, pa.float32()), pa.field(rle, pa.string())]
+    return fields
+
+
+def embeddings_schema(dim: int, extra: list | None = None) -> pa.Schema:
+    """One row per indexed image: versions/<id>/embeddings/*.parquet (+ `extra` fields from `stage_fields`)."""
     return pa.schema(
         [
             pa.field(IMAGE_ID, pa.int64(), nullable=False),
@@ -44,6 +84,7 @@ def embeddings_schema(dim: int) -> pa.Schema:
             pa.field(SIZE_BYTES, pa.int64()),
             pa.field(CONTENT_HASH, pa.string()),
             pa.field(EMBEDDING, pa.list_(pa.float32(), dim)),
+            *(extra or []),
         ]
     )
 
@@ -70,6 +111,25 @@ RESULTS_SCHEMA = pa.schema(
         pa.field(X1, pa.float32()),
         pa.field(Y1, pa.float32()),
         pa.field(HEATMAP_URI, pa.string()),
+        pa.field(REFINE_STEPS, pa.int32()),
+        pa.field(REFINE_LOSS, pa.float32()),
+        pa.field(VERIFY_PROB, pa.float32()),
+    ]
+)
+
+# Controller history of the masks stage: one row per (actor, batch, profile) of an index run.
+ACTOR = "actor"  # string, the Ray actor (or process) that ran the batch
+BATCH = "batch"  # int32, batch number within that actor
+PROFILE = "profile"  # string, task profile name
+CONFIDENCE = "confidence"  # float32, the probe's confidence (nan: no probe in that batch)
+THRESHOLD = "threshold"  # float32, the threshold the batch's masks were cut at
+MASKS_CONTROLLER_SCHEMA = pa.schema(
+    [
+        pa.field(ACTOR, pa.string(), nullable=False),
+        pa.field(BATCH, pa.int32(), nullable=False),
+        pa.field(PROFILE, pa.string(), nullable=False),
+        pa.field(CONFIDENCE, pa.float32()),
+        pa.field(THRESHOLD, pa.float32()),
     ]
 )
 

@@ -11,6 +11,7 @@ import pytest
 from roiqa.metrics import (
     LOC_AP50,
     MAP,
+    MEAN_IOU,
     N_QUERIES,
     TOP10_IOU50,
     average_precision,
@@ -19,6 +20,7 @@ from roiqa.metrics import (
     interpolated_ap,
     localization_ap,
     match_detections,
+    mean_iou,
     precision_recall_curve,
     recall_at_k,
     recall_key,
@@ -349,7 +351,21 @@ def test_evaluate_combines_metrics():
     assert m[TOP10_IOU50] == pytest.approx(3 / 4)
     assert m[LOC_AP50] == pytest.approx(localization_ap(results, gt, 0.5))
     assert m[MAP] == pytest.approx(retrieval_metrics(results, gt, ks=(1, 5))[MAP])
-    assert set(m) == {MAP, recall_key(1), recall_key(5), N_QUERIES, LOC_AP50, TOP10_IOU50}
+    assert m[MEAN_IOU] == pytest.approx(mean_iou(results, gt))
+    assert set(m) == {MAP, recall_key(1), recall_key(5), N_QUERIES, LOC_AP50, TOP10_IOU50, MEAN_IOU}
+
+
+def test_mean_iou_worked_example():
+    results, gt = _hit_rate_example()
+    # (q1, a) 1, (q1, b) 1 through its second box, (q2, c) 0 (disjoint box), (q2, d) 1; (q2, x) has no ground truth
+    assert mean_iou(results, gt) == pytest.approx(3 / 4)
+    shifted = results.copy()
+    shifted.loc[0, ["x0", "x1"]] = [5, 15]  # (q1, a): [5, 0, 15, 10] vs [0, 0, 10, 10]: IoU 50 / 150
+    assert mean_iou(shifted, gt) == pytest.approx((1 / 3 + 1 + 0 + 1) / 4)
+    no_box = results.copy()
+    no_box.loc[2, ["x0", "y0", "x1", "y1"]] = np.nan  # (q2, c) unboxed: not counted
+    assert mean_iou(no_box, gt) == pytest.approx(1.0)
+    assert math.isnan(mean_iou(results.iloc[:0], gt))
 
 
 def test_missing_columns_name_the_table():

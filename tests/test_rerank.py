@@ -72,7 +72,7 @@ def test_regions_score_is_eq5_of_the_peaks(scene):
 
     with torch.inference_mode():
         feats = rr.model.pyramid(torch.from_numpy(img[None].copy()))
-        _, box, score, _ = rr.match(q, feats, img.shape[:2])
+        _, box, score, _, _ = rr.match(q, feats, img.shape[:2])
         r = rr.model.region_descriptors(feats[3], torch.from_numpy(box[None]), 3)
         sims = (r @ q.z).numpy()
     assert -1.0 <= score <= 1.0
@@ -93,3 +93,40 @@ def test_bad_settings_and_inputs(scene, tmp_path):
     gone = str(tmp_path / "gone.jpg")
     out = rerank(CFG, paths, [gone])
     assert out[S.ERROR][0].startswith("rerank:image_unreadable") and np.isnan(out[S.SCORE][0])
+
+
+def test_refinement_grows_a_box_found_at_the_wrong_scale(tmp_path):
+    """Seed 000 in the reranker: the query is pasted 1.5x larger than the only query size tried, so the peak's box
+    is too small (IoU ~0.44); refinement of the shipped model's features moves it onto the pasted copy."""
+    from roiqa.config import RefineConfig
+    from roiqa.weights import resolve_model
+
+    face, _ = resize_long_side(skimage.data.astronaut()[14:186, 150:304], 96)
+    small, _ = resize_long_side(face, 64)
+    bg = skimage.data.coffee()[:256, :256].copy()
+    y0, x0 = 100, 60
+    bg[y0 : y0 + face.shape[0], x0 : x0 + face.shape[1]] = face
+    truth = np.array([x0, y0, x0 + face.shape[1], y0 + face.shape[0]], np.float32)
+    (tmp_path / "q.png").write_bytes(encode_png(small))
+    (tmp_path / "g.png").write_bytes(encode_png(bg))
+    paths = {"query.png": str(tmp_path / "q.png")}
+    base = dataclasses.replace(CFG, model=ModelConfig())
+    on = dataclasses.replace(base, refine=RefineConfig(enabled=True, iterations=8))
+    boxes = {}
+    for name, cfg in (("off", base), ("on", on)):
+        rr = Reranker(cfg, {"face": (paths["query.png"], None)}, model_uri=resolve_model(None))
+        batch = {
+            S.IMAGE_ID: np.zeros(1, np.int64),
+            S.URI: np.array([str(tmp_path / "g.png")], dtype=object),
+            S.QUERY_IDS: [["face"]],
+            S.COARSE_SCORES: [[0.0]],
+        }
+        out = rr(batch)
+        assert list(out[S.ERROR]) == [""]
+        boxes[name] = np.array([out[c][0] for c in S.BOX])
+        steps = int(out[S.REFINE_STEPS][0])
+        assert (steps >= 1) if name == "on" else (steps == -1)
+        assert np.isfinite(out[S.REFINE_LOSS][0]) == (name == "on")
+    iou_off, iou_on = (float(box_iou(boxes[k], truth)[0, 0]) for k in ("off", "on"))
+    assert iou_off < 0.6  # the 64 px window cannot cover the 96 px copy
+    assert iou_on >= 0.75 and iou_on > iou_off + 0.15
