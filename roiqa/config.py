@@ -113,7 +113,7 @@ class MaskConfig:
     profiles: tuple[str, ...] = ("object-instance",)  # shipped profile names or URIs of profile files
     apply: bool = False  # embed the first profile's masked image (pixels below threshold zeroed) instead of the whole
     adaptive: bool = True  # adapt each profile's threshold from the primary model's confidence, batch by batch
-    target: float = 0.9  # confidence the controller holds: cosine of masked vs whole-image descriptors
+    target: float = 0.9  # confidence the controller holds: share of masked images that retrieve their own whole image
     probe_every: int = 1  # batches between confidence probes (each probe embeds the unmasked images too)
 
 
