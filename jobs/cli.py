@@ -11,12 +11,14 @@ VERBS = {
     "query": ("jobs.query", "search an index for query patches: ranked images, scores, boxes, heatmaps"),
     "train": ("jobs.train", "train the matcher with Ray Train (self-supervised photographs or a box manifest)"),
     "eval": ("jobs.eval", "mAP, Recall@K and localization AP@0.5 of results against ground truth"),
+    "profile": ("jobs.profile", "train a task profile (confidence estimator + thresholds) for the masks stage"),
+    "verifier": ("jobs.verifier", "train the ROI-mask verifier used by the query pipeline's verify stage"),
 }
 
 
 def usage() -> str:
     lines = ["usage: roiqa <verb> [options]", "", "verbs:"]
-    lines += [f"  {v:<8} {doc}" for v, (_, doc) in VERBS.items()]
+    lines += [f"  {v:<9} {doc}" for v, (_, doc) in VERBS.items()]
     lines += ["", "`roiqa <verb> --help` for a verb's options."]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, add_model_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def parser() -> argparse.ArgumentParser:
     add_model_arg(p)
     p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
+    add_stage_flags(p, "complexity", "masks")
     add_config_arg(p)
     return p
 
@@ -26,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.index import run_index
         from roiqa.weights import resolve_model
 
-        cfg = config_from(args, index={"actors": args.actors, "batch_size": args.batch_size})
+        cfg = config_from(
+            args,
+            index={"actors": args.actors, "batch_size": args.batch_size},
+            **stage_overrides(args, "complexity", "masks"),
+        )
         r = run_index(args.images, args.index, cfg, resolve_model(args.model))
         print(
             json.dumps(

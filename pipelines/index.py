@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
 import time
@@ -17,6 +18,7 @@ from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
+from roiqa.complexity import ComplexityStage
 from roiqa.config import RoiqaConfig, to_dict
 from roiqa.embed import Decoder, Embedder
 from roiqa.models.checkpoint import describe, model_config
@@ -70,26 +72,70 @@ def decode(batch: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
     return Decoder(cfg)(batch)
 
 
-def embeddings_table(batch: dict[str, np.ndarray], dim: int) -> pa.Table:
-    """Good rows of an embedded batch as an embeddings-schema table (Arrow fixed-size lists, not objects)."""
+def _column(values: np.ndarray, field: pa.Field) -> pa.Array:
+    """One numpy batch column as the Arrow type of `field` (fixed-size lists from 2-D arrays, lists from objects)."""
+    t = field.type
+    if pa.types.is_fixed_size_list(t):
+        flat = np.ascontiguousarray(np.stack(list(values)) if values.dtype == object else values, np.float32)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), t.value_type), t.list_size)
+    if pa.types.is_list(t):
+        return pa.array([np.asarray(v).tolist() for v in values], t)
+    if pa.types.is_binary(t) or pa.types.is_string(t):
+        return pa.array(list(values), t)
+    return pa.array(values, t)
+
+
+def embeddings_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
+    """Good rows of an embedded batch as a table of `schema` (the embeddings schema with its stage columns)."""
     ok = np.array([not e for e in batch[S.ERROR]], dtype=bool)
-    emb = np.ascontiguousarray(batch[S.EMBEDDING][ok], dtype=np.float32)
-    cols = {
-        S.IMAGE_ID: pa.array(batch[S.IMAGE_ID][ok], pa.int64()),
-        S.URI: pa.array(list(batch[S.URI][ok]), pa.string()),
-        S.WIDTH: pa.array(batch[S.WIDTH][ok], pa.int32()),
-        S.HEIGHT: pa.array(batch[S.HEIGHT][ok], pa.int32()),
-        S.SIZE_BYTES: pa.array(batch[S.SIZE_BYTES][ok], pa.int64()),
-        S.CONTENT_HASH: pa.array(list(batch[S.CONTENT_HASH][ok]), pa.string()),
-        S.EMBEDDING: pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim),
-    }
-    return pa.table(cols, schema=S.embeddings_schema(dim))
+    return pa.table({f.name: _column(batch[f.name][ok], f) for f in schema}, schema=schema)
+
+
+def controller_table(batch: dict[str, np.ndarray], profiles: tuple[str, ...]) -> pa.Table:
+    """The masks controller's history: one row per (actor, batch, profile) seen in an embedded batch."""
+    rows: dict[tuple, tuple] = {}
+    for i in range(len(batch[S.ERROR])):
+        for p in profiles:
+            key = (str(batch[S.ACTOR][i]), int(batch[S.BATCH][i]), p)
+            thr = float(batch[S.mask_columns(p)[1]][i])
+            if key not in rows or np.isnan(rows[key][1]):
+                rows[key] = (float(batch[S.MASK_PROBE][i]) if p == profiles[0] else np.nan, thr)
+    cols = list(zip(*[(*k, *v) for k, v in sorted(rows.items())])) or [[]] * 5
+    return pa.table(dict(zip(S.MASKS_CONTROLLER_SCHEMA.names, cols)), schema=S.MASKS_CONTROLLER_SCHEMA)
 
 
 def batch_errors(batch: dict[str, np.ndarray]) -> pa.Table:
     """Failed rows of a batch as an errors-schema table."""
     rows = [(str(u), *parse_error(str(e))) for u, e in zip(batch[S.URI], batch[S.ERROR]) if e]
     return errors_table(rows)
+
+
+def stage_settings(cfg: RoiqaConfig) -> dict:
+    """What the manifest records about the optional stages, and the stage columns they add ("fields")."""
+    out: dict = {"fields": {"complexity": cfg.complexity.enabled, "patch_dim": None, "profiles": ()}}
+    if cfg.complexity.enabled:
+        out["complexity"] = to_dict(cfg.complexity)
+        if cfg.complexity.model:
+            from roiqa.models.patchnet import load_patchnet
+
+            out["fields"]["patch_dim"] = load_patchnet(cfg.complexity.model).cfg.dim
+    if cfg.masks.enabled:
+        from roiqa.masks import load_profile
+
+        loaded = [(uri, load_profile(uri)[0]) for uri in cfg.masks.profiles]
+        out["fields"]["profiles"] = tuple(p.name for _, p in loaded)
+        out["masks"] = {
+            **to_dict(cfg.masks),
+            "profiles": [{"uri": uri, **dataclasses.asdict(p)} for uri, p in loaded],
+        }
+    return out
+
+
+def final_thresholds(hist: pa.Table) -> dict[str, list[float]]:
+    """{profile: [last threshold of each actor]} from a masks controller history table."""
+    df = hist.to_pandas()
+    last = df.sort_values(S.BATCH).groupby([S.PROFILE, S.ACTOR])[S.THRESHOLD].last()
+    return {p: [float(v) for v in last[p].to_numpy()] for p in last.index.get_level_values(0).unique()}
 
 
 def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> IndexReport:
@@ -107,23 +153,39 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     listing = list_images(images)
     ic = cfg.index
     dim = model_config(model_uri, cfg.model).fpn_channels  # the checkpoint's own width when one is given
+    stages_on = stage_settings(cfg)
+    schema = S.embeddings_schema(dim, S.stage_fields(**stages_on["fields"]))
+    masks = cfg.masks if cfg.masks.enabled else None
+    actors = {"compute": ray.data.ActorPoolStrategy(size=ic.actors), **actor_resources(ic.actor_cpus)}
 
     t1 = time.perf_counter()
     ds = uri_dataset(listing.uris, ic.read_batch_size)
     ds = ds.map_batches(read_any, batch_size=ic.read_batch_size, batch_format="numpy")
     ds = ds.map_batches(decode, fn_kwargs={"cfg": cfg.preprocess}, batch_size=ic.read_batch_size, batch_format="numpy")
+    if cfg.complexity.enabled:
+        ds = ds.map_batches(
+            ComplexityStage,
+            fn_constructor_kwargs={"cfg": cfg.complexity, "threads": ic.torch_threads},
+            batch_size=ic.batch_size,
+            batch_format="numpy",
+            **actors,
+        )
     ds = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model_cfg": cfg.model, "model_uri": model_uri, "threads": ic.torch_threads},
-        compute=ray.data.ActorPoolStrategy(size=ic.actors),
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model,
+            "model_uri": model_uri,
+            "threads": ic.torch_threads,
+            "masks": masks,
+        },
         batch_size=ic.batch_size,
         batch_format="numpy",
-        **actor_resources(ic.actor_cpus),
+        **actors,
     )
     ds = ds.materialize()  # rows are small once embedded; both tables below read this one result
     stages = stage_seconds(ds.stats())
 
-    good = ds.map_batches(embeddings_table, fn_kwargs={"dim": dim}, batch_format="numpy", batch_size=1024)
+    good = ds.map_batches(embeddings_table, fn_kwargs={"schema": schema}, batch_format="numpy", batch_size=1024)
     fs, emb_path = uri_mod.filesystem(store.version_uri(index, version, store.EMBEDDINGS))
     tw = time.perf_counter()
     good.write_parquet(emb_path, filesystem=fs)
@@ -136,7 +198,16 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
 
     emb = store.read_table(store.version_uri(index, version, store.EMBEDDINGS)) if fs.exists(emb_path) else None
     if emb is None or emb.num_rows == 0:
-        emb = S.embeddings_schema(dim).empty_table()
+        emb = schema.empty_table()
+    if masks is not None:
+        profiles = tuple(stages_on["fields"]["profiles"])
+        hist = ds.map_batches(controller_table, fn_kwargs={"profiles": profiles}, batch_format="numpy", batch_size=None)
+        parts = pa.concat_tables([S.MASKS_CONTROLLER_SCHEMA.empty_table(), *ray.get(hist.to_arrow_refs())])
+        keys = [S.ACTOR, S.BATCH, S.PROFILE]  # a batch split over blocks appears once per block: merge (max skips nan)
+        df = parts.to_pandas().groupby(keys, as_index=False).max().sort_values(keys)
+        hist = pa.Table.from_pandas(df, schema=S.MASKS_CONTROLLER_SCHEMA, preserve_index=False)
+        store.write_table(hist, store.version_uri(index, version, store.MASKS_CONTROLLER))
+        stages_on["masks"]["final_thresholds"] = final_thresholds(hist)
     vectors = np.asarray(emb.column(S.EMBEDDING).combine_chunks().flatten(), np.float32).reshape(-1, dim)
     ids = emb.column(S.IMAGE_ID).to_numpy()
     dup = _duplicates(emb)
@@ -158,6 +229,7 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
         "config": to_dict(cfg),
         "counts": {"inputs": inputs, "indexed": emb.num_rows, "errors": errors.num_rows},
         "embedding_dim": dim,
+        "stages": {k: v for k, v in stages_on.items() if k != "fields"},
         "faiss_factory": factory,
         "checksums": {store.FAISS: store.sha256(faiss_bytes), store.ERRORS: store.sha256(errors_bytes)},
     }

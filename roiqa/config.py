@@ -100,7 +100,7 @@ class ComplexityConfig:
     scale: float = 0.05  # per-pixel complexity = tanh(|sigma^2 * LoG(gray in [0, 1])| / scale), in [0, 1)
     cell: int = 64  # side of the initial quadtree cells (resized-image pixels)
     min_cell: int = 8  # smallest cell the quadtree subdivides to
-    thresholds: tuple[float, ...] = (0.25, 0.35, 0.45)  # mean complexity above which a 64 / 32 / 16 cell splits
+    thresholds: tuple[float, ...] = (0.39, 0.62, 0.73)  # mean complexity above which a 64 / 32 / 16 cell splits
     map_size: int = 64  # long side of the complexity PNG stored per image
     model: str | None = None  # URI of a trained patch-embedding network (safetensors); None: no patch_embedding
 
