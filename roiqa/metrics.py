@@ -72,6 +72,22 @@ def recall_at_k(relevant: np.ndarray, n_relevant: int, k: int) -> float:
     return found / n_relevant
 
 
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half (Mann-Whitney)."""
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc: needs positives and negatives, got {n_pos} and {n_neg}")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
+    ends = np.r_[starts[1:], len(scores)]
+    for s, e in zip(starts, ends):  # average rank of each tie group (1-based)
+        ranks[order[s:e]] = (s + e + 1) / 2
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def precision_recall_curve(scores: np.ndarray, is_tp: np.ndarray, n_positives: int) -> tuple[np.ndarray, np.ndarray]:
     """(precision, recall) after each detection, detections taken by descending score (stable: ties keep their order).
 

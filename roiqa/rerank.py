@@ -48,6 +48,7 @@ class QueryFeatures:
     patch: np.ndarray | None = None  # (h, w, 3) uint8 query patch as cropped (the verifier's input)
     resized: list[np.ndarray] | None = None  # the patch at each query size (the refinement's edge weights)
     edges: dict = field(default_factory=dict)  # query size index -> {level: (h_l, w_l)} edge weights (lazy)
+    verify_embedding: np.ndarray | None = None  # the verifier's embedding of `patch` (lazy)
 
 
 def pyramid(model: Matcher, image: np.ndarray, device: torch.device) -> dict[int, torch.Tensor]:
@@ -273,7 +274,9 @@ class Reranker:
                         box, steps, loss = np.asarray(r.box, np.float32), r.steps, r.loss
                     box = clip_boxes(box / scale, img.shape[0], img.shape[1])[0]
                     if self.verifier is not None:
-                        prob = float(self.verifier.verify(q.patch, img, box[None])[0])
+                        if q.verify_embedding is None:
+                            q.verify_embedding = self.verifier.embed_query(q.patch)
+                        prob = float(self.verifier.verify(q.patch, img, box[None], q.verify_embedding)[0])
                         score = score + self.cfg.verify.weight * (prob - 0.5)
                 except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
