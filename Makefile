@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_index --out benchmarks/results
 	$(PY) -m benchmarks.bench_query --out benchmarks/results
 	$(PY) -m benchmarks.bench_faiss --out benchmarks/results
+	$(PY) -m benchmarks.bench_stages --out benchmarks/results
+
+# The experiments of the optional stages (seeds 001, 004, 000, 002, 004 in the pipeline): about an hour on 2 cores.
+experiments: $(STAMP)
+	$(PY) -m benchmarks.exp_patches --steps 100 --batch-size 8 --gallery 64 --repeats 3 --out benchmarks/results
+	$(PY) -m benchmarks.exp_roimask --out benchmarks/results
+	$(PY) -m benchmarks.exp_stages --experiment all --out benchmarks/results
 
 clean:
 	rm -rf demo-out .pytest_cache

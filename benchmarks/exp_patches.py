@@ -29,7 +29,14 @@ from roiqa.demo_data import build_eval_collection, load_photo
 from roiqa.embed import prepare
 from roiqa.imageio import decode_image
 from roiqa.metrics import average_precision, recall_at_k
-from roiqa.models.patchnet import PatchNet, PatchNetConfig, fit_images, flops_per_image, train_patchnet
+from roiqa.models.patchnet import (
+    PatchNet,
+    PatchNetConfig,
+    fit_images,
+    flops_per_image,
+    save_patchnet,
+    train_patchnet,
+)
 from roiqa.train_data import TRAIN_PHOTOS
 
 VARIANTS = ("fixed", "dynamic")
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace, command: str) -> tuple[dict, str]:
         train[v] = {"seconds": time.perf_counter() - t0, "first": hist[0], "last": hist[-1]}
         models[v] = model
         print(f"trained {v}: {train[v]['seconds']:.0f} s, last {hist[-1]}", file=sys.stderr)
+        if args.save:  # a checkpoint the index's complexity stage takes as complexity.model
+            save_patchnet(model, os.path.join(args.save, f"patchnet-{v}.safetensors"))
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--save", default=None, help="folder for patchnet-<variant>.safetensors (complexity.model)")
     args = p.parse_args(argv)
     command = " ".join([".venv/bin/python -m benchmarks.exp_patches", *(sys.argv[1:] if argv is None else argv)])
     report, table = run(args, command)

@@ -21,18 +21,9 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import machine, markdown, write_report
+from roiqa.metrics import roc_auc
 
 EXPERIMENTS = ("refine", "verify", "masks")
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties); nan without both classes."""
-    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = pd.Series(scores).rank(method="average").to_numpy()
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def rerank_by(results: pd.DataFrame, score: np.ndarray) -> pd.DataFrame:

@@ -31,3 +31,42 @@ def test_bench_index_and_query_quick(tmp_path):
     assert bench_query.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_query.json").read_text())
     assert set(report["latency_ms"]) >= {"encode", "coarse"} and report["batch_rerank"]["pairs"] > 0
+
+
+def test_bench_stages_quick(tmp_path):
+    from benchmarks import bench_stages
+
+    assert bench_stages.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_stages.json").read_text())
+    assert report["index_ratio_to_embed"]["embed (reference)"] == 1.0
+    assert set(report["query_ratio_to_rerank"]) == {"rerank (reference)", "rerank + refine", "rerank + verify"}
+
+
+def test_experiment_reranking_and_labels_against_worked_examples():
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.exp_stages import pair_labels, rerank_by
+    from roiqa import schema as S
+
+    res = pd.DataFrame(
+        {
+            S.QUERY_ID: ["q", "q", "q", "r"],
+            S.IMAGE_ID: [1, 2, 3, 1],
+            S.URI: ["a", "b", "c", "a"],
+            S.RANK: [1, 2, 3, 1],
+            S.SCORE: [0.9, 0.5, 0.1, 0.3],
+            S.X0: [0.0, 0.0, 0.0, 50.0],
+            S.Y0: [0.0, 0.0, np.nan, 50.0],
+            S.X1: [10.0, 10.0, 10.0, 60.0],
+            S.Y1: [10.0, 10.0, 10.0, 60.0],
+        }
+    )
+    out = rerank_by(res, np.array([0.2, 0.8, np.nan, 0.4]))
+    assert out[out[S.QUERY_ID] == "q"][S.IMAGE_ID].tolist() == [2, 1, 3]  # nan last
+    assert out[out[S.QUERY_ID] == "q"][S.RANK].tolist() == [1, 2, 3]
+    gt = pd.DataFrame({S.QUERY_ID: ["q", "q", "r"], S.URI: ["a", "c", "a"], S.X0: [5.0, 0, 0], S.Y0: [0.0, 0, 0],
+                       S.X1: [15.0, 10, 10], S.Y1: [10.0, 10, 10]})  # fmt: skip
+    # (q, a): IoU 50 / 150 < 0.5; (q, b): not in the ground truth; (q, c): no box; (r, a): disjoint
+    assert pair_labels(res, gt).tolist() == [False, False, False, False]
+    assert pair_labels(res, gt, iou=0.3).tolist() == [True, False, False, False]
