@@ -35,8 +35,8 @@ from roiqa.models.patchnet import (
     fit_images,
     flops_per_image,
     save_patchnet,
-    train_patchnet,
 )
+from roiqa.patchnet_train import train_patchnet
 from roiqa.train_data import TRAIN_PHOTOS
 
 VARIANTS = ("fixed", "dynamic")

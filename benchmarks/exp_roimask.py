@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import machine
     from roiqa.config import to_dict
     from roiqa.models.roimask import variant_config
-    from roiqa.verify import Verifier, VerifierTrainConfig, train_verifier, training_batches, training_views
+    from roiqa.verify import Verifier
+    from roiqa.verify_train import VerifierTrainConfig, train_verifier, training_batches, training_views
 
     t0 = time.perf_counter()
     cfg = VerifierTrainConfig(steps=args.steps, instances=args.instances, seed=args.seed, pool=args.pool)

@@ -60,7 +60,7 @@ def _photos(spec: str, max_pixels: int) -> tuple[list[str], list]:
 
 
 def choose_thresholds(curve: dict, init_recall: float, max_recall: float) -> tuple[float, float, float, str]:
-    """(initial, min, max threshold, the rule in words) from a held-out curve (roiqa.masks.mask_curve)."""
+    """(initial, min, max threshold, the rule in words) from a held-out curve (roiqa.profile_train.mask_curve)."""
     ts, rec = curve["threshold"], curve["recall"]
     ok_init = [t for t, r in zip(ts, rec) if r >= init_recall]
     ok_max = [t for t, r in zip(ts, rec) if r >= max_recall]
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from roiqa import uri as uri_mod
         from roiqa.config import TrainConfig
         from roiqa.demo_data import EVAL_PHOTOS, load_photo
+        from roiqa.profile_train import manifest_samples, mask_curve, train_profile
         from roiqa.train_data import read_manifest, sample_stream
 
         torch.set_num_threads(max(1, args.threads))
@@ -114,15 +115,15 @@ def main(argv: list[str] | None = None) -> int:
             trained_on.append(f"self-supervised pastes into {images} photos {[n for n in names if n not in held]}")
         if args.manifest:
             table = read_manifest(args.manifest)
-            train_src.append(masks.manifest_samples(table, args.image_size, args.max_pixels, args.seed, False))
-            held_src.append(masks.manifest_samples(table, args.image_size, args.max_pixels, args.seed + 1, True))
+            train_src.append(manifest_samples(table, args.image_size, args.max_pixels, args.seed, False))
+            held_src.append(manifest_samples(table, args.image_size, args.max_pixels, args.seed + 1, True))
             trained_on.append(f"boxes of manifest {args.manifest} (4/5 of its images)")
 
         def mix(sources: list) -> Iterator[dict]:
             return (next(s) for s in itertools.cycle(sources))
 
         t0 = time.perf_counter()
-        est, losses = masks.train_profile(
+        est, losses = train_profile(
             mix(train_src),
             args.steps,
             lr=args.lr,
@@ -134,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         thresholds = np.round(np.arange(0.01, 1.0, 0.01), 2)
         fresh = [sample_stream(train_p, tc, args.seed + 3)] if images else []
         if args.manifest:
-            fresh.append(masks.manifest_samples(table, args.image_size, args.max_pixels, args.seed + 3, False))
+            fresh.append(manifest_samples(table, args.image_size, args.max_pixels, args.seed + 3, False))
         splits = {"training": fresh, "held_out": held_src, "eval_photos": test_src}
         curves = {}
         for split, sources in splits.items():
             if sources:
                 it = mix(sources)
-                curves[split] = masks.mask_curve(est, [next(it) for _ in range(args.eval_samples)], thresholds)
+                curves[split] = mask_curve(est, [next(it) for _ in range(args.eval_samples)], thresholds)
         init, lo, hi, rule = choose_thresholds(curves["held_out"], args.init_recall, args.max_recall)
         profile = masks.TaskProfile(
             name=args.name,

@@ -30,18 +30,15 @@ from roiqa.embed import prepare
 from roiqa.models.patchnet import (
     PatchNet,
     PatchNetConfig,
-    context_crop,
     fit_images,
     flops_per_image,
     leaf_weights,
     load_patchnet,
-    make_optimizer,
     node_stats,
-    patchnet_loss,
     save_patchnet,
     subdivision_cost,
-    train_patchnet,
 )
+from roiqa.patchnet_train import context_crop, make_optimizer, patchnet_loss, train_patchnet
 
 THR = (0.25, 0.35, 0.45)  # ComplexityConfig's default thresholds
 SMALL = PatchNetConfig(image_size=128, dim=32, patch_dim=32)  # the network at 128 px: quick on one CPU thread

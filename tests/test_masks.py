@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from roiqa import masks as M
+from roiqa import profile_train as PT
 from roiqa import schema as S
 from roiqa.config import MaskConfig, ModelConfig, TrainConfig
 from roiqa.embed import Embedder, probe_confidence
@@ -178,7 +179,7 @@ def test_shipped_profile_separates_box_from_background():
     samples = [next(it) for _ in range(6)]
     with torch.no_grad():
         conf = est(np.stack([s["image"] for s in samples])).numpy()
-    inside = np.stack([M.box_mask(s["box"], *conf.shape[1:]) for s in samples]) > 0
+    inside = np.stack([PT.box_mask(s["box"], *conf.shape[1:]) for s in samples]) > 0
     assert conf[inside].mean() > 2 * conf[~inside].mean()
 
 
@@ -191,8 +192,8 @@ def test_mask_curve_matches_threshold_mask():
     with torch.no_grad():
         conf = est(np.stack([s["image"] for s in samples])).numpy()
     ts = [float(np.quantile(conf, q)) for q in (0.2, 0.5, 0.9)]
-    curve = M.mask_curve(est, samples, np.array(ts), batch_size=1)
-    target = np.stack([M.box_mask(s["box"], 32, 32) for s in samples]) > 0
+    curve = PT.mask_curve(est, samples, np.array(ts), batch_size=1)
+    target = np.stack([PT.box_mask(s["box"], 32, 32) for s in samples]) > 0
     assert target[1, 16:24, 16:32].all() and target[1].sum() == 64 + 128
     for j, t in enumerate(ts):
         m = M.threshold_mask(conf, t)
@@ -227,7 +228,7 @@ def test_profile_job_smoke(tmp_path):
     pq.write_table(table, str(tmp_path / "m.parquet"))
     splits = {}
     for held in (True, False):
-        it = M.manifest_samples(table, 64, 10**6, seed=0, holdout=held)
+        it = PT.manifest_samples(table, 64, 10**6, seed=0, holdout=held)
         splits[held] = {s["image"].tobytes(): s["box"].shape for s in (next(it) for _ in range(12))}
     assert len(splits[True]) == 1 and len(splits[False]) == 2 and not set(splits[True]) & set(splits[False])
     assert set(splits[True].values()) | set(splits[False].values()) == {(1, 4)}  # each image has one box

@@ -23,10 +23,10 @@ from roiqa.verify import (
     SHIPPED,
     Verifier,
     box_masks,
-    fit_logistic,
     query_view,
     region_view,
 )
+from roiqa.verify_train import fit_logistic
 
 torch.set_num_threads(1)
 S = 64  # input side of the small test nets
@@ -224,7 +224,7 @@ def test_job_smoke_writes_a_loadable_verifier(tmp_path):
 def test_shipped_verifier_prefers_the_true_region():
     from roiqa.config import TrainConfig
     from roiqa.train_data import synthesize_pair
-    from roiqa.verify import training_photos
+    from roiqa.verify_train import training_photos
 
     v = Verifier()  # the shipped file
     assert os.path.getsize(SHIPPED) < 4 * 2**20
