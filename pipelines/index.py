@@ -156,7 +156,10 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     stages_on = stage_settings(cfg)
     schema = S.embeddings_schema(dim, S.stage_fields(**stages_on["fields"]))
     masks = cfg.masks if cfg.masks.enabled else None
-    actors = {"compute": ray.data.ActorPoolStrategy(size=ic.actors), **actor_resources(ic.actor_cpus)}
+    pool = {"compute": ray.data.ActorPoolStrategy(size=ic.actors)}
+    # With the complexity stage on, its actors and the embedding actors take half a GPU each: halves always pack
+    # N + N actors onto N GPUs (a 0.25 / 0.75 split can strand a 0.75 actor when two quarters share one GPU).
+    share = 0.5 if cfg.complexity.enabled else 0.0
 
     t1 = time.perf_counter()
     ds = uri_dataset(listing.uris, ic.read_batch_size)
@@ -168,7 +171,8 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
             fn_constructor_kwargs={"cfg": cfg.complexity, "threads": ic.torch_threads},
             batch_size=ic.batch_size,
             batch_format="numpy",
-            **actors,
+            **pool,
+            **actor_resources(ic.actor_cpus, share),
         )
     ds = ds.map_batches(
         Embedder,
@@ -180,7 +184,8 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
         },
         batch_size=ic.batch_size,
         batch_format="numpy",
-        **actors,
+        **pool,
+        **actor_resources(ic.actor_cpus, 1.0 - share),
     )
     ds = ds.materialize()  # rows are small once embedded; both tables below read this one result
     stages = stage_seconds(ds.stats())

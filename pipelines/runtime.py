@@ -39,8 +39,9 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def actor_resources(cpus: float) -> dict:
-    """Resources per model actor: one GPU each when the cluster has GPUs, else a fraction of a CPU."""
+def actor_resources(cpus: float, gpu_share: float = 1.0) -> dict:
+    """Resources per model actor: `gpu_share` of a GPU each when the cluster has GPUs (1: a whole one; two stages
+    sharing the GPUs take 0.5 each), else a fraction of a CPU."""
     if cluster_gpus() > 0:
-        return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_gpus": gpu_share, "num_cpus": 1}
     return {"num_gpus": 0, "num_cpus": cpus}
