@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         col = build_eval_collection(os.path.join(work, "collection"), seed=args.seed, n_gallery=args.n_gallery)
         gt = store.read_table(col.ground_truth_uri).to_pandas()
         base = replace_section(RoiqaConfig(), "query", top_k=args.n_gallery, rerank=args.n_gallery, overlays=False)
+        base = replace_section(base, "verify", enabled=False)  # each experiment switches on only its own stage
         indexes: dict[str, str] = {}
 
         def index(name: str, cfg: RoiqaConfig) -> tuple[str, float]:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if "verify" in experiments:
             cfg = replace_section(base, "verify", enabled=True, weight=0.0)
             res, secs = query(default_index, "verify", cfg)
-            plain, _ = query(default_index, "verify-off", base)
+            _, plain_secs = query(default_index, "verify-off", base)
             labels = pair_labels(res, gt)
             prob = res[S.VERIFY_PROB].to_numpy(np.float64)
             report = {
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "auc_verify_prob": roc_auc(prob, labels),
                 "auc_rerank_score": roc_auc(res[S.SCORE], labels),
             }
-            report["rerank_seconds"] = {"with_verify": secs}
+            report["rerank_seconds"] = {"with_verify": secs, "without": plain_secs}
             rows = [["AUC, true region vs rest", report["auc_rerank_score"], report["auc_verify_prob"], "-", "-"]]
             for w in (0.0, 0.25, 0.5, 1.0):
                 mixed = rerank_by(res, res[S.SCORE].to_numpy(np.float64) + w * (prob - 0.5))

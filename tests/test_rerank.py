@@ -10,7 +10,7 @@ import skimage.data
 
 from roiqa import schema as S
 from roiqa.boxes import box_iou
-from roiqa.config import ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig
+from roiqa.config import ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
 from roiqa.imageio import encode_jpeg, encode_png, resize_long_side
 from roiqa.rerank import Reranker, crop_patch
 
@@ -18,6 +18,7 @@ CFG = RoiqaConfig(
     model=ModelConfig(fpn_channels=64),
     preprocess=PreprocessConfig(image_size=256),
     query=QueryConfig(query_sizes=(64,), descriptor_size=64, peaks=3, overlays=False),
+    verify=VerifyConfig(enabled=False),  # the rerank alone (verification: tests/test_stages.py)
 )
 
 

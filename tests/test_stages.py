@@ -182,6 +182,6 @@ def test_stage_switches_on_the_command_line(collection, tiny_cfg, tmp_path, caps
     assert {S.COMPLEXITY_MEAN, S.mask_columns(PROFILE)[0]} <= set(v.embeddings().column_names)
     out = str(tmp_path / "out")
     qargv = ["--index", index, "--queries", collection.queries_uri, "--out", out, "--config", str(cfg_path)]
-    assert query_job.main([*qargv, "--refine", "--no-overlays"]) == 0
+    assert query_job.main([*qargv, "--refine", "--no-verify", "--no-overlays"]) == 0
     res = read_results(out)
     assert res[S.REFINE_STEPS].notna().any() and res[S.VERIFY_PROB].isna().all()
