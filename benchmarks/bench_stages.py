@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(0)
     work = tempfile.mkdtemp(prefix="roiqa-bench-stages-")
     try:
-        files = sample_images(os.path.join(work, "imgs"), max(args.images, 4))[: args.images]
+        # the demo builder needs >= 12 images to place its 8 objects; the first `--images` of them are timed
+        files = sample_images(os.path.join(work, "imgs"), max(args.images, 12))[: args.images]
         cfg = replace_section(replace_section(RoiqaConfig(), "query", overlays=False), "verify", enabled=False)
         model = resolve_model(None)
         batch = Decoder(cfg.preprocess)(read_files({S.URI: np.array(files, dtype=object)}))
