@@ -183,3 +183,43 @@ def check_columns(table: pa.Table, schema: pa.Schema, name: str, required: list[
         else:
             cols.append(pa.nulls(table.num_rows, field.type))
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+# Tune sweeps (roiqa tune): one row per (trial, reported iteration), plus one column per searched parameter.
+TRIAL_ID = "trial_id"  # string, Ray Tune's trial id
+ITERATION = "iteration"  # int32, 1-based number of the report within its trial (Ray's training_iteration)
+STATUS = "status"  # string, the trial's status when the table was written: RUNNING | TERMINATED | ERROR | ...
+TRIAL_CONFIG = "trial_config"  # string, JSON {dotted key: value} of the overrides the trial used at that iteration
+OBJECTIVE = "objective"  # float32, weighted sum of the reported metrics (roiqa.tune_space.objective), maximised
+VAL_LOSS = "val_loss"  # float32, training loss on the validation pairs
+VAL_MAP = "val_map"  # float32, retrieval mAP on the validation queries
+VAL_LOC50 = "val_loc50"  # float32, share of validation positives boxed at IoU >= 0.5 (kernel at the true size)
+VAL_LOC50_REFINED = "val_loc50_refined"  # float32, the same from the query at its own size after ROI refinement
+SECONDS = "seconds"  # float32, wall time since the trial (or its restored run) started
+RESUMED_FROM = "resumed_from"  # int32, epoch the trial's run restarted from a checkpoint at (-1: never restored)
+TRIAL_METRICS = [VAL_LOSS, VAL_MAP, VAL_LOC50, VAL_LOC50_REFINED]  # the metric columns a trial reports
+TRIALS_SCHEMA = pa.schema(
+    [
+        pa.field(TRIAL_ID, pa.string(), nullable=False),
+        pa.field(ITERATION, pa.int32(), nullable=False),
+        pa.field(STATUS, pa.string()),
+        pa.field(TRIAL_CONFIG, pa.string()),
+        pa.field(OBJECTIVE, pa.float32()),
+        *(pa.field(c, pa.float32()) for c in TRIAL_METRICS),
+        pa.field(SECONDS, pa.float32()),
+        pa.field(RESUMED_FROM, pa.int32()),
+    ]
+)
+
+
+def param_column(key: str) -> str:
+    """Column of searched parameter `key` ("section.field") in the trials table: "param_section__field" (float64)."""
+    parts = key.split(".")
+    if len(parts) != 2 or not all(p.isidentifier() for p in parts):
+        raise ValueError(f"parameter key {key!r} must be 'section.field', e.g. 'train.lr'")
+    return "param_" + "__".join(parts)
+
+
+def trials_schema(param_keys: list[str] | tuple[str, ...]) -> pa.Schema:
+    """TRIALS_SCHEMA plus one float64 column per searched parameter: the value the trial used at that iteration."""
+    return pa.schema(list(TRIALS_SCHEMA) + [pa.field(param_column(k), pa.float64()) for k in param_keys])

@@ -211,3 +211,50 @@ def trainable_parameters(model: Matcher, freeze: str) -> list[torch.nn.Parameter
         if p.requires_grad:
             params.append(p)
     return params
+
+
+def refined_localization(
+    model: Matcher, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Localization of the triples' positives from the query at its own size, before and after ROI refinement.
+
+    The correlation kernel is the query patch as the batch holds it (long side `train.query_size`, not the true
+    size, as the rerank would try it), its best heatmap peak gives a box of the patch's size, and
+    `roiqa.refine.refine_box` with `cfg.refine` (enabled or not) adjusts it on the raw FPN features. Returns
+    {"val_loc50_query_size", "val_loc50_refined"}: the fractions of positives whose box has IoU >= 0.5 with the
+    truth, before and after refinement, and "val_iou_refined", the mean IoU after it.
+    """
+    from roiqa.boxes import box_iou
+    from roiqa.refine import edge_pyramid, edge_weights, refine_box
+
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    before, after, ious = [], [], []
+    with torch.no_grad():
+        for i in range(len(batch["query"])):
+            h, w = (int(v) for v in batch["query_hw"][i])
+            patch = np.ascontiguousarray(batch["query"][i, :h, :w])
+            kernel = net.patch_features(patch, cfg.query.context_pad)
+            image = torch.from_numpy(np.ascontiguousarray(batch["image"][i : i + 1])).to(device)
+            feats = net.pyramid(image)
+            fused = net.fuse(net.level_heatmaps(kernel, feats))[0]
+            box = net.peak_boxes(fused, (h, w), 1, cfg.query.nms_iou)[0].numpy()
+            truth = np.asarray(batch["box"][i], np.float32)[None]
+            query = {lv: f[0] for lv, f in kernel.items()}
+            strides = {lv: net.stride(lv) for lv in query}
+            edge = edge_pyramid(
+                edge_weights(patch), {lv: tuple(f.shape[-2:]) for lv, f in query.items()}, strides, device
+            )
+            hw = tuple(image.shape[1:3])
+            refined = refine_box(query, feats, strides, box, cfg.refine, edge, image_hw=hw, query_hw=(h, w)).box
+            before.append(float(box_iou(box[None], truth)[0, 0]) >= 0.5)
+            iou = float(box_iou(np.asarray(refined, np.float32)[None], truth)[0, 0])
+            after.append(iou >= 0.5)
+            ious.append(iou)
+    net.train(was_training)
+    return {
+        "val_loc50_query_size": float(np.mean(before)),
+        "val_loc50_refined": float(np.mean(after)),
+        "val_iou_refined": float(np.mean(ious)),
+    }

@@ -1,0 +1,379 @@
+"""Tune pipeline: Ray Tune sweeps (PBT, PB2, ASHA with random or Optuna search) over loss weights, temperatures, the
+learning rate and the ROI refinement's adjustment rate; every trial trains the matcher and reports validation
+metrics each epoch; the sweep lands as a trials table, the best config as YAML and the best checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.runtime import cluster_gpus, init_ray
+from pipelines.train import (
+    BUNDLED,
+    VAL_SEED_OFFSET,
+    freeze_batchnorm,
+    learning_rate,
+    load_state,
+    make_samples,
+    save_state,
+    storage,
+    validate,
+)
+from roiqa import schema as S
+from roiqa import uri as uri_mod
+from roiqa.config import RoiqaConfig, from_dict, to_dict
+
+SCHEDULERS = ("pbt", "pb2", "asha")
+SEARCHERS = ("random", "optuna")
+TRIALS = "trials.parquet"
+TRIALS_MD = "trials.md"
+BEST_CONFIG = "best.yaml"
+BEST_MODEL = "best/model.safetensors"
+SUMMARY = "summary.json"
+RAY_DIR = "ray"  # Ray Tune's own experiment folder (trial checkpoints, experiment state) under --out
+
+
+@dataclass(frozen=True)
+class TuneReport:
+    """What one sweep produced."""
+
+    out: str  # output URI
+    trials: int  # trials in the sweep
+    best_trial: str  # id of the best trial (by the objective of its last report)
+    best_objective: float  # that objective
+    default_objective: float | None  # the objective of a trial run with the untouched defaults (None: not run)
+    seconds: float  # wall time of the sweep
+
+
+# --- one trial (runs in a Tune actor) -------------------------------------------------------------------------------
+def run_trial(
+    config: dict,
+    base: dict,
+    keys: list[str],
+    weights: dict[str, float],
+    kind: str,
+    uri: str,
+    val_triples: int,
+    threads: int,
+    init_model: str | None = None,
+) -> None:
+    """Train the matcher with the base config plus this trial's values of `keys`; report each epoch.
+
+    Training batches are a pure function of (seed, epoch, step), so a trial restored from a checkpoint (Tune's
+    fault tolerance, PBT's exploit, `Tuner.restore`) continues with the batches it would have seen. Each report
+    carries the validation metrics, the weighted objective and the parameter values in force (PBT and PB2 change
+    them between reports), with a checkpoint of model, AdamW moments and state (safetensors + JSON).
+    """
+    import ray.tune
+    import torch
+
+    from roiqa.embed import set_threads
+    from roiqa.models.checkpoint import load_matcher
+    from roiqa.training import DescriptorQueue, batch_losses, center_head, refined_localization, trainable_parameters
+    from roiqa.tune_space import apply_overrides, objective
+
+    set_threads(threads)
+    params = {k: config[k] for k in keys}
+    cfg = apply_overrides(from_dict(RoiqaConfig, base), params)
+    t = cfg.train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_matcher(init_model, cfg.model).to(device)
+    model.train()
+    freeze_batchnorm(model)
+    trainable = trainable_parameters(model, t.freeze)
+    opt = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    val = make_samples(kind, uri, cfg, np.arange(val_triples) + VAL_SEED_OFFSET, t.seed)
+    start, resumed_from = 0, -1
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(d, model, opt)
+        start = resumed_from = int(state["epoch"]) + 1
+    elif init_model is None:
+        center_head(model, val, device)
+    queue = DescriptorQueue(t.queue_size)
+    t_start = time.perf_counter()
+    for epoch in range(start, t.epochs):
+        sums: dict[str, float] = {}
+        for step in range(t.steps_per_epoch):
+            ids = (epoch * t.steps_per_epoch + step) * t.batch_size + np.arange(t.batch_size)
+            batch = make_samples(kind, uri, cfg, ids, t.seed)
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(cfg, epoch * t.steps_per_epoch + step)  # PBT may have changed train.lr
+            loss, stats = batch_losses(model, batch, cfg, queue, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 5.0)
+            opt.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics = {f"train_{k}": v / t.steps_per_epoch for k, v in sums.items()}
+        metrics.update(validate(model, val, cfg, device))
+        metrics.update(refined_localization(model, val, cfg, device))
+        metrics[S.OBJECTIVE] = objective(metrics, weights)
+        metrics.update({"epoch": epoch, S.RESUMED_FROM: resumed_from, S.SECONDS: time.perf_counter() - t_start})
+        metrics.update({S.param_column(k): float(v) for k, v in params.items()})
+        with tempfile.TemporaryDirectory() as d:
+            save_state(d, model, opt, {"epoch": epoch, "config": to_dict(cfg), "params": params})
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
+
+
+# --- the sweep (driver) -------------------------------------------------------------------------------------------
+def default_point(cfg: RoiqaConfig, space) -> dict[str, float]:
+    """The config's own values of the searched keys (the sweep's reference trial)."""
+    out = {}
+    for p in space.params:
+        section, field = p.key.split(".", 1)
+        out[p.key] = getattr(getattr(cfg, section), field)
+    return out
+
+
+def ray_space(space) -> dict:
+    """The search space as Ray Tune sampling objects, keyed by dotted config key."""
+    from ray import tune
+
+    def one(p):
+        if p.kind == "uniform":
+            return tune.uniform(p.low, p.high)
+        if p.kind == "loguniform":
+            return tune.loguniform(p.low, p.high)
+        if p.kind == "quniform":
+            return tune.quniform(p.low, p.high, p.q)
+        return tune.choice(list(p.values))
+
+    return {p.key: one(p) for p in space.params}
+
+
+def make_scheduler(name: str, space, epochs: int, interval: int):
+    """PBT (random perturbation / resampling of the space), PB2 (GP-bandit exploration inside the space's bounds)
+    or ASHA (early stopping), all on training iterations (= epochs)."""
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+    from ray.tune.schedulers.pb2 import PB2
+
+    if name == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=interval,
+            hyperparam_mutations=ray_space(space),
+            quantile_fraction=0.25,
+        )
+    if name == "pb2":
+        space.continuous_only()
+        return PB2(time_attr="training_iteration", perturbation_interval=interval, hyperparam_bounds=space.bounds())
+    return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=2)
+
+
+def check_args(scheduler: str, search: str, samples: int, cfg: RoiqaConfig) -> None:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if search not in SEARCHERS:
+        raise ValueError(f"--search must be one of {SEARCHERS}, got {search!r}")
+    if search == "optuna" and scheduler != "asha":
+        raise ValueError("--search optuna goes with --scheduler asha (PBT and PB2 choose new values themselves)")
+    if samples < 2 and scheduler in ("pbt", "pb2"):
+        raise ValueError(f"--samples must be >= 2 for {scheduler} (a population), got {samples}")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    if cfg.train.epochs < 2:
+        raise ValueError(f"train.epochs must be >= 2 for a sweep (one report per epoch), got {cfg.train.epochs}")
+
+
+def run_tune(
+    out: str,
+    cfg: RoiqaConfig,
+    space_uri: str,
+    images: str | None = None,
+    manifest: str | None = None,
+    samples: int = 4,
+    scheduler: str = "pbt",
+    search: str = "random",
+    interval: int = 1,
+    name: str = "tune",
+    resume: bool = False,
+    cpus_per_trial: float = 1.0,
+    val_triples: int = 8,
+    max_failures: int = 1,
+    with_default: bool = True,
+    init_model: str | None = None,
+) -> TuneReport:
+    """Run (or, with `resume`, restore and finish) a sweep and write its outputs under `out`.
+
+    `out`/ray/<name> holds Tune's experiment (trial checkpoints and state; `Tuner.restore` reads it);
+    `out`/trials.parquet, trials.md, best.yaml (a full config `roiqa train` and `roiqa query` read), best/ (the best
+    trial's last checkpoint: model.safetensors is a matcher checkpoint), curves_<metric>.png, schedule_<param>.png
+    and summary.json are written when it finishes. `with_default`: the first trial starts from the config's own
+    values (the reference the best config is compared with; PBT and PB2 may still perturb it later).
+    `init_model`: every trial starts from this matcher checkpoint (fine-tuning sweeps) instead of random weights.
+    """
+    from ray import tune
+
+    from roiqa.tune_space import load_search_space
+
+    t0 = time.perf_counter()
+    check_args(scheduler, search, samples, cfg)
+    space = load_search_space(space_uri)
+    if (images is None) == (manifest is None):
+        raise ValueError("give exactly one of images (a folder / prefix, or 'bundled') and manifest")
+    kind, uri = ("manifest", uri_mod.normalize(manifest)) if manifest else ("photos", images)
+    if uri != BUNDLED:
+        uri = uri_mod.normalize(uri)
+    out = uri_mod.normalize(out)
+    init_ray(dashboard=True)
+    gpus = 1 if cluster_gpus() > 0 else 0
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=to_dict(cfg),
+            keys=[p.key for p in space.params],
+            weights=dict(space.objective),
+            kind=kind,
+            uri=uri,
+            val_triples=val_triples,
+            threads=0 if gpus else max(1, int(cpus_per_trial)),
+            init_model=init_model,
+        ),
+        {"cpu": cpus_per_trial, "gpu": gpus},
+    )
+    path, fs = storage(uri_mod.join(out, RAY_DIR))
+    experiment = os.path.join(path, name)
+    if resume:
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+            raise FileNotFoundError(f"{uri_mod.join(out, RAY_DIR, name)}: no Tune experiment to resume")
+        tuner = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+        )
+    else:
+        points = [default_point(cfg, space)] if with_default else None
+        if search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=cfg.train.seed, points_to_evaluate=points)
+        else:
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg = BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.train.seed)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=ray_space(space),
+            tune_config=tune.TuneConfig(
+                metric=S.OBJECTIVE,
+                mode="max",
+                num_samples=samples,
+                scheduler=make_scheduler(scheduler, space, cfg.train.epochs, interval),
+                search_alg=search_alg,
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=path,
+                storage_filesystem=fs,
+                stop={"training_iteration": cfg.train.epochs},
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=4),  # PBT exploits others' recent ones
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                verbose=0,
+            ),
+        )
+    results = tuner.fit()
+    default = default_point(cfg, space)
+    return write_outputs(results, out, cfg, space, scheduler, search, default, time.perf_counter() - t0)
+
+
+def default_trial(table, keys: list[str], default: dict[str, float]) -> tuple[str, float] | None:
+    """(trial id, objective at its last report) of the trial that started from the config's own values."""
+    df = table.to_pandas().sort_values([S.TRIAL_ID, S.ITERATION])
+    for trial_id, g in df.groupby(S.TRIAL_ID):
+        first = g.iloc[0]
+        if all(np.isclose(first[S.param_column(k)], float(default[k]), rtol=1e-9, atol=0) for k in keys):
+            return str(trial_id), float(g[S.OBJECTIVE].iloc[-1])
+    return None
+
+
+def write_outputs(
+    results, out: str, cfg: RoiqaConfig, space, scheduler: str, search: str, default: dict, seconds: float
+) -> TuneReport:
+    """trials.parquet / .md, best.yaml, best/, plots and summary.json from a finished ResultGrid."""
+    import yaml
+
+    from roiqa.tune_report import best_trial, curves_png, markdown_trials, schedule_png, trials_table
+    from roiqa.tune_space import apply_overrides
+
+    keys = [p.key for p in space.params]
+    rows, checkpoints, errors = [], {}, {}
+    for res in results:
+        df = res.metrics_dataframe
+        trial_id = str(res.metrics.get("trial_id")) if res.metrics else None
+        if df is None or len(df) == 0 or trial_id is None:
+            errors[trial_id or f"#{len(errors)}"] = str(res.error)
+            continue
+        df = df.sort_values("training_iteration").drop_duplicates("training_iteration", keep="last")
+        last_iter = int(df["training_iteration"].iloc[-1])
+        status = "ERROR" if res.error else ("COMPLETE" if last_iter >= cfg.train.epochs else "STOPPED")
+        checkpoints[trial_id] = res.checkpoint
+        for _, r in df.iterrows():
+            row = {
+                S.TRIAL_ID: trial_id,
+                S.ITERATION: int(r["training_iteration"]),
+                S.STATUS: status,
+                S.TRIAL_CONFIG: json.dumps({k: float(r[S.param_column(k)]) for k in keys}),
+                S.SECONDS: float(r[S.SECONDS]),
+                S.RESUMED_FROM: int(r[S.RESUMED_FROM]),
+            }
+            for col in (S.OBJECTIVE, S.VAL_LOSS, S.VAL_MAP, S.VAL_LOC50, S.VAL_LOC50_REFINED):
+                row[col] = float(r[col])
+            row.update({S.param_column(k): float(r[S.param_column(k)]) for k in keys})
+            rows.append(row)
+    if not rows:  # interrupted before any trial reported (or every trial failed at once): nothing to rank yet
+        summary = {"scheduler": scheduler, "search": search, "trials": 0, "errors": errors, "seconds": seconds}
+        uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
+        return TuneReport(out, 0, "", float("nan"), None, seconds)
+    table = trials_table(rows, keys)
+    from roiqa import index_store as store
+
+    store.write_table(table, uri_mod.join(out, TRIALS))
+    best_id, best_iter, best_value = best_trial(table, S.OBJECTIVE, "max", "last")
+    last = table.filter(_eq(table, S.TRIAL_ID, best_id)).to_pandas().sort_values(S.ITERATION).iloc[-1]
+    best_params = {k: float(last[S.param_column(k)]) for k in keys}
+    best_cfg = apply_overrides(cfg, best_params)
+    header = (
+        f"# Best config of the sweep in {out} (trial {best_id}, objective {best_value:.4f} at iteration {best_iter}).\n"
+        f"# {scheduler} / {search}; searched: {', '.join(keys)}\n"
+    )
+    text = header + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
+    uri_mod.write_bytes(uri_mod.join(out, BEST_CONFIG), text.encode())
+    ckpt = checkpoints.get(best_id)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            for fname in ("model.safetensors", "state.json"):
+                with open(os.path.join(d, fname), "rb") as f:
+                    uri_mod.write_bytes(uri_mod.join(out, "best", fname), f.read())
+    curves_png(table, S.OBJECTIVE, uri_mod.join(out, f"curves_{S.OBJECTIVE}.png"))
+    curves_png(table, S.VAL_MAP, uri_mod.join(out, f"curves_{S.VAL_MAP}.png"))
+    for k in keys:
+        if k in ("refine.rate", "train.lr"):
+            schedule_png(table, k, uri_mod.join(out, f"schedule_{k.replace('.', '_')}.png"))
+    uri_mod.write_bytes(uri_mod.join(out, TRIALS_MD), markdown_trials(table, keys, S.OBJECTIVE).encode())
+    ref = default_trial(table, keys, default)
+    summary = {
+        "default_trial": None if ref is None else {"trial_id": ref[0], S.OBJECTIVE: ref[1], "params": default},
+        "scheduler": scheduler,
+        "search": search,
+        "trials": int(len(set(table.column(S.TRIAL_ID).to_pylist()))),
+        "best": {"trial_id": best_id, "iteration": best_iter, S.OBJECTIVE: best_value, "params": best_params},
+        "objective_weights": dict(space.objective),
+        "errors": errors,
+        "seconds": seconds,
+    }
+    uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
+    n = summary["trials"]
+    return TuneReport(out, n, best_id, float(best_value), None if ref is None else ref[1], seconds)
+
+
+def _eq(table, column: str, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column(column), value)
