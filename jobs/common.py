@@ -55,3 +55,24 @@ def run(fn, argv_name: str) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"roiqa {argv_name}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--images / --manifest / --data (one required): the training data of `roiqa train` and `roiqa tune`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--images",
+        help="folder/prefix of unlabeled photographs: (query, positive) pairs are synthesised from them; "
+        "'bundled' = the training photographs shipped inside scikit-image",
+    )
+    src.add_argument(
+        "--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1 (roiqa.train_data.import_coco makes one)"
+    )
+    src.add_argument("--data", help="either of the above: a .parquet URI is a manifest, anything else images")
+
+
+def data_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(images, manifest) from the arguments of `add_data_args`: --data by its suffix."""
+    if args.data is not None:
+        return (None, args.data) if args.data.lower().endswith(".parquet") else (args.data, None)
+    return args.images, args.manifest

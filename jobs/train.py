@@ -5,21 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, run
+from jobs.common import add_config_arg, add_data_args, data_source, run
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa train", description=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--images",
-        help="folder/prefix of unlabeled photographs: (query, positive) pairs are synthesised from them; "
-        "'bundled' = the training photographs shipped inside scikit-image",
-    )
-    src.add_argument(
-        "--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1 (roiqa.train_data.import_coco makes one)"
-    )
-    src.add_argument("--data", help="either of the above: a .parquet URI is a manifest, anything else images")
+    add_data_args(p)
     p.add_argument("--out", required=True, help="output URI: checkpoints, model.safetensors, train_history.json")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (data-parallel)")
     p.add_argument("--gpus", action="store_true", help="one GPU per worker (default: when the cluster has GPUs)")
@@ -49,10 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         over = {k: v for k, v in over.items() if v is not None}
         cfg = load_config(args.config, {"train": over} if over else None)
         use_gpu = True if args.gpus else (False if args.cpu else None)
-        images, manifest = args.images, args.manifest
-        if args.data is not None:
-            is_manifest = args.data.lower().endswith(".parquet")
-            images, manifest = (None, args.data) if is_manifest else (args.data, None)
+        images, manifest = data_source(args)
         r = run_train(
             args.out,
             cfg,

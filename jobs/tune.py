@@ -7,17 +7,14 @@ import json
 import os
 import sys
 
-from jobs.common import add_config_arg, run
+from jobs.common import add_config_arg, add_data_args, data_source, run
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tune-space.yaml")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa tune", description=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder/prefix of unlabeled photographs, or 'bundled' (see roiqa train)")
-    src.add_argument("--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1")
-    src.add_argument("--data", help="either of the above: a .parquet URI is a manifest, anything else images")
+    add_data_args(p)
     p.add_argument("--out", required=True, help="output URI: trials.parquet, best.yaml, best/, plots, ray/<name>/")
     p.add_argument("--samples", type=int, default=4, help="trials (the population of PBT / PB2)")
     p.add_argument("--scheduler", default="pbt", help="pbt | pb2 | asha")
@@ -49,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         over = {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size}
         over = {k: v for k, v in over.items() if v is not None}
         cfg = load_config(args.config, {"train": over} if over else None)
-        images, manifest = args.images, args.manifest
-        if args.data is not None:
-            is_manifest = args.data.lower().endswith(".parquet")
-            images, manifest = (None, args.data) if is_manifest else (args.data, None)
+        images, manifest = data_source(args)
         r = run_tune(
             args.out,
             cfg,
