@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_faiss --out benchmarks/results
 	$(PY) -m benchmarks.bench_stages --out benchmarks/results
 
-# The experiments of the optional stages (seeds 001, 004, 000, 002, 004 in the pipeline): about an hour on 2 cores.
+# The experiments of the optional stages (README, "Optional stages": seeds 001, 004, then 000, 004, 002 in the pipelines): about an hour on 2 cores.
 experiments: $(STAMP)
 	$(PY) -m benchmarks.exp_patches --steps 100 --batch-size 8 --gallery 64 --repeats 3 --out benchmarks/results
 	$(PY) -m benchmarks.exp_roimask --out benchmarks/results
