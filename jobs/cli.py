@@ -8,12 +8,14 @@ import sys
 VERBS = {
     "demo": ("jobs.demo", "build a sample collection from bundled photographs, index it, query it, print metrics"),
     "index": ("jobs.index", "embed an image collection into a new published index version"),
+    "reindex": ("jobs.reindex", "incremental re-index: embed only new and changed images, drop deleted ones"),
     "query": ("jobs.query", "search an index for query patches: ranked images, scores, boxes, heatmaps"),
     "train": ("jobs.train", "train the matcher with Ray Train (self-supervised photographs or a box manifest)"),
     "tune": ("jobs.tune", "Ray Tune sweep (PBT / PB2 / ASHA) over loss weights, temperatures, lr, ROI refinement"),
     "eval": ("jobs.eval", "mAP, Recall@K and localization AP@0.5 of results against ground truth"),
     "profile": ("jobs.profile", "train a task profile (confidence estimator + thresholds) for the masks stage"),
     "verifier": ("jobs.verifier", "train the ROI-mask verifier used by the query pipeline's verify stage"),
+    "submit": ("jobs.submit", "submit a roiqa verb as a Ray job to a running cluster"),
 }
 
 

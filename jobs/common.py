@@ -47,14 +47,40 @@ def stage_overrides(args: argparse.Namespace, *stages: str) -> dict[str, dict]:
     return {s: {"enabled": getattr(args, s)} for s in stages if getattr(args, s, None) is not None}
 
 
+EXIT_USER_ERROR = 2  # bad input, missing files, a busy index: fix the input and run again
+EXIT_STORAGE_DOWN = 3  # the object store stayed unreachable: nothing was published; run again later
+
+
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """`exc` or the first exception of `kind` in its chain (Ray wraps a task's exception in its own)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def run(fn, argv_name: str) -> int:
-    """Run `fn()`; user errors (bad input, missing files) print one clear line and return 2."""
+    """Run `fn()`; user errors (bad input, missing files) print one clear line and return 2; an unreachable
+    object store returns 3. Credentials are masked in every message and log line."""
+    from roiqa.redact import install_log_filter, redact
+    from roiqa.uri import StorageUnavailable
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    install_log_filter()
     try:
         return fn()
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"roiqa {argv_name}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        down = _cause(exc, StorageUnavailable)
+        if down is not None:
+            print(f"roiqa {argv_name}: error: {redact(str(down))}", file=sys.stderr)
+            return EXIT_STORAGE_DOWN
+        if isinstance(exc, (ValueError, FileNotFoundError)):
+            print(f"roiqa {argv_name}: error: {redact(str(exc))}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipelines.runtime import actor_resources, init_ray
-from pipelines.sources import list_images, uri_dataset
+from pipelines.sources import Listing, list_images, uri_dataset
 from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
@@ -22,6 +24,7 @@ from roiqa.complexity import ComplexityStage
 from roiqa.config import RoiqaConfig, to_dict
 from roiqa.embed import Decoder, Embedder
 from roiqa.models.checkpoint import describe, model_config
+from roiqa.redact import redact
 from roiqa.sources import errors_table, expand_tar, parse_error, read_files
 
 
@@ -138,31 +141,79 @@ def final_thresholds(hist: pa.Table) -> dict[str, list[float]]:
     return {p: [float(v) for v in last[p].to_numpy()] for p in last.index.get_level_values(0).unique()}
 
 
-def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> IndexReport:
-    """Index every image under `images` into a new version of `index` and publish it.
+@dataclass
+class Plan:
+    """What an index run knows before reading any image bytes."""
 
-    The new version is written under versions/<id>/ and CURRENT is replaced only after everything (embeddings,
-    errors, faiss index, manifest) is written, so readers keep the old version until the new one is whole.
-    Every input ends up in exactly one of the embeddings and errors tables.
-    """
-    t0 = time.perf_counter()
-    init_ray()
+    images: str  # canonical images URI
+    index: str  # canonical index URI
+    version: str  # the version it writes
+    parent: str | None  # the published version when it started
+    listing: Listing  # what `images` lists to
+    dim: int  # embedding width
+    stages_on: dict  # stage_settings(cfg)
+    schema: pa.Schema  # the embeddings schema with its stage columns
+    model: dict  # the manifest's description of the model (with its checkpoint's sha256)
+
+
+@dataclass
+class Embedded:
+    """What embedding a list of URIs produced (the embeddings themselves are already written)."""
+
+    errors: pa.Table  # rows that failed to read, decode or embed
+    stages: dict  # stage_seconds of the run, + "write"
+    seconds: float  # wall time of read -> decode -> embed -> write
+    history: pa.Table | None  # the masks controller history (masks stage only)
+
+
+@dataclass
+class Carried:
+    """Rows of the parent version that a re-index keeps, and the parent's faiss index to update in place."""
+
+    embeddings: pa.Table
+    errors: pa.Table
+    faiss: object | None  # the parent's faiss index (None: rebuild from every vector)
+    removed_ids: np.ndarray  # image ids to remove from it (changed and deleted images)
+    info: dict  # what the manifest records under "reindex"
+
+
+def describe_model(model_uri: str | None, cfg: RoiqaConfig) -> dict:
+    """describe() plus the checkpoint's sha256: a checkpoint replaced at the same URI counts as a new model."""
+    out = describe(model_uri, cfg.model)
+    if model_uri is not None:
+        out["sha256"] = store.sha256(uri_mod.read_bytes(model_uri))
+    return out
+
+
+def plan(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None) -> Plan:
     images, index = uri_mod.normalize(images), uri_mod.normalize(index)
-    parent = store.current_version(index)
-    version = uri_mod.new_version_id()
-    listing = list_images(images)
-    ic = cfg.index
     dim = model_config(model_uri, cfg.model).fpn_channels  # the checkpoint's own width when one is given
     stages_on = stage_settings(cfg)
-    schema = S.embeddings_schema(dim, S.stage_fields(**stages_on["fields"]))
+    return Plan(
+        images=images,
+        index=index,
+        version=uri_mod.new_version_id(),
+        parent=store.current_version(index),
+        listing=list_images(images, cfg.index.allowed_prefixes),
+        dim=dim,
+        stages_on=stages_on,
+        schema=S.embeddings_schema(dim, S.stage_fields(**stages_on["fields"])),
+        model=describe_model(model_uri, cfg),
+    )
+
+
+def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None) -> Embedded:
+    """Read, decode and embed `uris` with Ray Data actors; write the good rows under the version's embeddings/."""
+    t1 = time.perf_counter()
+    if not uris:
+        return Embedded(S.ERRORS_SCHEMA.empty_table(), {}, 0.0, None)
+    ic = cfg.index
     masks = cfg.masks if cfg.masks.enabled else None
     pool = {"compute": ray.data.ActorPoolStrategy(size=ic.actors)}
     # With the complexity stage on, its actors and the embedding actors take half a GPU each: halves always pack
     # N + N actors onto N GPUs (a 0.25 / 0.75 split can strand a 0.75 actor when two quarters share one GPU).
     share = 0.5 if cfg.complexity.enabled else 0.0
-
-    t1 = time.perf_counter()
-    ds = uri_dataset(listing.uris, ic.read_batch_size)
+    ds = uri_dataset(uris, ic.read_batch_size)
     ds = ds.map_batches(read_any, batch_size=ic.read_batch_size, batch_format="numpy")
     ds = ds.map_batches(decode, fn_kwargs={"cfg": cfg.preprocess}, batch_size=ic.read_batch_size, batch_format="numpy")
     if cfg.complexity.enabled:
@@ -190,57 +241,149 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     ds = ds.materialize()  # rows are small once embedded; both tables below read this one result
     stages = stage_seconds(ds.stats())
 
-    good = ds.map_batches(embeddings_table, fn_kwargs={"schema": schema}, batch_format="numpy", batch_size=1024)
-    fs, emb_path = uri_mod.filesystem(store.version_uri(index, version, store.EMBEDDINGS))
+    good = ds.map_batches(embeddings_table, fn_kwargs={"schema": p.schema}, batch_format="numpy", batch_size=1024)
+    fs, emb_path = uri_mod.filesystem(store.version_uri(p.index, p.version, store.EMBEDDINGS))
     tw = time.perf_counter()
     good.write_parquet(emb_path, filesystem=fs)
     stages["write"] = time.perf_counter() - tw
     bad = ds.map_batches(batch_errors, batch_format="numpy", batch_size=1024)
-    err_tables = [t for t in ray.get(bad.to_arrow_refs()) if t.num_rows]
-    errors = pa.concat_tables([errors_table([(u, *parse_error(e)) for u, e in listing.errors]), *err_tables])
-    errors = errors.cast(S.ERRORS_SCHEMA)
-    t2 = time.perf_counter()
-
-    emb = store.read_table(store.version_uri(index, version, store.EMBEDDINGS)) if fs.exists(emb_path) else None
-    if emb is None or emb.num_rows == 0:
-        emb = schema.empty_table()
+    errors = pa.concat_tables([S.ERRORS_SCHEMA.empty_table(), *[t for t in ray.get(bad.to_arrow_refs()) if t.num_rows]])
+    hist = None
     if masks is not None:
-        profiles = tuple(stages_on["fields"]["profiles"])
-        hist = ds.map_batches(controller_table, fn_kwargs={"profiles": profiles}, batch_format="numpy", batch_size=None)
-        parts = pa.concat_tables([S.MASKS_CONTROLLER_SCHEMA.empty_table(), *ray.get(hist.to_arrow_refs())])
+        profiles = tuple(p.stages_on["fields"]["profiles"])
+        h = ds.map_batches(controller_table, fn_kwargs={"profiles": profiles}, batch_format="numpy", batch_size=None)
+        parts = pa.concat_tables([S.MASKS_CONTROLLER_SCHEMA.empty_table(), *ray.get(h.to_arrow_refs())])
         keys = [S.ACTOR, S.BATCH, S.PROFILE]  # a batch split over blocks appears once per block: merge (max skips nan)
         df = parts.to_pandas().groupby(keys, as_index=False).max().sort_values(keys)
         hist = pa.Table.from_pandas(df, schema=S.MASKS_CONTROLLER_SCHEMA, preserve_index=False)
-        store.write_table(hist, store.version_uri(index, version, store.MASKS_CONTROLLER))
-        stages_on["masks"]["final_thresholds"] = final_thresholds(hist)
-    vectors = np.asarray(emb.column(S.EMBEDDING).combine_chunks().flatten(), np.float32).reshape(-1, dim)
-    ids = emb.column(S.IMAGE_ID).to_numpy()
+    return Embedded(errors.cast(S.ERRORS_SCHEMA), stages, time.perf_counter() - t1, hist)
+
+
+def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | None = None) -> dict:
+    """Write errors, sources, faiss and manifest of the new version (its new embeddings are already written; the
+    carried rows are added), then publish it by replacing CURRENT last. Returns the manifest."""
+    emb_uri = store.version_uri(p.index, p.version, store.EMBEDDINGS)
+    if carried is not None and carried.embeddings.num_rows:
+        store.write_table(carried.embeddings.cast(p.schema), uri_mod.join(emb_uri, f"carried-{p.parent}.parquet"))
+    emb = store.read_table(emb_uri) if uri_mod.exists(emb_uri) else None
+    if emb is None or emb.num_rows == 0:
+        emb = p.schema.empty_table()
     dup = _duplicates(emb)
     if dup:
-        raise ValueError(f"{images}: two inputs map to one image id (same URI listed twice?): {dup[:3]}")
-    factory = faiss_index.choose_factory(ic.faiss_factory, len(ids), dim)
-    faiss_bytes = faiss_index.save(
-        faiss_index.build_index(vectors, ids, factory), store.version_uri(index, version, store.FAISS)
-    )
-    errors_bytes = store.write_table(errors, store.version_uri(index, version, store.ERRORS))
-    inputs = emb.num_rows + errors.num_rows
+        raise ValueError(f"{p.images}: two inputs map to one image id (same URI listed twice?): {dup[:3]}")
+    listing_errors = errors_table([(u, *parse_error(e)) for u, e in p.listing.errors])
+    errors = pa.concat_tables([listing_errors, done.errors, *([carried.errors] if carried else [])])
+    errors = errors.cast(S.ERRORS_SCHEMA)
+    ids = emb.column(S.IMAGE_ID).to_numpy()
+    factory = faiss_index.choose_factory(cfg.index.faiss_factory, len(ids), p.dim)
+    index = None
+    if carried is not None and carried.faiss is not None:
+        new = pc.is_in(emb.column(S.IMAGE_ID), value_set=carried.embeddings.column(S.IMAGE_ID))
+        added = emb.filter(pc.invert(new))
+        index = faiss_index.update_index(carried.faiss, carried.removed_ids, _vectors(added, p.dim), _ids(added))
+        if index is not None and index.ntotal != len(ids):
+            index = None  # the parent's index did not hold exactly the carried rows: rebuild
+    if index is None:
+        index = faiss_index.build_index(_vectors(emb, p.dim), ids, factory)
+    faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
+    errors_bytes = store.write_table(errors, store.version_uri(p.index, p.version, store.ERRORS))
+    sig = p.listing.signatures
+    sources = pa.table({S.URI: list(sig), S.SIGNATURE: list(sig.values())}, schema=S.SOURCES_SCHEMA)
+    store.write_table(sources, store.version_uri(p.index, p.version, store.SOURCES))
+    stages_on = {k: v for k, v in p.stages_on.items() if k != "fields"}
+    if done.history is not None:
+        store.write_table(done.history, store.version_uri(p.index, p.version, store.MASKS_CONTROLLER))
+        stages_on["masks"]["final_thresholds"] = final_thresholds(done.history)
     manifest = {
-        "version": version,
-        "parent": parent,
+        "version": p.version,
+        "parent": p.parent,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "images": images,
-        "source_kind": listing.kind,
-        "model": describe(model_uri, cfg.model),
+        "images": redact(p.images),
+        "source_kind": p.listing.kind,
+        "model": p.model,
         "config": to_dict(cfg),
-        "counts": {"inputs": inputs, "indexed": emb.num_rows, "errors": errors.num_rows},
-        "embedding_dim": dim,
-        "stages": {k: v for k, v in stages_on.items() if k != "fields"},
+        "counts": {"inputs": emb.num_rows + errors.num_rows, "indexed": emb.num_rows, "errors": errors.num_rows},
+        "embedding_dim": p.dim,
+        "stages": stages_on,
         "faiss_factory": factory,
         "checksums": {store.FAISS: store.sha256(faiss_bytes), store.ERRORS: store.sha256(errors_bytes)},
     }
-    store.write_manifest(index, version, manifest)
-    store.publish(index, version)
-    return IndexReport(index, version, inputs, emb.num_rows, errors.num_rows, time.perf_counter() - t0, t2 - t1, stages)
+    if carried is not None:
+        manifest["reindex"] = carried.info
+    store.write_manifest(p.index, p.version, manifest)
+    store.publish(p.index, p.version)
+    return manifest
+
+
+def _vectors(emb: pa.Table, dim: int) -> np.ndarray:
+    return np.asarray(emb.column(S.EMBEDDING).combine_chunks().flatten(), np.float32).reshape(-1, dim)
+
+
+def _ids(emb: pa.Table) -> np.ndarray:
+    return emb.column(S.IMAGE_ID).to_numpy()
+
+
+def run_row(kind: str, run_id: str, started: datetime.datetime, p: Plan | None, **values) -> dict:
+    """One row of the runs table (roiqa.schema.RUNS_SCHEMA)."""
+    row = {
+        S.RUN_ID: run_id,
+        S.STARTED: started,
+        S.KIND: kind,
+        "images": redact(p.images) if p else None,
+        S.PARENT: p.parent if p else None,
+        S.SECONDS: (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+    }
+    row.update(values)
+    if row.get(S.MESSAGE):
+        row[S.MESSAGE] = redact(str(row[S.MESSAGE]))[:2000]
+    return row
+
+
+def record_failure(index: str, row: dict) -> None:
+    """Best effort: a failed run's row (the store may be the thing that failed)."""
+    try:
+        store.write_run(index, row)
+    except Exception as exc:  # noqa: BLE001 - the original error is what the caller raises
+        logging.getLogger(__name__).warning("could not record the failed run in %s: %s", index, redact(str(exc)))
+
+
+def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> IndexReport:
+    """Index every image under `images` into a new version of `index` and publish it.
+
+    The new version is written under versions/<id>/ and CURRENT is replaced only after everything (embeddings,
+    errors, sources, faiss index, manifest) is written, so readers keep the old version until the new one is whole.
+    Every input ends up in exactly one of the embeddings and errors tables. The index's LOCK is held throughout;
+    afterwards only the newest `index.keep_versions` published versions are kept.
+    """
+    t0 = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    run_id = uri_mod.new_version_id()
+    init_ray()
+    index = uri_mod.normalize(index)
+    p = None
+    with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa index"):
+        try:
+            p = plan(images, index, cfg, model_uri)
+            done = embed_uris(p, p.listing.uris, cfg, model_uri)
+            manifest = write_version(p, cfg, done)
+            gone = store.collect_garbage(index, cfg.index.keep_versions)
+        except BaseException as exc:
+            record_failure(index, run_row("index", run_id, started, p, status="failed", message=f"{exc}"))
+            raise
+        counts = manifest["counts"]
+        n = len(p.listing.uris)
+        store.write_run(
+            index,
+            run_row(
+                "index", run_id, started, p, status="published", mode="full", version=p.version, listed=n, new=n,
+                changed=0, deleted=0, unchanged=0, indexed=counts["indexed"], errors=counts["errors"],
+                gc_deleted=len(gone),
+            ),
+        )  # fmt: skip
+    return IndexReport(
+        index, p.version, counts["inputs"], counts["indexed"], counts["errors"], time.perf_counter() - t0,
+        done.seconds, done.stages,
+    )  # fmt: skip
 
 
 def _duplicates(emb: pa.Table) -> list[str]:

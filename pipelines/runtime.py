@@ -21,7 +21,8 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     if not ray.is_initialized():
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
         ray.init(
-            address=os.environ.get("RAY_ADDRESS") or None,
+            # "local": a new in-process Ray even when a `ray start` cluster runs on this machine (Ray would join it)
+            address=os.environ.get("RAY_ADDRESS") or "local",
             num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus,
             include_dashboard=dashboard,
             logging_level=logging.WARNING,

@@ -103,3 +103,16 @@ def save(index: faiss.Index, uri: str) -> bytes:
 
 def load(uri: str) -> faiss.Index:
     return deserialize(uri_mod.read_bytes(uri), uri)
+
+
+def update_index(index: faiss.Index, remove_ids: np.ndarray, vectors: np.ndarray, ids: np.ndarray):
+    """`index` with `remove_ids` removed and (`vectors`, `ids`) added in place, or None when this kind of index
+    cannot remove ids (HNSW, ...): then the caller rebuilds it."""
+    try:
+        if len(remove_ids):
+            index.remove_ids(np.ascontiguousarray(remove_ids, dtype=np.int64))
+    except RuntimeError:
+        return None
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
+    return index

@@ -1,9 +1,15 @@
-"""The published index layout: versions/<id>/{embeddings/, faiss.index, errors.parquet, manifest.json} + CURRENT."""
+"""The published index layout: versions/<id>/{embeddings/, faiss.index, errors.parquet, sources.parquet,
+manifest.json} + CURRENT, the runs table (runs/<run_id>.parquet) and the writers' LOCK."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -20,6 +26,9 @@ FAISS = "faiss.index"
 ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
 MASKS_CONTROLLER = "masks_controller.parquet"  # the masks stage's threshold controller history (when masks are on)
+SOURCES = "sources.parquet"  # listed URI -> signature, what `roiqa reindex` compares against
+RUNS = "runs"  # runs/<run_id>.parquet: one row per index / reindex run
+LOCK = "LOCK"  # held by the one writer of an index (index, reindex) while it runs
 
 
 def version_uri(root: str, version: str, *parts: str) -> str:
@@ -121,3 +130,124 @@ def image_uris(version: IndexVersion) -> dict[int, str]:
     """{image_id: uri} of the indexed images."""
     t = version.embeddings([S.IMAGE_ID, S.URI])
     return dict(zip(t.column(S.IMAGE_ID).to_pylist(), t.column(S.URI).to_pylist()))
+
+
+def published_chain(root: str, limit: int | None = None) -> list[str]:
+    """The published versions, newest first: CURRENT, then each manifest's `parent` (what CURRENT was before)."""
+    out: list[str] = []
+    version = current_version(root)
+    while version and (limit is None or len(out) < limit) and version not in out:
+        if not uri_mod.exists(version_uri(root, version, MANIFEST)):
+            break  # an older version already garbage-collected ends the chain
+        out.append(version)
+        version = read_manifest(root, version).get("parent")
+    return out
+
+
+def collect_garbage(root: str, keep: int) -> list[str]:
+    """Delete every version folder but the newest `keep` published ones (unpublished leftovers of failed runs
+    included); returns the deleted ids. Only the lock holder may call it (a writer's new version is not yet kept)."""
+    if keep < 1:
+        raise ValueError(f"keep_versions must be >= 1, got {keep}")
+    kept = set(published_chain(root, keep))
+    if not kept:
+        return []
+    doomed = [v for v in list_versions(root) if v not in kept]
+    for v in doomed:
+        uri_mod.delete(version_uri(root, v), recursive=True)
+    return doomed
+
+
+def write_run(root: str, row: dict) -> None:
+    """Append one row to the index's runs table (runs/<run_id>.parquet); missing columns are null."""
+    cols = {f.name: pa.array([row.get(f.name)], f.type) for f in S.RUNS_SCHEMA}
+    write_table(pa.table(cols, schema=S.RUNS_SCHEMA), uri_mod.join(root, RUNS, f"{row[S.RUN_ID]}.parquet"))
+
+
+def read_runs(root: str) -> pa.Table:
+    """Every run recorded for the index at `root`, oldest first (an empty table when there is none)."""
+    fs, path = uri_mod.filesystem(uri_mod.join(root, RUNS))
+    if not fs.exists(path):
+        return S.RUNS_SCHEMA.empty_table()
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
+    tables = []
+    for p in files:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f).cast(S.RUNS_SCHEMA))
+    return pa.concat_tables([S.RUNS_SCHEMA.empty_table(), *tables]).sort_by(S.RUN_ID)
+
+
+class IndexBusy(ValueError):
+    """Another writer holds the index's lock."""
+
+
+class IndexLock:
+    """The one-writer lock of an index: `LOCK` = {owner, host, pid, acquired, expires}.
+
+    A lock is stale, and taken over, when it has expired (`ttl_s`) or when its holder ran on this host and that
+    process is gone. Overlapping scheduled runs (a nightly job that ran long) therefore fail fast with IndexBusy.
+    """
+
+    def __init__(self, root: str, ttl_s: float, what: str = "index"):
+        self.uri = uri_mod.join(root, LOCK)
+        self.ttl_s, self.what = float(ttl_s), what
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "what": self.what,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "acquired": now,
+                "expires": now + self.ttl_s,
+                "acquired_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+            }
+        ).encode()
+
+    def held(self) -> dict | None:
+        """The current holder's record, or None when the index is not locked."""
+        try:
+            return json.loads(uri_mod.read_bytes(self.uri))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"owner": "?", "expires": 0}  # unreadable: treat as expired
+
+    @staticmethod
+    def stale(holder: dict) -> bool:
+        if float(holder.get("expires", 0)) < time.time():
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+        return False
+
+    def __enter__(self) -> IndexLock:
+        for _ in range(3):
+            if uri_mod.create_exclusive(self.uri, self._body()):
+                holder = self.held()
+                if holder and holder.get("owner") == self.owner:
+                    return self
+            holder = self.held()
+            if holder is None:
+                continue
+            if not self.stale(holder):
+                raise IndexBusy(
+                    f"{self.uri}: the index is locked by {holder.get('what', 'a writer')} {holder.get('owner')} "
+                    f"since {holder.get('acquired_utc', '?')} (until {holder.get('expires')}); another run is "
+                    "writing it. If that run died on another host, delete the LOCK file"
+                )
+            uri_mod.delete(self.uri)  # stale: the holder died or overran its lease
+        raise IndexBusy(f"{self.uri}: could not take the index lock (contended)")
+
+    def __exit__(self, *exc) -> None:
+        holder = self.held()
+        if holder and holder.get("owner") == self.owner:
+            uri_mod.delete(self.uri)

@@ -223,3 +223,36 @@ def param_column(key: str) -> str:
 def trials_schema(param_keys: list[str] | tuple[str, ...]) -> pa.Schema:
     """TRIALS_SCHEMA plus one float64 column per searched parameter: the value the trial used at that iteration."""
     return pa.schema(list(TRIALS_SCHEMA) + [pa.field(param_column(k), pa.float64()) for k in param_keys])
+
+
+# Sources of an index version: one row per listed URI (an image file, a .tar shard or a manifest row), with what
+# identified its stored version when it was read; `roiqa reindex` compares them with a new listing.
+SIGNATURE = "signature"  # string, "etag:<ETag>" on object stores, else "size:<bytes>:mtime:<seconds>"; null: missing
+SOURCES_SCHEMA = pa.schema([pa.field(URI, pa.string(), nullable=False), pa.field(SIGNATURE, pa.string())])
+
+# Runs of `roiqa index` / `roiqa reindex` on one index: one row per run, appended as runs/<run_id>.parquet.
+RUN_ID = "run_id"  # string, sortable (UTC time + random suffix)
+STARTED = "started"  # timestamp[us, UTC]
+KIND = "kind"  # string, index | reindex
+RUN_STATUS = "status"  # string, published | unchanged | failed
+MODE = "mode"  # string, full | incremental | none
+MODE_REASON = "mode_reason"  # string, why a reindex re-embedded everything (no sources, model or config changed)
+PARENT = "parent"  # string, the version published when the run started (null: none)
+VERSION = "version"  # string, the version the run published (null: none)
+RUN_COUNTS = ["listed", "new", "changed", "deleted", "unchanged", "indexed", "errors", "gc_deleted"]  # int64 each
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field(RUN_ID, pa.string(), nullable=False),
+        pa.field(STARTED, pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field(SECONDS, pa.float32()),
+        pa.field(KIND, pa.string(), nullable=False),
+        pa.field(RUN_STATUS, pa.string(), nullable=False),
+        pa.field(MODE, pa.string()),
+        pa.field(MODE_REASON, pa.string()),
+        pa.field("images", pa.string()),
+        pa.field(PARENT, pa.string()),
+        pa.field(VERSION, pa.string()),
+        *[pa.field(c, pa.int64()) for c in RUN_COUNTS],
+        pa.field(MESSAGE, pa.string()),
+    ]
+)

@@ -28,6 +28,9 @@ def parse_error(value: str) -> tuple[str, str, str]:
 
 def errors_table(rows: list[tuple[str, str, str, str]]) -> pa.Table:
     """An errors-schema table from (uri, stage, reason, message) rows."""
+    from roiqa.redact import redact
+
+    rows = [(redact(u), st, r, redact(m)) for u, st, r, m in rows]  # credentials never reach a table
     cols = list(zip(*rows)) if rows else [[], [], [], []]
     names = [S.URI, S.STAGE, S.REASON, S.MESSAGE]
     return pa.table({n: pa.array(list(c), pa.string()) for n, c in zip(names, cols)}, schema=S.ERRORS_SCHEMA)
@@ -70,7 +73,9 @@ def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             err = ""
         except FileNotFoundError:
             data, err = b"", error_string("read", "not_found", "no such file or object")
-        except Exception as exc:  # noqa: BLE001 - any storage failure is recorded against its input
+        except uri_mod.StorageUnavailable:
+            raise  # the store is down, not the input bad: fail the run (nothing is published) rather than record it
+        except Exception as exc:  # noqa: BLE001 - any other storage failure is recorded against its input
             data, err = b"", error_string("read", "read_failed", f"{type(exc).__name__}: {exc}")
         uris.append(u)
         payloads.append(data)
@@ -91,6 +96,8 @@ def expand_tar(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shard = str(shard)
         try:
             data = uri_mod.read_bytes(shard)
+        except uri_mod.StorageUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001
             uris.append(shard)
             payloads.append(b"")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
+import random
 import tarfile
 import tempfile
+import time
 import uuid
 
 import fsspec
@@ -26,7 +29,14 @@ def normalize(uri: str) -> str:
         uri = uri[len("file://") :]
     if "://" not in uri:
         return os.path.abspath(os.path.expanduser(uri))
-    return uri.rstrip("/") if not uri.endswith("://") else uri
+    if uri.endswith("://"):
+        return uri
+    scheme, _, rest = uri.partition("://")
+    if "/" in rest.strip("/"):  # "s3://b/x/../y" -> "s3://b/y": '..' never survives into an id or a prefix check
+        bucket, _, key = rest.partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/")
+        rest = f"{bucket}/{key}" if key else bucket
+    return f"{scheme}://{rest}".rstrip("/")
 
 
 def storage_options(uri: str) -> dict:
@@ -69,22 +79,83 @@ def split_member(uri: str) -> tuple[str, str | None]:
     return uri, None
 
 
+class StorageUnavailable(ConnectionError):
+    """The object store could not be reached for a while: retried, then given up (nothing is half-published)."""
+
+
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientOSError",
+    "FSTimeoutError",
+}
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures to reach the store (connection refused / reset / timed out), not for missing objects."""
+    if isinstance(exc, StorageUnavailable):
+        return False  # already retried
+    if any(c.__name__ in _TRANSIENT_NAMES for c in type(exc).__mro__):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def retry_seconds() -> float:
+    """How long one storage operation keeps retrying an unreachable store: ROIQA_STORAGE_RETRY_S, default 120 s."""
+    raw = os.environ.get("ROIQA_STORAGE_RETRY_S", "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ROIQA_STORAGE_RETRY_S: not a number of seconds: {raw!r}") from None
+    return max(0.0, value)
+
+
+def retrying(uri: str, what: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, retried with exponential backoff (1 s doubling to 30 s, jittered) while the store is
+    unreachable, for up to `retry_seconds()`; then StorageUnavailable naming `uri` and the last error."""
+    deadline = time.monotonic() + retry_seconds()
+    delay, attempts = 1.0, 0
+    while True:
+        attempts += 1
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else propagates unchanged
+            if not is_transient(exc):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                from roiqa.redact import redact
+
+                raise StorageUnavailable(
+                    f"{redact(uri)}: object store unreachable; {what} failed {attempts} times over "
+                    f"{retry_seconds():.0f} s (ROIQA_STORAGE_RETRY_S); last error: "
+                    f"{type(exc).__name__}: {redact(str(exc))}"
+                ) from None
+            time.sleep(min(delay * (0.5 + random.random() / 2), left))
+            delay = min(delay * 2, 30.0)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    return retrying(uri, "exists", fs.exists, path)
 
 
 def read_bytes(uri: str) -> bytes:
     """The whole content of `uri` (a tar member when the URI is `<shard>.tar#<name>`)."""
     shard, member = split_member(uri)
     if member is not None:
-        offset, size = _tar_members(shard)[member]
+        offset, size = retrying(shard, "tar listing", _tar_members, shard)[member]
         fs, path = filesystem(shard)
-        with fs.open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        return retrying(uri, "read", fs.cat_file, path, start=offset, end=offset + size)
     fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    return retrying(uri, "read", fs.cat_file, path)
 
 
 @functools.lru_cache(maxsize=16)
@@ -104,7 +175,48 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     if is_local(uri):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.pipe_file(path, data)
+    retrying(uri, "write", fs.pipe_file, path, data)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create `uri` with `data` only if it does not exist; False when it already does.
+
+    Local files: O_EXCL. Object stores: a conditional PUT (If-None-Match: *) where the filesystem supports it,
+    else write-then-read-back (the last writer wins, and the loser sees someone else's content).
+    """
+    if is_local(uri):
+        path = normalize(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    fs, path = filesystem(uri)
+    try:
+        retrying(uri, "create", fs.pipe_file, path, data, mode="create")
+        return True
+    except FileExistsError:
+        return False
+    except (TypeError, NotImplementedError):
+        pass
+    except OSError as exc:  # a precondition failure surfaces as an OSError subclass in some versions
+        if "PreconditionFailed" in str(exc) or "412" in str(exc):
+            return False
+        raise
+    if exists(uri):
+        return False
+    write_bytes(uri, data)
+    return read_bytes(uri) == data
+
+
+def delete(uri: str, recursive: bool = False) -> None:
+    """Remove a file (or a folder / prefix with `recursive`); a missing one is not an error."""
+    fs, path = filesystem(uri)
+    if retrying(uri, "exists", fs.exists, path):
+        retrying(uri, "delete", fs.rm, path, recursive=recursive)
 
 
 def write_atomic(uri: str, data: bytes) -> None:
@@ -135,19 +247,53 @@ def list_files(uri: str, extensions: tuple[str, ...]) -> list[str]:
 
     A URI naming a single file returns just that file. Hidden files and folders (starting with '.') are skipped.
     """
+    return sorted(list_signatures(uri, extensions))
+
+
+def signature(info: dict) -> str:
+    """What identifies one version of a stored file: its ETag on object stores, else size and mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return f"etag:{str(etag).strip(chr(34))}"
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+    if hasattr(mtime, "timestamp"):
+        mtime = mtime.timestamp()
+    return f"size:{info.get('size')}:mtime:{mtime}"
+
+
+def list_signatures(uri: str, extensions: tuple[str, ...]) -> dict[str, str]:
+    """{canonical URI: signature} of the files under `uri` (recursively) whose names end with `extensions`.
+
+    A URI naming a single file gives just that file. Hidden files and folders (starting with '.') are skipped.
+    """
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    if not retrying(uri, "exists", fs.exists, path):
         raise FileNotFoundError(f"{uri}: no such file, folder or prefix")
-    if fs.isfile(path):
-        return [to_uri(fs, path)]
-    out = []
-    for p in fs.find(path):
+    if retrying(uri, "stat", fs.isfile, path):
+        return {to_uri(fs, path): signature(retrying(uri, "stat", fs.info, path))}
+    out = {}
+    for p, info in retrying(uri, "list", fs.find, path, detail=True).items():
         rel = posixpath.relpath(p, path) if not is_local(uri) else os.path.relpath(p, path)
         if any(part.startswith(".") for part in rel.replace(os.sep, "/").split("/")):
             continue
         if p.lower().endswith(extensions):
-            out.append(to_uri(fs, p))
-    return sorted(out)
+            out[to_uri(fs, p)] = signature(info)
+    return out
+
+
+def stat_signatures(uris: list[str], threads: int = 32) -> dict[str, str | None]:
+    """{uri: signature} of listed URIs (None: missing); many object-store HEAD requests in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(u: str) -> str | None:
+        fs, path = filesystem(split_member(u)[0])
+        try:
+            return signature(retrying(u, "stat", fs.info, path))
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
+        return dict(zip(uris, pool.map(one, uris)))
 
 
 def new_version_id() -> str:

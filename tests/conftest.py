@@ -86,7 +86,7 @@ def ray_local(s3_server):
     """One Ray per module (2 CPUs), started after the S3 server so its workers see the endpoint."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     yield
     ray.shutdown()
 

@@ -27,7 +27,7 @@ def ray_train(s3_server):
     """Ray with its dashboard (Ray Train's controller queries the State API through it)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="warning")
     yield
     ray.shutdown()
 

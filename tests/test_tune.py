@@ -52,7 +52,7 @@ def reference_best(trials: pd.DataFrame) -> pd.Series:
 def ray_tune():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="warning")
     yield
     ray.shutdown()
 
