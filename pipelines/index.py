@@ -207,6 +207,7 @@ def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None
     t1 = time.perf_counter()
     if not uris:
         return Embedded(S.ERRORS_SCHEMA.empty_table(), {}, 0.0, None)
+    init_ray()
     ic = cfg.index
     masks = cfg.masks if cfg.masks.enabled else None
     pool = {"compute": ray.data.ActorPoolStrategy(size=ic.actors)}
@@ -358,7 +359,6 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
     run_id = uri_mod.new_version_id()
-    init_ray()
     index = uri_mod.normalize(index)
     p = None
     with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa index"):

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.index import Carried, Plan, embed_uris, plan, record_failure, run_row, write_version
-from pipelines.runtime import init_ray
 from pipelines.sources import LISTING_REASONS
 from roiqa import faiss_index
 from roiqa import index_store as store
@@ -116,7 +115,6 @@ def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
     run_id = uri_mod.new_version_id()
-    init_ray()
     index = uri_mod.normalize(index)
     p = None
     with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa reindex"):

@@ -181,11 +181,15 @@ class IndexBusy(ValueError):
     """Another writer holds the index's lock."""
 
 
+_HELD: set[str] = set()  # owners of the locks this process holds now
+
+
 class IndexLock:
     """The one-writer lock of an index: `LOCK` = {owner, host, pid, acquired, expires}.
 
-    A lock is stale, and taken over, when it has expired (`ttl_s`) or when its holder ran on this host and that
-    process is gone. Overlapping scheduled runs (a nightly job that ran long) therefore fail fast with IndexBusy.
+    A lock is stale, and taken over, when it has expired (`ttl_s`), when its holder ran on this host and that
+    process is gone, or when it was taken by this very process and is no longer held (a run whose release failed
+    because the store was down). Overlapping scheduled runs (a nightly job that ran long) fail fast with IndexBusy.
     """
 
     def __init__(self, root: str, ttl_s: float, what: str = "index"):
@@ -221,6 +225,8 @@ class IndexLock:
         if float(holder.get("expires", 0)) < time.time():
             return True
         if holder.get("host") == socket.gethostname():
+            if holder.get("pid") == os.getpid():
+                return holder.get("owner") not in _HELD
             try:
                 os.kill(int(holder.get("pid", -1)), 0)
             except ProcessLookupError:
@@ -234,6 +240,7 @@ class IndexLock:
             if uri_mod.create_exclusive(self.uri, self._body()):
                 holder = self.held()
                 if holder and holder.get("owner") == self.owner:
+                    _HELD.add(self.owner)
                     return self
             holder = self.held()
             if holder is None:
@@ -247,7 +254,13 @@ class IndexLock:
             uri_mod.delete(self.uri)  # stale: the holder died or overran its lease
         raise IndexBusy(f"{self.uri}: could not take the index lock (contended)")
 
-    def __exit__(self, *exc) -> None:
-        holder = self.held()
-        if holder and holder.get("owner") == self.owner:
-            uri_mod.delete(self.uri)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _HELD.discard(self.owner)
+        try:
+            holder = self.held()
+            if holder and holder.get("owner") == self.owner:
+                uri_mod.delete(self.uri)
+        except uri_mod.StorageUnavailable:
+            if exc is None:
+                raise
+            # the run is failing anyway (often for the same reason): keep its error; the lock is stale from now on

@@ -17,7 +17,7 @@ _SIGNED_PARAM = re.compile(
     r"[^&\s'\"]+",
     re.I,
 )
-_AUTH_HEADER = re.compile(r"((?:Authorization|X-Amz-Security-Token)['\"]?\s*[:=]\s*['\"]?)[^'\"\n,}]+", re.I)
+_AUTH_HEADER = re.compile(r"((?:Authorization|X-Amz-Security-Token)['\"]?\s*[:=]\s*['\"]?)[^'\"\n}]+", re.I)
 
 
 def is_secret_name(name: str) -> bool:

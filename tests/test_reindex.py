@@ -1,0 +1,260 @@
+"""`roiqa reindex`: only new and changed images are embedded, the result equals a full index of the same folder,
+no change publishes nothing, versions are garbage-collected, a crash before CURRENT leaves readers on the old
+version, overlapping runs are refused, and manifests may not point outside their allowed prefixes."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.index import run_index
+from pipelines.reindex import diff, run_reindex
+from pipelines.sources import list_images
+from roiqa import faiss_index
+from roiqa import index_store as store
+from roiqa import schema as S
+from roiqa.config import replace_section
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gallery(collection, folder) -> list[str]:
+    """A copy of the collection's gallery plus one empty file (an errors-table row), sorted."""
+    shutil.copytree(collection.gallery_dir, folder)
+    with open(os.path.join(folder, "broken.jpg"), "wb"):
+        pass
+    return sorted(glob.glob(os.path.join(folder, "*")))
+
+
+def _rows(version: store.IndexVersion) -> dict[str, np.ndarray]:
+    t = version.embeddings([S.URI, S.EMBEDDING])
+    rows = zip(t.column(S.URI).to_pylist(), t.column(S.EMBEDDING).to_pylist())
+    return {u: np.asarray(e, np.float32) for u, e in rows}
+
+
+def _uris_in_id_order(version: store.IndexVersion) -> list[str]:
+    return version.embeddings([S.URI]).column(S.URI).to_pylist()
+
+
+def _error_uris(version: store.IndexVersion) -> list[str]:
+    return sorted(version.errors().column(S.URI).to_pylist())
+
+
+def test_reindex_embeds_only_changes_and_equals_a_full_index(ray_local, collection, tiny_cfg, tmp_path):
+    cfg = replace_section(tiny_cfg, "index", keep_versions=2)
+    folder = str(tmp_path / "images")
+    files = _gallery(collection, folder)
+    index = str(tmp_path / "index")
+    first = run_index(folder, index, cfg)
+    v1 = store.open_index(index)
+    assert first.inputs == len(files)
+
+    # no change: nothing is published, CURRENT and the version folders stay as they were
+    same = run_reindex(folder, index, cfg)
+    assert (same.status, same.version, same.counts["new"], same.counts["unchanged"]) == ("unchanged", None, 0, 11)
+    assert store.current_version(index) == first.version and store.list_versions(index) == [first.version]
+
+    # one image deleted, one overwritten with other content, two added (one broken), one unchanged broken file kept
+    images = [f for f in files if not f.endswith("broken.jpg")]
+    os.remove(images[0])
+    shutil.copyfile(images[5], images[1])
+    shutil.copyfile(images[6], os.path.join(folder, "new_a.jpg"))
+    with open(os.path.join(folder, "new_b.jpg"), "wb") as f:
+        f.write(b"not an image")
+    r = run_reindex(folder, index, cfg)
+    assert (r.status, r.mode, r.parent) == ("published", "incremental", first.version)
+    assert {k: r.counts[k] for k in ("listed", "new", "changed", "deleted", "unchanged")} == {
+        "listed": 12, "new": 2, "changed": 1, "deleted": 1, "unchanged": 9,
+    }  # fmt: skip
+    v2 = store.open_index(index)
+    assert v2.version == r.version and v2.manifest["parent"] == first.version
+
+    # only the 3 new/changed images went through the embedding actors: the rest is the carried file, unchanged
+    carried = pq.read_table(store.version_uri(index, r.version, store.EMBEDDINGS, f"carried-{first.version}.parquet"))
+    assert carried.num_rows == 8
+    old_rows = _rows(v1)
+    for u, e in zip(carried.column(S.URI).to_pylist(), carried.column(S.EMBEDDING).to_pylist()):
+        np.testing.assert_array_equal(np.asarray(e, np.float32), old_rows[u])
+    assert v2.embeddings().num_rows == 8 + 2  # new_a and the overwritten image; new_b is an error
+
+    # reference: a full index of the same folder
+    ref_index = str(tmp_path / "reference")
+    run_index(folder, ref_index, cfg)
+    ref = store.open_index(ref_index)
+    got, want = _rows(v2), _rows(ref)
+    assert sorted(got) == sorted(want)
+    for u in want:
+        np.testing.assert_allclose(got[u], want[u], atol=1e-5)
+    assert _error_uris(v2) == _error_uris(ref) == sorted([os.path.join(folder, "broken.jpg"), f"{folder}/new_b.jpg"])
+    assert sorted([*got, *_error_uris(v2)]) == sorted(list_images(folder).uris)  # every input once
+
+    # the faiss index updated in place answers like the rebuilt one
+    q = np.stack([want[u] for u in sorted(want)[:4]])
+    d1, i1 = faiss_index.search(v2.faiss(), q, 5)
+    d2, _ = faiss_index.search(ref.faiss(), q, 5)
+    np.testing.assert_allclose(d1, d2, atol=1e-5)  # the same scores (ids of near-ties may swap places)
+    by_id = dict(zip(ref.embeddings().column(S.IMAGE_ID).to_pylist(), [want[u] for u in _uris_in_id_order(ref)]))
+    np.testing.assert_allclose([[q[i] @ by_id[j] for j in row] for i, row in enumerate(i1)], d1, atol=1e-5)
+
+    # a third publish: keep_versions=2 garbage-collects the first version
+    os.remove(os.path.join(folder, "new_a.jpg"))
+    r3 = run_reindex(folder, index, cfg)
+    assert (r3.counts["deleted"], r3.counts["gc_deleted"]) == (1, 1)
+    assert store.list_versions(index) == sorted([r.version, r3.version])
+    assert f"{folder}/new_a.jpg" not in _rows(store.open_index(index))
+
+    runs = store.read_runs(index).to_pandas()
+    assert runs[S.KIND].tolist() == ["index", "reindex", "reindex", "reindex"]
+    assert runs[S.RUN_STATUS].tolist() == ["published", "unchanged", "published", "published"]
+    assert runs["new"].tolist() == [11, 0, 2, 0] and runs["deleted"].tolist() == [0, 0, 1, 1]
+    assert runs[S.VERSION].tolist()[2:] == [r.version, r3.version]
+
+
+def test_reindex_is_full_when_the_model_changes(ray_local, collection, tiny_cfg, tmp_path):
+    folder = str(tmp_path / "images")
+    files = _gallery(collection, folder)
+    index = str(tmp_path / "index")
+    run_index(folder, index, tiny_cfg)
+    other = replace_section(tiny_cfg, "model", seed=7)
+    r = run_reindex(folder, index, other)
+    assert (r.status, r.mode, r.reason) == ("published", "full", "the model changed")
+    assert r.counts["new"] == len(files)
+    assert store.open_index(index).manifest["config"]["model"]["seed"] == 7
+
+
+_CRASH = """
+import os, sys
+from roiqa import index_store
+def crash(root, version):  # the process dies after the version is written, before CURRENT is replaced
+    print("CRASHING", version, flush=True)
+    os._exit(137)
+index_store.publish = crash
+from jobs.reindex import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_crash_between_version_and_current_leaves_readers_on_the_old_version(collection, tiny_cfg, tmp_path):
+    folder = str(tmp_path / "images")
+    _gallery(collection, folder)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"model": {"fpn_channels": 32}, "preprocess": {"image_size": 128}}))
+    index = str(tmp_path / "index")
+    argv = ["--images", folder, "--index", index, "--config", str(config), "--model", "none"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    assert subprocess.run([sys.executable, "-m", "jobs.index", *argv], env=env, capture_output=True).returncode == 0
+    old = store.current_version(index)
+    shutil.copyfile(sorted(glob.glob(f"{folder}/img_*"))[0], f"{folder}/added.jpg")
+
+    crashed = subprocess.run([sys.executable, "-c", _CRASH, *argv], env=env, capture_output=True, text=True)
+    assert crashed.returncode == 137 and "CRASHING" in crashed.stdout
+    orphan = crashed.stdout.split("CRASHING", 1)[1].split()[0]
+    assert os.path.exists(store.version_uri(index, orphan, store.MANIFEST))  # the version was written whole...
+    assert store.current_version(index) == old  # ...but readers still get the old one
+    reader = store.open_index(index)
+    assert reader.version == old and reader.faiss().ntotal == reader.manifest["counts"]["indexed"]
+    assert f"{folder}/added.jpg" not in _rows(reader)
+    assert os.path.exists(os.path.join(index, store.LOCK))  # the dead run's lock is left behind
+
+    # the next run takes over the dead process's lock, completes, and garbage-collects the orphan
+    done = subprocess.run([sys.executable, "-m", "jobs.reindex", *argv], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (out["status"], out["new"], out["parent"]) == ("published", 1, old)
+    assert store.current_version(index) == out["version"] != orphan
+    assert orphan not in store.list_versions(index)
+    assert f"{folder}/added.jpg" in _rows(store.open_index(index))
+    assert not os.path.exists(os.path.join(index, store.LOCK))
+
+
+def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(tiny_cfg, tmp_path):
+    index = str(tmp_path / "index")
+    with store.IndexLock(index, ttl_s=60, what="roiqa reindex"):
+        with pytest.raises(store.IndexBusy, match="locked by roiqa reindex"):
+            run_reindex(str(tmp_path), index, tiny_cfg)  # refused before anything is listed or written
+        with pytest.raises(store.IndexBusy):
+            store.IndexLock(index, ttl_s=60).__enter__()
+    assert not os.path.exists(os.path.join(index, store.LOCK))
+    # expired lease: taken over
+    stale = {"owner": "elsewhere:1:x", "host": "another-host", "pid": 1, "expires": time.time() - 1}
+    with open(os.path.join(index, store.LOCK), "w") as f:
+        json.dump(stale, f)
+    with store.IndexLock(index, ttl_s=60) as lock:
+        assert store.IndexLock(index, 60).held()["owner"] == lock.owner
+    # a live lease on another host is respected
+    live = {**stale, "expires": time.time() + 60}
+    with open(os.path.join(index, store.LOCK), "w") as f:
+        json.dump(live, f)
+    with pytest.raises(store.IndexBusy, match="elsewhere:1:x"):
+        store.IndexLock(index, ttl_s=60).__enter__()
+
+
+def test_garbage_collection_keeps_the_published_chain_and_removes_orphans(tmp_path):
+    root = str(tmp_path / "index")
+    parent = None
+    for v in ["v1", "v2", "v3"]:
+        store.write_manifest(root, v, {"version": v, "parent": parent})
+        store.publish(root, v)
+        parent = v
+    store.write_manifest(root, "v2b", {"version": "v2b", "parent": "v2"})  # written, never published
+    os.makedirs(store.version_uri(root, "v0-partial", store.EMBEDDINGS))  # a run that died before its manifest
+    assert store.published_chain(root) == ["v3", "v2", "v1"]
+    assert sorted(store.collect_garbage(root, keep=2)) == ["v0-partial", "v1", "v2b"]
+    assert store.list_versions(root) == ["v2", "v3"] and store.current_version(root) == "v3"
+    with pytest.raises(ValueError, match="keep_versions"):
+        store.collect_garbage(root, keep=0)
+
+
+def test_diff_against_a_worked_example():
+    old = {"a": "etag:1", "b": "etag:2", "c": "etag:3", "d": None}
+    new = {"a": "etag:1", "b": "etag:9", "d": None, "e": "etag:5"}
+    assert diff(old, new) == {"new": ["e"], "changed": ["b"], "deleted": ["c"], "unchanged": ["a", "d"]}
+
+
+def test_faiss_update_in_place_equals_a_rebuild():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(1000, 1050, dtype=np.int64)
+    index = faiss_index.build_index(x[:40], ids[:40], "Flat")
+    gone = ids[[3, 7, 20]]
+    updated = faiss_index.update_index(index, gone, x[40:], ids[40:])
+    keep = ~np.isin(ids, gone)
+    rebuilt = faiss_index.build_index(x[keep], ids[keep], "Flat")
+    d1, i1 = faiss_index.search(updated, x[:10], 8)
+    d2, i2 = faiss_index.search(rebuilt, x[:10], 8)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(d1, d2, atol=1e-6)
+    assert not np.isin(i1, gone).any()
+
+
+def test_a_manifest_pointing_outside_its_prefix_is_refused(tmp_path, tiny_cfg):
+    inside = tmp_path / "data" / "a.jpg"
+    inside.parent.mkdir()
+    inside.write_bytes(b"x")
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"x")
+    manifest = tmp_path / "data" / "m.parquet"
+    for rows in (["a.jpg", "../secret.jpg"], ["a.jpg", str(outside)], ["a.jpg", "sub/../../secret.jpg"]):
+        pq.write_table(pa.table({S.URI: rows}), manifest)
+        with pytest.raises(ValueError, match=r"m\.parquet: row 1 points outside the allowed prefixes"):
+            list_images(str(manifest))
+    # inside its folder, or inside a prefix the config allows, is accepted
+    pq.write_table(pa.table({S.URI: ["a.jpg", "./sub/../a.jpg", str(outside)]}), manifest)
+    listing = list_images(str(manifest), (str(tmp_path / "data"), str(tmp_path)))
+    assert listing.uris == [str(inside), str(outside)] and [u for u, _ in listing.errors] == [str(inside)]
+    assert set(listing.signatures) == {str(inside), str(outside)}
+    cfg = dataclasses.replace(tiny_cfg)
+    with pytest.raises(ValueError, match="outside the allowed prefixes"):
+        run_reindex(str(manifest), str(tmp_path / "index"), cfg)

@@ -1,0 +1,266 @@
+"""Object-store faults and credentials, through a TCP relay in front of the S3 server that the test takes down.
+
+Injected: (1) the endpoint refuses every connection for 2 s while a re-index starts: the run retries and publishes;
+(2) the endpoint goes down at the moment the run uploads its new faiss index and stays down until the run gives
+up: `roiqa reindex` exits 3 with one line naming the object and the retries, CURRENT still names the old version,
+the half-written version has no manifest, the failure to record the run is logged, and once the endpoint is back
+the next run takes over the lock, completes with every input exactly once and removes the leftover.
+Throughout, a distinctive secret key is in the environment: it never appears in anything written to the store, printed, or logged by Ray's workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from roiqa import index_store as store
+from roiqa import schema as S
+from roiqa.redact import redact
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "roiqa-faults"
+SECRET = "roiqa-test-secret-" + uuid.uuid4().hex
+KEY_ID = "AKIAROIQATEST" + uuid.uuid4().hex[:8].upper()
+RETRY_S = 4.0
+
+
+class FlakyEndpoint:
+    """A TCP relay to the S3 server that can be down (connections reset) for a while, by command or when a
+    request whose bytes match `trip` passes through it."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.down_until = 0.0
+        self.trip: re.Pattern | None = None
+        self.trip_down_s = 0.0
+        self.tripped = threading.Event()
+        self.refused = 0
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def down(self, seconds: float) -> None:
+        self.down_until = time.monotonic() + seconds
+
+    def up(self) -> None:
+        self.down_until = 0.0
+
+    def is_down(self) -> bool:
+        return time.monotonic() < self.down_until
+
+    def close(self) -> None:
+        self._stop = True
+        self.server.close()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            if self.is_down():
+                self._reset(conn)
+                continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                self._reset(conn)
+                continue
+            threading.Thread(target=self._pipe, args=(conn, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, conn, False), daemon=True).start()
+
+    def _reset(self, conn: socket.socket) -> None:
+        self.refused += 1
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_client and self.trip is not None and self.trip.search(data):
+                    self.trip = None
+                    self.down(self.trip_down_s)
+                    self.tripped.set()
+                if self.is_down():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture(scope="module")
+def flaky(s3_server):
+    """The relay, with the AWS variables (and a distinctive secret) pointing at it, and a Ray started after them
+    so its workers reach the store through the relay too."""
+    import ray
+    import s3fs
+
+    host, port = s3_server.rsplit("//", 1)[1].split(":")
+    relay = FlakyEndpoint((host, int(port)))
+    env = {
+        "AWS_ENDPOINT_URL": relay.url,
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "ROIQA_STORAGE_RETRY_S": str(RETRY_S),
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    direct.mkdir(BUCKET)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    session = ray._private.worker._global_node.get_session_dir_path()
+    yield relay, direct, session
+    ray.shutdown()
+    relay.close()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _upload(direct, collection) -> list[str]:
+    files = sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))
+    for f in files:
+        direct.put_file(f, f"{BUCKET}/images/{os.path.basename(f)}")
+    direct.pipe_file(f"{BUCKET}/images/broken.jpg", b"\xff\xd8\xff truncated")
+    return files
+
+
+def _reindex(capsys, cfg_path: str) -> tuple[int, str, str]:
+    from jobs.reindex import main
+
+    argv = ["--images", f"s3://{BUCKET}/images", "--index", f"s3://{BUCKET}/index", "--model", "none"]
+    rc = main([*argv, "--config", cfg_path])
+    out, err = capsys.readouterr()
+    _PRINTED.append(out + err)
+    return rc, out, err
+
+
+_PRINTED: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    cfg = {"model": {"fpn_channels": 32}, "preprocess": {"image_size": 128}, "index": {"batch_size": 8}}
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def test_a_short_outage_is_retried_and_the_run_publishes(flaky, collection, tiny_yaml, capsys):
+    relay, direct, _ = flaky
+    files = _upload(direct, collection)
+    rc, out, err = _reindex(capsys, tiny_yaml)
+    assert rc == 0, err[-2000:]
+    first = json.loads(out.strip().splitlines()[-1])
+    assert (first["status"], first["mode"], first["new"]) == ("published", "full", len(files) + 1)
+
+    direct.put_file(files[0], f"{BUCKET}/images/added.jpg")
+    relay.down(2.0)  # shorter than the retry window
+    refused = relay.refused
+    rc, out, err = _reindex(capsys, tiny_yaml)
+    assert rc == 0, err[-2000:]
+    second = json.loads(out.strip().splitlines()[-1])
+    assert (second["status"], second["new"], second["unchanged"]) == ("published", 1, len(files) + 1)
+    assert relay.refused > refused  # the outage really hit the run
+    assert direct.cat_file(f"{BUCKET}/index/CURRENT").decode().strip() == second["version"]
+
+
+def test_an_outage_while_publishing_fails_clearly_and_publishes_nothing(flaky, collection, tiny_yaml, capsys, caplog):
+    relay, direct, _ = flaky
+    before = direct.cat_file(f"{BUCKET}/index/CURRENT").decode().strip()
+    direct.put_file(sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))[1], f"{BUCKET}/images/late.jpg")
+    runs_before = store.read_runs(f"s3://{BUCKET}/index").num_rows
+    # down from the moment the new faiss index is uploaded until the run has given up
+    relay.trip, relay.trip_down_s = re.compile(rb"PUT /roiqa-faults/index/versions/[^ ]+/faiss\.index"), 1e9
+    t0 = time.monotonic()
+    rc, out, err = _reindex(capsys, tiny_yaml)
+    relay.up()
+    assert relay.tripped.is_set()
+    assert rc == 3, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("roiqa reindex: error:")]
+    assert len(line) == 1 and "object store unreachable" in line[0] and "faiss.index" in line[0]
+    assert "ROIQA_STORAGE_RETRY_S" in line[0] and time.monotonic() - t0 >= RETRY_S
+    assert direct.cat_file(f"{BUCKET}/index/CURRENT").decode().strip() == before  # readers stay on the old one
+    direct.invalidate_cache()
+    versions = [p.rsplit("/", 1)[-1] for p in direct.ls(f"{BUCKET}/index/versions")]
+    half = [v for v in versions if not direct.exists(f"{BUCKET}/index/versions/{v}/{store.MANIFEST}")]
+    assert len(half) == 1  # the half-written version: embeddings, no manifest, never published
+    assert "could not record the failed run" in err + caplog.text  # the store was down: said, not dropped
+    assert store.read_runs(f"s3://{BUCKET}/index").num_rows == runs_before
+
+    rc, out, err = _reindex(capsys, tiny_yaml)
+    assert rc == 0, err[-2000:]
+    done = json.loads(out.strip().splitlines()[-1])
+    assert (done["status"], done["new"], done["parent"]) == ("published", 1, before)
+    direct.invalidate_cache()
+    assert not direct.exists(f"{BUCKET}/index/versions/{half[0]}")  # the leftover was garbage-collected
+    v = store.open_index(f"s3://{BUCKET}/index")
+    uris = v.embeddings([S.URI]).column(S.URI).to_pylist() + v.errors().column(S.URI).to_pylist()
+    listed = sorted(f"s3://{p}" for p in direct.ls(f"{BUCKET}/images"))
+    assert sorted(uris) == listed  # every input exactly once
+    assert v.errors().column(S.REASON).to_pylist() == ["corrupt"]
+
+
+def test_credentials_never_leave_the_environment(flaky, tiny_yaml, capsys, tmp_path):
+    relay, direct, session = flaky
+    # a manifest row carrying credentials in its URL: refused, and the error line masks them
+    pq.write_table(pa.table({S.URI: [f"s3://{KEY_ID}:{SECRET}@elsewhere/x.jpg"]}), tmp_path / "m.parquet")
+    direct.put_file(str(tmp_path / "m.parquet"), f"{BUCKET}/manifests/m.parquet")
+    from jobs.index import main
+
+    rc = main(["--images", f"s3://{BUCKET}/manifests/m.parquet", "--index", f"s3://{BUCKET}/index2"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "outside the allowed prefixes" in err and "s3://***@elsewhere/x.jpg" in err
+    _PRINTED.append(out + err)
+
+    leaks = []
+    for text in _PRINTED:
+        leaks += [s for s in (SECRET, KEY_ID) if s in text]
+    written = [p for p in direct.find(BUCKET) if not p.startswith((f"{BUCKET}/manifests/", f"{BUCKET}/images/"))]
+    for path in written:  # everything roiqa wrote (the inputs above hold the secret on purpose)
+        data = direct.cat_file(path)
+        leaks += [f"{path}: {s}" for s in (SECRET, KEY_ID) if s.encode() in data]
+    for root, _, names in os.walk(os.path.join(session, "logs")):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                data = f.read()
+            leaks += [f"{name}: {s}" for s in (SECRET, KEY_ID) if s.encode() in data]
+    assert not leaks
+
+
+def test_redact_masks_secrets_urls_and_signatures():
+    env = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "RAY_AUTH_TOKEN": "tok-123456", "HOME": "/root"}
+    text = (
+        "GET s3://AKIA1:s3cr3t-value@bucket/k?X-Amz-Signature=abc123&X-Amz-Credential=AKIA/x&a=1 "
+        "token tok-123456 home /root\nAuthorization: AWS4-HMAC-SHA256 Credential=zzz, Signature=fff"
+    )
+    assert redact(text, env) == (
+        "GET s3://***@bucket/k?X-Amz-Signature=***&X-Amz-Credential=***&a=1 token *** home /root\nAuthorization: ***"
+    )
