@@ -5,7 +5,8 @@ Injected: (1) the endpoint refuses every connection for 2 s while a re-index sta
 up: `roiqa reindex` exits 3 with one line naming the object and the retries, CURRENT still names the old version,
 the half-written version has no manifest, the failure to record the run is logged, and once the endpoint is back
 the next run takes over the lock, completes with every input exactly once and removes the leftover.
-Throughout, a distinctive secret key is in the environment: it never appears in anything written to the store, printed, or logged by Ray's workers.
+Throughout, a distinctive secret key is in the environment: it never appears in anything written to the store,
+printed, or logged by Ray's workers.
 """
 
 from __future__ import annotations
