@@ -145,20 +145,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_crash_between_version_and_current_leaves_readers_on_the_old_version(collection, tiny_cfg, tmp_path):
+def test_crash_between_version_and_current_leaves_readers_on_the_old_version(ray_local, collection, tiny_cfg, tmp_path):
     folder = str(tmp_path / "images")
     _gallery(collection, folder)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(json.dumps({"model": {"fpn_channels": 32}, "preprocess": {"image_size": 128}}))
     index = str(tmp_path / "index")
-    argv = ["--images", folder, "--index", index, "--config", str(config), "--model", "none"]
-    env = {**os.environ, "PYTHONPATH": REPO}
-    assert subprocess.run([sys.executable, "-m", "jobs.index", *argv], env=env, capture_output=True).returncode == 0
-    old = store.current_version(index)
+    old = run_index(folder, index, tiny_cfg).version
     shutil.copyfile(sorted(glob.glob(f"{folder}/img_*"))[0], f"{folder}/added.jpg")
 
+    # the crashing run is a process of its own (os._exit: no cleanup, its lock left behind)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"model": {"fpn_channels": 32}, "preprocess": {"image_size": 128}}))
+    argv = ["--images", folder, "--index", index, "--config", str(config), "--model", "none"]
+    env = {**os.environ, "PYTHONPATH": REPO}
     crashed = subprocess.run([sys.executable, "-c", _CRASH, *argv], env=env, capture_output=True, text=True)
-    assert crashed.returncode == 137 and "CRASHING" in crashed.stdout
+    assert crashed.returncode == 137 and "CRASHING" in crashed.stdout, crashed.stderr[-3000:]
     orphan = crashed.stdout.split("CRASHING", 1)[1].split()[0]
     assert os.path.exists(store.version_uri(index, orphan, store.MANIFEST))  # the version was written whole...
     assert store.current_version(index) == old  # ...but readers still get the old one
@@ -168,11 +168,9 @@ def test_crash_between_version_and_current_leaves_readers_on_the_old_version(col
     assert os.path.exists(os.path.join(index, store.LOCK))  # the dead run's lock is left behind
 
     # the next run takes over the dead process's lock, completes, and garbage-collects the orphan
-    done = subprocess.run([sys.executable, "-m", "jobs.reindex", *argv], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (out["status"], out["new"], out["parent"]) == ("published", 1, old)
-    assert store.current_version(index) == out["version"] != orphan
+    done = run_reindex(folder, index, tiny_cfg)
+    assert (done.status, done.counts["new"], done.parent) == ("published", 1, old)
+    assert store.current_version(index) == done.version != orphan
     assert orphan not in store.list_versions(index)
     assert f"{folder}/added.jpg" in _rows(store.open_index(index))
     assert not os.path.exists(os.path.join(index, store.LOCK))
