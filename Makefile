@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_query --out benchmarks/results
 	$(PY) -m benchmarks.bench_faiss --out benchmarks/results
 	$(PY) -m benchmarks.bench_stages --out benchmarks/results
+	$(PY) -m benchmarks.bench_reindex --out benchmarks/results
 
 # The experiments of the optional stages (README, "Optional stages": seeds 001, 004, then 000, 004, 002 in the pipelines): about an hour on 2 cores.
 experiments: $(STAMP)
