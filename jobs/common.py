@@ -28,6 +28,18 @@ def config_from(args: argparse.Namespace, **sections: dict | None) -> RoiqaConfi
     return load_config(args.config, {k: v for k, v in over.items() if v})
 
 
+def add_index_args(p: argparse.ArgumentParser, index_help: str) -> None:
+    """The arguments `roiqa index` and `roiqa reindex` share: images, index, model, actors, batch size, stages,
+    config."""
+    p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
+    p.add_argument("--index", required=True, help=index_help)
+    add_model_arg(p)
+    p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
+    add_stage_flags(p, "complexity", "masks")
+    add_config_arg(p)
+
+
 def add_stage_flags(p: argparse.ArgumentParser, *stages: str) -> None:
     """--<stage> / --no-<stage> switches for the optional seed stages (override <stage>.enabled of the config)."""
     helps = {

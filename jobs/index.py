@@ -5,18 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
+from jobs.common import add_index_args, config_from, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa index", description=__doc__)
-    p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
-    p.add_argument("--index", required=True, help="index URI (local path, file:// or s3://)")
-    add_model_arg(p)
-    p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
-    add_stage_flags(p, "complexity", "masks")
-    add_config_arg(p)
+    add_index_args(p, "index URI (local path, file:// or s3://)")
     return p
 
 

@@ -5,19 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
+from jobs.common import add_index_args, config_from, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa reindex", description=__doc__)
-    p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
-    p.add_argument("--index", required=True, help="index URI; its published version is the one compared against")
-    add_model_arg(p)
+    add_index_args(p, "index URI; its published version is the one compared against")
     p.add_argument("--keep", type=int, default=None, help="published versions to keep (overrides index.keep_versions)")
-    p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
-    add_stage_flags(p, "complexity", "masks")
-    add_config_arg(p)
     return p
 
 
