@@ -51,7 +51,8 @@ pytestmark = pytest.mark.cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The GCS declares a node dead after `threshold` failed health checks `period_ms` apart (defaults 5 x 3 s); a
-# killed raylet fails each check at once, so this finds the loss in ~3 s. A live raylet still has 10 s per check.
+# killed raylet fails each check at once, so this finds the loss in ~3 s. A live but busy raylet still has the default
+# 10 s (health_check_timeout_ms) to answer each check.
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 INDEX_CFG = {
     "model": {"fpn_channels": 32},
@@ -110,16 +111,23 @@ def start_cluster(monkeypatch):
         c.wait_for_nodes()
         return c
 
-    yield start
-    ray.shutdown()
-    for c in clusters:
-        c.shutdown()
+    try:
+        yield start
+    finally:
+        ray.shutdown()
+        for c in clusters:
+            c.shutdown()
 
 
 @contextlib.contextmanager
 def driver(args: list[str], address: str, log: str):
     """A `python -m jobs.<name>` driver joining the cluster at `address` (stdout to `log`.out, stderr to `log`.err);
-    killed if still running at the end."""
+    killed if still running at the end.
+
+    It inherits this process's environment, authentication included: `Cluster` nodes use token authentication only
+    when RAY_AUTH_MODE=token is set (a local `ray.init()` earlier in this process sets it), and the driver then reads
+    the same token (~/.ray/auth_token).
+    """
     env = {**os.environ, "RAY_ADDRESS": address}
     with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -163,7 +171,7 @@ def still_waiting(t_end: float, proc: subprocess.Popen, what: str) -> None:
 
 
 # --- index ------------------------------------------------------------------------------------------------------------
-def make_collection(collection, folder: str, n: int) -> tuple[list[str], dict[str, str]]:
+def make_collection(collection, folder: str, n: int) -> tuple[list[str], dict[str, tuple[str, str]]]:
     """`n` variants of the collection's photographs (brightness shifts, JPEG and PNG re-encodings) and three broken
     files; (paths of the good images, {path of a broken file: its expected (stage, reason)})."""
     from PIL import Image
@@ -173,7 +181,7 @@ def make_collection(collection, folder: str, n: int) -> tuple[list[str], dict[st
     good = []
     for i in range(n):
         img = np.asarray(Image.open(src[i % len(src)]).convert("RGB"), np.int16)
-        img = Image.fromarray(np.clip(img + 3 * (i // len(src)) - 6, 0, 255).astype(np.uint8))
+        img = Image.fromarray(np.clip(img + 2 * ((i // len(src)) % 13) - 12, 0, 255).astype(np.uint8))
         path = os.path.join(folder, f"img_{i:03d}" + (".png" if i % 7 == 3 else ".jpg"))
         img.save(path, **({} if path.endswith(".png") else {"quality": 80 + i % 15}))
         good.append(path)
@@ -205,8 +213,8 @@ def test_index_survives_losing_a_worker_node(start_cluster, collection, tmp_path
     from roiqa.sources import read_files
 
     # 2 logical CPUs per worker node (bookkeeping only): the surviving node alone fits both half-CPU embedding
-    # actors and a 1-CPU read or decode task. With 1 CPU per node the survivor's CPU goes to the actors and the
-    # reads wait for ever.
+    # actors and a 1-CPU read/decode task (lost blocks are read again). With 1 CPU per node the job never even
+    # starts embedding: the two actors spread over both nodes and no node keeps a whole CPU for a read task.
     cluster = start_cluster(worker_cpus=2)
     images, index = str(tmp_path / "images"), str(tmp_path / "index")
     good, broken = make_collection(collection, images, N_IMAGES)
