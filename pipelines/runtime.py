@@ -19,7 +19,11 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     actor state through it and otherwise log a warning every second and may leak placement groups.
     """
     if not ray.is_initialized():
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        # Joining a cluster from a client: the workers get the endpoint through the runtime environment. Under
+        # `ray job submit` the job's own runtime environment applies (Ray refuses a second one naming the same
+        # variables), and an embedded Ray's workers inherit this process's environment anyway.
+        joining = os.environ.get("RAY_ADDRESS") and not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)} if joining else {}
         ray.init(
             # "local": a new in-process Ray even when a `ray start` cluster runs on this machine (Ray would join it)
             address=os.environ.get("RAY_ADDRESS") or "local",
