@@ -15,6 +15,7 @@ VERBS = {
     "eval": ("jobs.eval", "mAP, Recall@K and localization AP@0.5 of results against ground truth"),
     "profile": ("jobs.profile", "train a task profile (confidence estimator + thresholds) for the masks stage"),
     "verifier": ("jobs.verifier", "train the ROI-mask verifier used by the query pipeline's verify stage"),
+    "coarse": ("jobs.coarse", "fit the coarse stage's regional whitening on training photographs; write a checkpoint"),
     "submit": ("jobs.submit", "submit a roiqa verb as a Ray job to a running cluster"),
 }
 

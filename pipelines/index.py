@@ -23,6 +23,7 @@ from roiqa import uri as uri_mod
 from roiqa.complexity import ComplexityStage
 from roiqa.config import RoiqaConfig, to_dict
 from roiqa.embed import Decoder, Embedder
+from roiqa.models.backbone import descriptor_dim
 from roiqa.models.checkpoint import describe, model_config
 from roiqa.redact import redact
 from roiqa.sources import errors_table, expand_tar, parse_error, read_files
@@ -187,7 +188,7 @@ def describe_model(model_uri: str | None, cfg: RoiqaConfig) -> dict:
 
 def plan(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None) -> Plan:
     images, index = uri_mod.normalize(images), uri_mod.normalize(index)
-    dim = model_config(model_uri, cfg.model).fpn_channels  # the checkpoint's own width when one is given
+    dim = descriptor_dim(model_config(model_uri, cfg.model))  # the checkpoint's own width when one is given
     stages_on = stage_settings(cfg)
     return Plan(
         images=images,
@@ -275,17 +276,20 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
     listing_errors = errors_table([(u, *parse_error(e)) for u, e in p.listing.errors])
     errors = pa.concat_tables([listing_errors, done.errors, *([carried.errors] if carried else [])])
     errors = errors.cast(S.ERRORS_SCHEMA)
-    ids = emb.column(S.IMAGE_ID).to_numpy()
+    mode = cfg.index.coarse
+    vectors, ids = faiss_index.coarse_vectors(emb, p.dim, mode)
     factory = faiss_index.choose_factory(cfg.index.faiss_factory, len(ids), p.dim)
     index = None
     if carried is not None and carried.faiss is not None:
         new = pc.is_in(emb.column(S.IMAGE_ID), value_set=carried.embeddings.column(S.IMAGE_ID))
-        added = emb.filter(pc.invert(new))
-        index = faiss_index.update_index(carried.faiss, carried.removed_ids, _vectors(added, p.dim), _ids(added))
+        add_vectors, add_ids = faiss_index.coarse_vectors(emb.filter(pc.invert(new)), p.dim, mode)
+        index = faiss_index.update_index(
+            carried.faiss, carried.removed_ids, add_vectors, add_ids, regions=mode == "regions"
+        )
         if index is not None and index.ntotal != len(ids):
             index = None  # the parent's index did not hold exactly the carried rows: rebuild
     if index is None:
-        index = faiss_index.build_index(_vectors(emb, p.dim), ids, factory)
+        index = faiss_index.build_index(vectors, ids, factory)
     faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
     errors_bytes = store.write_table(errors, store.version_uri(p.index, p.version, store.ERRORS))
     sig = p.listing.signatures
@@ -307,6 +311,8 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
         "embedding_dim": p.dim,
         "stages": stages_on,
         "faiss_factory": factory,
+        "coarse": mode,
+        "faiss_vectors": int(index.ntotal),
         "checksums": {store.FAISS: store.sha256(faiss_bytes), store.ERRORS: store.sha256(errors_bytes)},
     }
     if carried is not None:
@@ -314,14 +320,6 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
     store.write_manifest(p.index, p.version, manifest)
     store.publish(p.index, p.version)
     return manifest
-
-
-def _vectors(emb: pa.Table, dim: int) -> np.ndarray:
-    return np.asarray(emb.column(S.EMBEDDING).combine_chunks().flatten(), np.float32).reshape(-1, dim)
-
-
-def _ids(emb: pa.Table) -> np.ndarray:
-    return emb.column(S.IMAGE_ID).to_numpy()
 
 
 def run_row(kind: str, run_id: str, started: datetime.datetime, p: Plan | None, **values) -> dict:

@@ -143,11 +143,21 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     qids = enc.column(S.QUERY_ID).to_pylist()
     qerr = [str(e) for e in enc.column(S.ERROR).to_pylist()]
     good = [i for i, e in enumerate(qerr) if not e]
-    emb = np.stack(enc.column(S.EMBEDDING).to_numpy(zero_copy_only=False))
-    faiss = version.faiss()
-    scores, ids = faiss_index.search(faiss, emb[good], qc.top_k, cfg.index.faiss_nprobe) if good else ([], [])
-    good_ids = [qids[i] for i in good]
     uris = store.image_uris(version)
+    regions = version.manifest.get("coarse", "global") == "regions"
+    column = S.COARSE_QUERY if regions else S.EMBEDDING
+    emb = np.stack(enc.column(column).to_numpy(zero_copy_only=False))
+    if regions:
+        emb = emb.reshape(len(emb), len(qc.coarse_sizes), -1)  # (Q, S, D)
+    image_ids = np.fromiter(uris, np.int64, len(uris)) if regions else None
+    scores, ids = (
+        faiss_index.search_images(
+            version.faiss(), emb[good], qc.top_k, cfg.index.faiss_nprobe, image_ids, qc.coarse_regions
+        )
+        if good
+        else ([], [])
+    )
+    good_ids = [qids[i] for i in good]
     coarse = pd.DataFrame(
         [
             (q, int(i), uris[int(i)], float(s))

@@ -98,9 +98,10 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
     listing_made = pc.is_in(errors.column(S.REASON), value_set=pa.array(LISTING_REASONS))
     errors = errors.filter(pc.and_(_rows_of(errors, keep), pc.invert(listing_made)))
     n_after = kept.num_rows + len(d["new"]) + len(d["changed"])  # an upper bound of the new row count
-    same_kind = parent.manifest.get("faiss_factory") == faiss_index.choose_factory(
-        cfg.index.faiss_factory, n_after, p.dim
-    )
+    per_image = parent.manifest.get("faiss_vectors", emb.num_rows) / max(1, emb.num_rows)  # regions per image
+    same_kind = parent.manifest.get("coarse", "global") == cfg.index.coarse and parent.manifest.get(
+        "faiss_factory"
+    ) == faiss_index.choose_factory(cfg.index.faiss_factory, round(n_after * per_image), p.dim)
     return Carried(kept, errors, parent.faiss() if same_kind else None, np.asarray(removed, np.int64), info)
 
 

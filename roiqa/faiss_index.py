@@ -105,14 +105,84 @@ def load(uri: str) -> faiss.Index:
     return deserialize(uri_mod.read_bytes(uri), uri)
 
 
-def update_index(index: faiss.Index, remove_ids: np.ndarray, vectors: np.ndarray, ids: np.ndarray):
+COARSE_MODES = ("regions", "global")
+
+
+def coarse_vectors(table, dim: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (N, D) float32, ids (N,) int64) that faiss indexes for an embeddings table: one global descriptor
+    per image keyed by image_id ("global"), or every regional descriptor keyed by its region key ("regions")."""
+    from roiqa import schema as S
+    from roiqa.models.regions import image_key, region_keys
+
+    if mode not in COARSE_MODES:
+        raise ValueError(f"index.coarse must be one of {COARSE_MODES}, got {mode!r}")
+    ids = np.asarray(table.column(S.IMAGE_ID).to_numpy(), np.int64)
+    if mode == "global":
+        flat = table.column(S.EMBEDDING).combine_chunks().flatten()
+        return np.asarray(flat, np.float32).reshape(-1, dim), ids
+    keys = image_key(ids)
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError("two images share a region key (51-bit image id prefix); index them in separate indexes")
+    blobs = table.column(S.REGIONS).to_pylist()
+    arrs = [np.frombuffer(b or b"", np.float16).reshape(-1, dim) for b in blobs]
+    counts = np.array([len(a) for a in arrs], np.int64)
+    vectors = np.concatenate(arrs).astype(np.float32) if arrs else np.zeros((0, dim), np.float32)
+    return vectors, region_keys(ids, counts)
+
+
+def update_index(
+    index: faiss.Index, remove_ids: np.ndarray, vectors: np.ndarray, ids: np.ndarray, regions: bool = False
+):
     """`index` with `remove_ids` removed and (`vectors`, `ids`) added in place, or None when this kind of index
-    cannot remove ids (HNSW, ...): then the caller rebuilds it."""
+    cannot remove ids (HNSW, ...): then the caller rebuilds it. With `regions`, `remove_ids` are image ids and
+    every region key of each image goes."""
+    from roiqa.models.regions import REGION_BITS, image_key
+
     try:
-        if len(remove_ids):
+        if len(remove_ids) and regions:
+            for key in image_key(remove_ids).tolist():
+                index.remove_ids(faiss.IDSelectorRange(key << REGION_BITS, (key + 1) << REGION_BITS))
+        elif len(remove_ids):
             index.remove_ids(np.ascontiguousarray(remove_ids, dtype=np.int64))
     except RuntimeError:
         return None
     if len(ids):
         index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
     return index
+
+
+def search_images(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    nprobe: int = 32,
+    image_ids: np.ndarray | None = None,
+    regions: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best images per query: (scores (Q, k), image ids (Q, k)), -inf / -1 past the results.
+
+    Without `image_ids` the index holds one vector per image and `queries` is (Q, D). With `image_ids` (every
+    indexed image id) it holds region keys and `queries` is (Q, S, D), S descriptors per query (one per query
+    size): each fetches its `regions` best regions, and an image scores its best region over all S.
+    """
+    if image_ids is None:
+        return search(index, queries, k, nprobe)
+    from roiqa.models.regions import image_key, split_key
+
+    queries = np.asarray(queries, np.float32)
+    q, s, d = queries.shape
+    lookup = dict(zip(image_key(image_ids).tolist(), np.asarray(image_ids, np.int64).tolist()))
+    sc, keys = search(index, queries.reshape(q * s, d), max(k, regions), nprobe)
+    out_s = np.full((q, k), -np.inf, np.float32)
+    out_i = np.full((q, k), -1, np.int64)
+    for i in range(q):
+        rs, rk = sc[i * s : (i + 1) * s].reshape(-1), keys[i * s : (i + 1) * s].reshape(-1)
+        ok = rk >= 0
+        best: dict[int, float] = {}
+        for key, v in zip(split_key(rk[ok])[0].tolist(), rs[ok].tolist()):
+            if v > best.get(key, -np.inf):
+                best[key] = v
+        ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        for j, (key, v) in enumerate(ranked):
+            out_s[i, j], out_i[i, j] = v, lookup[key]
+    return out_s, out_i

@@ -81,19 +81,34 @@ class QueryEncoder:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n, dim = len(batch[S.QUERY_ID]), self.model.cfg.fpn_channels
+        n, dim = len(batch[S.QUERY_ID]), self.model.dim
+        sizes = self.cfg.query.coarse_sizes
         emb = np.zeros((n, dim), dtype=np.float32)
+        coarse = np.zeros((n, len(sizes) * dim), dtype=np.float32)
         errors = []
         for i, u in enumerate(batch[S.URI]):
             try:
                 patch = load_patch(str(u), query_boxes(batch, i), self.cfg.preprocess.max_pixels)
-                patch, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
-                feats = pyramid(self.model, patch, self.device)
-                emb[i] = self.model.global_descriptor(feats)[0].float().cpu().numpy()
+                small, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
+                emb[i] = self.model.global_descriptor(pyramid(self.model, small, self.device))[0].cpu().numpy()
+                coarse[i] = self.coarse_descriptors(patch).reshape(-1)
                 errors.append("")
             except (DecodeError, ValueError, OSError) as exc:
                 errors.append(error_string("query", getattr(exc, "reason", "bad_query"), str(exc)))
-        return {S.QUERY_ID: batch[S.QUERY_ID], S.EMBEDDING: emb, S.ERROR: object_array(errors)}
+        return {
+            S.QUERY_ID: batch[S.QUERY_ID],
+            S.EMBEDDING: emb,
+            S.COARSE_QUERY: coarse,
+            S.ERROR: object_array(errors),
+        }
+
+    def coarse_descriptors(self, patch: np.ndarray) -> np.ndarray:
+        """(len(query.coarse_sizes), D) whitened descriptors of the patch at each coarse size, for the region index."""
+        out = []
+        for size in self.cfg.query.coarse_sizes:
+            p, _ = resize_long_side(patch, size)
+            out.append(self.model.coarse_query_descriptor(pyramid(self.model, p, self.device))[0].cpu().numpy())
+        return np.stack(out)
 
 
 class Reranker:
@@ -189,7 +204,8 @@ class Reranker:
         keep = nms_peaks(boxes, vals.cpu(), qc.nms_iou, qc.peaks)
         scale_idx = int(best_scale[rows[keep[0]], cols[keep[0]]])
         boxes, vals = boxes[keep], vals[keep]
-        regions = m.region_descriptors(crop[finest], boxes.to(heat.device), finest)  # (K, C)
+        rl = m.region_level
+        regions = m.region_descriptors(crop[rl], boxes.to(heat.device), rl)  # (K, C)
         score = m.score(q.z, regions)
         assert heat.shape == (hf, wf)
         return heat, boxes[0].numpy(), float(score), float(vals[0]), scale_idx

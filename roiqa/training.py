@@ -129,7 +129,7 @@ def batch_losses(
             rb = net.peak_boxes(fused[j], (kh, kw), q.peaks, q.nms_iou)
             if extra is not None:  # the true box is always among the positive's regions
                 rb = torch.cat([extra, rb])
-            regions = net.region_descriptors(feats[net.cfg.levels[0]][[b * j + i]], rb.to(device), net.cfg.levels[0])
+            regions = net.region_descriptors(feats[net.region_level][[b * j + i]], rb.to(device), net.region_level)
             sims.append(regions @ z)
         pos_sims.append(sims[0].max())
         neg_sims.append(sims[1].max())
@@ -184,7 +184,7 @@ def center_head(model: Matcher, batch: dict[str, np.ndarray], device: torch.devi
     images = torch.from_numpy(np.concatenate([np.asarray(batch["image"]), np.asarray(batch["negative"])])).to(device)
     feats = net.pyramid(images)
     pooled = [net.gem(feats[net.cfg.descriptor_level])]
-    lv = net.cfg.levels[0]
+    lv = net.region_level
     boxes = torch.as_tensor(np.array(batch["box"]), dtype=torch.float32)
     for i, bx in enumerate(boxes):
         rois = roi_align(feats[lv][i : i + 1], [bx[None].to(device)], (3, 3), 1.0 / net.stride(lv), 2, True)

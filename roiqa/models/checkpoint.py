@@ -14,17 +14,29 @@ from roiqa.config import ModelConfig, from_dict, to_dict
 from roiqa.models.matcher import Matcher
 
 CONFIG_KEY = "roiqa.model_config"
+BODY = "body.body."  # state-dict prefix of the backbone's body (what a body-less checkpoint leaves out)
+OPTIONAL = ("whitening.",)  # weights older checkpoints lack: they keep their initial (identity) values
 
 
 def save_matcher(
-    model: Matcher, uri: str, extra: dict[str, str] | None = None, dtype: torch.dtype | None = None
+    model: Matcher,
+    uri: str,
+    extra: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    include_body: bool = True,
 ) -> bytes:
     """Write the matcher's weights and config to `uri` (.safetensors); returns the bytes written.
 
     `dtype` (e.g. torch.float16) stores floating-point weights at that precision (half the bytes); loading casts
-    them back to the model's float32.
+    them back to the model's float32. `include_body=False` leaves the backbone's body out: loading then takes it
+    from the config's `backbone_weights` (a pinned package's file), so a checkpoint of a frozen pretrained body
+    holds only what was trained.
     """
+    if not include_body and not model.cfg.backbone_weights:
+        raise ValueError("include_body=False needs model.backbone_weights to load the body from")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if not include_body:
+        state = {k: v for k, v in state.items() if not k.startswith(BODY)}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     meta = {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}
@@ -55,20 +67,27 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     if uri is None:
         return Matcher(cfg or ModelConfig())
     data = uri_mod.read_bytes(uri)
-    model = Matcher(_config(read_metadata(data, uri), uri))
     state = st_load(data)
+    with_body = any(k.startswith(BODY) for k in state)
+    model_cfg = _config(read_metadata(data, uri), uri, keep_weights=not with_body)
+    if not with_body and not model_cfg.backbone_weights:
+        raise ValueError(f"{uri}: checkpoint without body weights and without model.backbone_weights to load them")
+    model = Matcher(model_cfg)
     ref = model.state_dict()
     state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(OPTIONAL) and (with_body or not k.startswith(BODY))]
     if missing or unexpected:
         raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
 
 
-def _config(meta: dict[str, str], uri: str) -> ModelConfig:
+def _config(meta: dict[str, str], uri: str, keep_weights: bool = False) -> ModelConfig:
     if CONFIG_KEY not in meta:
         raise ValueError(f"{uri}: safetensors file without {CONFIG_KEY!r} metadata is not a roiqa checkpoint")
     model_cfg = from_dict(ModelConfig, json.loads(meta[CONFIG_KEY]), where=f"{uri}:{CONFIG_KEY}")
+    if keep_weights:  # a body-less checkpoint: the body comes from the backbone_weights its config names
+        return model_cfg
     # The checkpoint carries every weight: skip any backbone_weights file the config names.
     return dataclasses.replace(model_cfg, backbone_weights=None)
 

@@ -12,6 +12,7 @@ from torchvision.ops import roi_align
 
 from roiqa.config import ModelConfig
 from roiqa.models.backbone import build_backbone
+from roiqa.models.regions import Whitening
 from roiqa.ops.fusion import lse_fuse, upsample_to
 from roiqa.ops.gem import GeM, valid_mask
 from roiqa.ops.xcorr import cosine_xcorr
@@ -62,14 +63,21 @@ class Matcher(nn.Module):
         self.cfg = cfg
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
+            if cfg.descriptor_level not in cfg.levels:
+                raise ValueError(f"model.descriptor_level {cfg.descriptor_level} must be one of model.levels")
             self.body = build_backbone(cfg)
-            c = cfg.fpn_channels
-            self.phi = nn.ModuleDict({str(lv): identity_conv1x1(c) for lv in cfg.levels})  # query adapters
-            self.psi = nn.ModuleDict({str(lv): identity_conv1x1(c) for lv in cfg.levels})  # search adapters
+            ch = self.body.channels  # {level: channels}
+            self.phi = nn.ModuleDict({str(lv): identity_conv1x1(ch[lv]) for lv in cfg.levels})  # query adapters
+            self.psi = nn.ModuleDict({str(lv): identity_conv1x1(ch[lv]) for lv in cfg.levels})  # search adapters
             self.alpha_logit = nn.Parameter(torch.zeros(len(cfg.levels)))  # alpha = softmax(alpha_logit)
             self.log_gamma = nn.Parameter(torch.tensor(math.log(cfg.gamma)))
             self.gem = GeM(cfg.gem_p)
-            self.head = ResidualMLP(c)
+            # z and r_k (eq. 5) share a space: the finest level with an FPN (equal widths, as in seed 003), the
+            # descriptor level without one (the body's levels differ in width).
+            self.region_level = cfg.levels[0] if cfg.fpn_channels else cfg.descriptor_level
+            self.dim = ch[cfg.descriptor_level]  # D of the global and regional index descriptors
+            self.head = ResidualMLP(ch[self.region_level])
+            self.whitening = Whitening(self.dim)  # the coarse stage's regional descriptors (identity until fitted)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0, persistent=False)
 
@@ -99,9 +107,33 @@ class Matcher(nn.Module):
         mask = None if valid_hw is None else valid_mask(valid_hw.to(x.device), x.shape[-2:], self.stride(lv))
         return F.normalize(self.head(self.gem(x, mask)), dim=-1)
 
+    def regional_descriptors(
+        self, feats: dict[int, torch.Tensor], valid_hw: torch.Tensor | np.ndarray
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: whitened GeM descriptors (R, D) of the region grid over its valid cells of the descriptor
+        level, and their boxes (R, 4) in input pixels (clipped to the valid region). The coarse stage's index rows."""
+        from roiqa.models.regions import box_gem, region_grid
+
+        lv = self.cfg.descriptor_level
+        x, s = feats[lv], self.stride(lv)
+        out = []
+        for b, (vh, vw) in enumerate(np.asarray(valid_hw).reshape(-1, 2).tolist()):
+            h, w = max(1, -(-int(vh) // s)), max(1, -(-int(vw) // s))
+            cells = region_grid(h, w).to(x.device)
+            desc = self.whitening(box_gem(x[b, :, :h, :w].float(), cells, float(self.gem.p)))
+            boxes = cells.float() * s
+            boxes = torch.minimum(boxes, torch.tensor([vw, vh, vw, vh], dtype=boxes.dtype, device=boxes.device))
+            out.append((desc, boxes))
+        return out
+
+    def coarse_query_descriptor(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Whitened GeM of a query patch's whole descriptor-level map, comparable with `regional_descriptors`. (B, D)"""
+        x = feats[self.cfg.descriptor_level].float()
+        return self.whitening(self.gem(x))
+
     def query_descriptor(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
-        """z = L2(head(GeM(Z^{l*}))) on the finest query level (seed 003, section 2.4). (B, C)."""
-        return F.normalize(self.head(self.gem(feats[self.cfg.levels[0]])), dim=-1)
+        """z = L2(head(GeM(Z^{l*}))) on the region level (seed 003, section 2.4). (B, C)."""
+        return F.normalize(self.head(self.gem(feats[self.region_level])), dim=-1)
 
     def region_descriptors(self, feat: torch.Tensor, boxes: torch.Tensor, level: int) -> torch.Tensor:
         """r_k = L2(head(GeM(ROIAlign(X^l, box_k)))) for boxes (K, 4) in input pixels of a (1, C, H, W) map. (K, C)."""
@@ -191,11 +223,11 @@ class Matcher(nn.Module):
         z = self.query_descriptor(qf)[0]
         feats = self.pyramid(images)
         heat = self.fuse(self.level_heatmaps(qf, feats))  # (B, H_f, W_f)
-        finest, (h, w) = self.cfg.levels[0], query.shape[:2]
+        rl, (h, w) = self.region_level, query.shape[:2]
         all_boxes, scores = [], []
         for b in range(len(heat)):
             boxes = self.peak_boxes(heat[b], (h, w), peaks, nms_iou).to(heat.device)
-            scores.append(self.score(z, self.region_descriptors(feats[finest][b : b + 1], boxes, finest)))
+            scores.append(self.score(z, self.region_descriptors(feats[rl][b : b + 1], boxes, rl)))
             all_boxes.append(torch.cat([boxes, boxes[:1].expand(peaks - len(boxes), 4)]))
         return {
             "heatmap": heat,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-SHIPPED_NAME = "roiqa-r18-fpn128.safetensors"
+SHIPPED_NAME = "roiqa-effl0-coarse.safetensors"
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED_NAME)
 RANDOM = ("none", "random")  # --model values meaning: no checkpoint, a randomly initialised network (config seed)
 
