@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         model = Matcher(cfg.model)
         n = fit_coarse(model, photos, cfg.preprocess.image_size, args.shrink)
         data = save_matcher(
-            model, args.out, extra={"roiqa.coarse_fit": f"{len(photos)} photos, {n} regions"}, include_body=args.with_body
+            model,
+            args.out,
+            extra={"roiqa.coarse_fit": f"{len(photos)} photos, {n} regions"},
+            include_body=args.with_body,
         )
         print(f"whitening fitted on {n} regional descriptors of {len(photos)} photos; {len(data)} bytes -> {args.out}")
         return 0

@@ -258,7 +258,7 @@ def test_overrides_win_over_yaml(tmp_path) -> None:
 
 def test_to_dict_from_dict_round_trip() -> None:
     cfg = RoiqaConfig(
-        model=ModelConfig(fpn_channels=16, levels=(3, 4), backbone_weights="/w.pth", seed=9),
+        model=ModelConfig(backbone="resnet18", fpn_channels=16, levels=(3, 4), backbone_weights="/w.pth", seed=9),
         preprocess=PreprocessConfig(image_size=256),
         index=IndexConfig(faiss_factory="IVF16,Flat"),
         query=QueryConfig(top_k=5, query_sizes=(32, 64), nms_iou=0.5, overlays=False),

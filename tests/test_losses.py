@@ -96,7 +96,7 @@ def test_window_targets_hand_computed():
 
 
 TINY_TRAIN = RoiqaConfig(
-    model=ModelConfig(fpn_channels=32),
+    model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32),
     train=TrainConfig(batch_size=2, image_size=96, query_size=48, object_scale=(24.0, 48.0), mined_negatives=2),
 )
 

@@ -244,7 +244,7 @@ def test_profile_job_smoke(tmp_path):
 
 # --- Embedder -------------------------------------------------------------------------------------------------
 
-MODEL = ModelConfig(fpn_channels=32)
+MODEL = ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32)
 
 
 def batch_of(n: int = 3, size: int = 64, error_row: int | None = None) -> dict[str, np.ndarray]:

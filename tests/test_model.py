@@ -20,7 +20,7 @@ from roiqa.models.matcher import Matcher, ResidualMLP, lse_score
 from roiqa.ops.gem import gem
 from roiqa.ops.xcorr import cosine_xcorr
 
-CFG = ModelConfig(fpn_channels=16)
+CFG = ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16)
 
 
 class _NotATensor:
@@ -91,7 +91,7 @@ def test_residual_mlp_not_identity_once_trained() -> None:
 
 
 def test_alpha_and_gamma_at_init() -> None:
-    m = Matcher(ModelConfig(fpn_channels=16, gamma=7.5))
+    m = Matcher(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, gamma=7.5))
     assert m.alpha.shape == (3,)
     assert m.alpha.sum().item() == pytest.approx(1.0, abs=1e-6)
     torch.testing.assert_close(m.alpha, torch.full((3,), 1 / 3))
@@ -224,11 +224,11 @@ def test_same_seed_same_weights_different_seed_different() -> None:
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    a = Matcher(ModelConfig(fpn_channels=16, seed=5))
+    a = Matcher(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, seed=5))
     after = torch.rand(3)
     assert torch.equal(before, after)  # the global RNG is left untouched
-    b = Matcher(ModelConfig(fpn_channels=16, seed=5))
-    c = Matcher(ModelConfig(fpn_channels=16, seed=6))
+    b = Matcher(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, seed=5))
+    c = Matcher(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, seed=6))
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert _state_equal(sa, sb)
     assert sa.keys() == sc.keys()
@@ -240,7 +240,16 @@ def test_same_seed_same_weights_different_seed_different() -> None:
 
 
 def test_save_load_round_trip(tmp_path) -> None:
-    cfg = ModelConfig(fpn_channels=16, gamma=5.0, gem_p=2.5, seed=3, levels=(3, 4), descriptor_level=3)
+    cfg = ModelConfig(
+        backbone="resnet18",
+        backbone_weights=None,
+        fpn_channels=16,
+        gamma=5.0,
+        gem_p=2.5,
+        seed=3,
+        levels=(3, 4),
+        descriptor_level=3,
+    )
     m = Matcher(cfg)
     with torch.no_grad():
         m.alpha_logit.add_(torch.tensor([0.3, -0.2]))  # not the init values
@@ -254,13 +263,13 @@ def test_save_load_round_trip(tmp_path) -> None:
     assert loaded.cfg == cfg
     assert _state_equal(m.state_dict(), loaded.state_dict())
     # a different cfg passed in loses to the checkpoint's own
-    assert load_matcher(path, ModelConfig(fpn_channels=32)).cfg == cfg
+    assert load_matcher(path, ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32)).cfg == cfg
     d = describe(path, ModelConfig())
     assert d["uri"] == path and d["weights"] == "checkpoint" and d["config"] == to_dict(cfg)
 
 
 def test_load_matcher_none_is_random_init() -> None:
-    cfg = ModelConfig(fpn_channels=16, seed=2)
+    cfg = ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, seed=2)
     assert _state_equal(load_matcher(None, cfg).state_dict(), Matcher(cfg).state_dict())
 
 
@@ -311,7 +320,7 @@ def test_read_metadata_truncated(tmp_path) -> None:
 
 
 def test_describe_random_init() -> None:
-    cfg = ModelConfig(fpn_channels=16, seed=42)
+    cfg = ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, seed=42)
     d = describe(None, cfg)
     assert d == {"uri": None, "weights": "random-init(seed=42)", "config": to_dict(cfg)}
     d2 = describe(None, ModelConfig(backbone_weights="/w/r18.pth"))
@@ -366,7 +375,7 @@ def test_load_state_dict_bytes_rejects_non_dict_and_pickles() -> None:
 )
 def test_build_backbone_bad_config(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        build_backbone(ModelConfig(fpn_channels=16, **kwargs))
+        build_backbone(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, **kwargs))
 
 
 @pytest.mark.parametrize("ext", ["pth", "safetensors"])
@@ -376,13 +385,13 @@ def test_backbone_weights_file_is_loaded(tmp_path, resnet18_state, ext) -> None:
         torch.save(resnet18_state, path)
     else:
         path.write_bytes(st_save(resnet18_state))
-    body = build_backbone(ModelConfig(fpn_channels=16, backbone_weights=str(path))).body
+    body = build_backbone(ModelConfig(backbone="resnet18", fpn_channels=16, backbone_weights=str(path))).body
     assert torch.equal(body.conv1.weight, resnet18_state["conv1.weight"])
     assert torch.equal(body.layer3[1].conv2.weight, resnet18_state["layer3.1.conv2.weight"])
-    m = Matcher(ModelConfig(fpn_channels=16, backbone_weights=str(path)))
+    m = Matcher(ModelConfig(backbone="resnet18", fpn_channels=16, backbone_weights=str(path)))
     assert torch.equal(m.body.body.layer2[0].conv1.weight, resnet18_state["layer2.0.conv1.weight"])
     # without the file the seeded random init differs
-    plain = build_backbone(ModelConfig(fpn_channels=16)).body
+    plain = build_backbone(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16)).body
     assert not torch.equal(plain.conv1.weight, resnet18_state["conv1.weight"])
 
 
@@ -390,13 +399,13 @@ def test_backbone_weights_of_wrong_architecture(tmp_path) -> None:
     path = tmp_path / "wrong.safetensors"
     path.write_bytes(st_save({"conv1.weight": torch.zeros(64, 3, 7, 7)}))
     with pytest.raises(ValueError, match="wrong.safetensors: not resnet18 weights"):
-        build_backbone(ModelConfig(fpn_channels=16, backbone_weights=str(path)))
+        build_backbone(ModelConfig(backbone="resnet18", fpn_channels=16, backbone_weights=str(path)))
 
 
 def test_model_config_reads_the_checkpoint_header_only(tmp_path) -> None:
     from roiqa.models.checkpoint import model_config
 
-    cfg = ModelConfig(fpn_channels=24, seed=9)
+    cfg = ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=24, seed=9)
     path = str(tmp_path / "m.safetensors")
     save_matcher(Matcher(cfg), path)
     assert model_config(path, CFG) == load_matcher(path).cfg  # the checkpoint's config, not the one passed in

@@ -15,7 +15,7 @@ from roiqa.imageio import encode_jpeg, encode_png, resize_long_side
 from roiqa.rerank import Reranker, crop_patch
 
 CFG = RoiqaConfig(
-    model=ModelConfig(fpn_channels=64),
+    model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=64),
     preprocess=PreprocessConfig(image_size=256),
     query=QueryConfig(query_sizes=(64,), descriptor_size=64, peaks=3, overlays=False),
     verify=VerifyConfig(enabled=False),  # the rerank alone (verification: tests/test_stages.py)

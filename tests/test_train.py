@@ -11,7 +11,7 @@ import torch
 from roiqa.config import ModelConfig, RoiqaConfig, TrainConfig
 
 CFG = RoiqaConfig(
-    model=ModelConfig(fpn_channels=32),
+    model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32),
     train=TrainConfig(
         epochs=4, steps_per_epoch=3, batch_size=2, image_size=96, query_size=48, object_scale=(24.0, 48.0)
     ),
@@ -81,7 +81,7 @@ def test_checkpoint_state_round_trip(tmp_path):
     opt.step()
     save_state(str(tmp_path), model, opt, {"epoch": 3, "history": [{"epoch": 3, "loss": 1.5}]})
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "optimizer.safetensors", "state.json"]
-    fresh = Matcher(ModelConfig(fpn_channels=32, seed=9))
+    fresh = Matcher(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32, seed=9))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     state = load_state(str(tmp_path), fresh, fresh_opt)
     assert state == {"epoch": 3, "history": [{"epoch": 3, "loss": 1.5}]}

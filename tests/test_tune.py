@@ -29,7 +29,7 @@ def tiny(epochs: int) -> RoiqaConfig:
     train = TrainConfig(
         epochs=epochs, steps_per_epoch=1, batch_size=2, image_size=96, query_size=48, object_scale=(24.0, 48.0)
     )
-    return RoiqaConfig(model=ModelConfig(fpn_channels=32), train=train)
+    return RoiqaConfig(model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32), train=train)
 
 
 def config_file(tmp_path, epochs: int) -> str:

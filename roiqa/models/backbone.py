@@ -212,7 +212,9 @@ def descriptor_dim(cfg: ModelConfig) -> int:
     import timm
 
     probe = timm.create_model(cfg.backbone, pretrained=False, features_only=True)
-    by_level = {int(r).bit_length() - 1: c for r, c in zip(probe.feature_info.reduction(), probe.feature_info.channels())}
+    by_level = {
+        int(r).bit_length() - 1: c for r, c in zip(probe.feature_info.reduction(), probe.feature_info.channels())
+    }
     if cfg.descriptor_level not in by_level:
         raise ValueError(f"model.descriptor_level: {cfg.backbone} has no level {cfg.descriptor_level}")
     return by_level[cfg.descriptor_level]

