@@ -173,7 +173,7 @@ def test_model_resolution_and_the_shipped_checkpoint():
     assert resolve_model(None) == SHIPPED == resolve_model("default")
     assert os.path.getsize(SHIPPED) < 25 * 2**20
     cfg = model_config(SHIPPED, None)
-    assert (cfg.backbone, cfg.fpn_channels, tuple(cfg.levels)) == ("resnet18", 128, (3, 4, 5))
+    assert (cfg.backbone, cfg.fpn_channels, tuple(cfg.levels)) == ("efficientnet_lite0", 0, (3, 4, 5))
     model = load_matcher(SHIPPED)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert model.head.fc2.weight.abs().sum() > 0  # trained: the head is no longer the identity
+    assert not torch.equal(model.whitening.proj, torch.eye(model.dim))  # fitted: the whitening is not the identity

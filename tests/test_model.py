@@ -367,7 +367,7 @@ def test_load_state_dict_bytes_rejects_non_dict_and_pickles() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"backbone": "vgg16"}, "unknown 'vgg16'"),
+        ({"backbone": "no_such_net"}, "unknown 'no_such_net'"),
         ({"levels": (3, 6)}, "model.levels"),
         ({"levels": (5, 3)}, "model.levels"),
         ({"levels": (1, 2)}, "model.levels"),
@@ -375,7 +375,7 @@ def test_load_state_dict_bytes_rejects_non_dict_and_pickles() -> None:
 )
 def test_build_backbone_bad_config(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        build_backbone(ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=16, **kwargs))
+        build_backbone(ModelConfig(**{"backbone": "resnet18", "backbone_weights": None, "fpn_channels": 16, **kwargs}))
 
 
 @pytest.mark.parametrize("ext", ["pth", "safetensors"])

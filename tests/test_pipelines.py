@@ -14,6 +14,7 @@ import pytest
 
 from pipelines.index import run_index
 from pipelines.query import read_results, run_query
+from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.embed import Decoder, Embedder
@@ -43,7 +44,8 @@ def check_version_consistent(index: str) -> store.IndexVersion:
     counts = v.manifest["counts"]
     assert counts["indexed"] == emb.num_rows and counts["errors"] == err.num_rows
     assert counts["inputs"] == emb.num_rows + err.num_rows
-    assert v.faiss().ntotal == emb.num_rows
+    vectors, keys = faiss_index.coarse_vectors(emb, v.manifest["embedding_dim"], v.manifest["coarse"])
+    assert v.faiss().ntotal == v.manifest["faiss_vectors"] == len(keys) > emb.num_rows  # every image's regions
     assert len(set(emb.column(S.IMAGE_ID).to_pylist())) == emb.num_rows
     assert emb.column(S.IMAGE_ID).to_pylist() == [image_id(u) for u in emb.column(S.URI).to_pylist()]
     return v
@@ -263,7 +265,7 @@ def test_rerun_publishes_new_version_and_keeps_old(collection, tiny_cfg, tmp_pat
     assert store.list_versions(index) == sorted([first.version, second.version])
     old = store.open_index(index, first.version)
     assert old.embeddings().equals(emb1)  # untouched
-    assert old.faiss().ntotal == emb1.num_rows  # checksum still matches
+    assert old.faiss().ntotal == old.manifest["faiss_vectors"]  # checksum still matches
     new = check_version_consistent(index)
     assert new.manifest["parent"] == first.version
 

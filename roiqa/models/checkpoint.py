@@ -67,9 +67,13 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     if uri is None:
         return Matcher(cfg or ModelConfig())
     data = uri_mod.read_bytes(uri)
-    state = st_load(data)
+    meta = read_metadata(data, uri)  # validates the header before safetensors parses anything
+    try:
+        state = st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+        raise ValueError(f"{uri}: not a safetensors checkpoint ({exc})") from exc
     with_body = any(k.startswith(BODY) for k in state)
-    model_cfg = _config(read_metadata(data, uri), uri, keep_weights=not with_body)
+    model_cfg = _config(meta, uri, keep_weights=not with_body)
     if not with_body and not model_cfg.backbone_weights:
         raise ValueError(f"{uri}: checkpoint without body weights and without model.backbone_weights to load them")
     model = Matcher(model_cfg)
