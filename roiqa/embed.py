@@ -140,32 +140,40 @@ class Embedder:
             if masks.probe_every < 1:
                 raise ValueError(f"masks.probe_every must be >= 1, got {masks.probe_every}")
             self.masker = Masker(masks, self.device)
-        self.last_regions: list[bytes] = []  # regional descriptors of the last `embed` call
         self.batches = 0  # batches with good rows seen with masks enabled (probe schedule)
         self.calls = 0  # batches seen (S.BATCH)
         self.actor = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # S.ACTOR
 
-    @torch.inference_mode()
     def embed(self, images: np.ndarray, valid_hw: np.ndarray) -> np.ndarray:
-        """(B, S, S, 3) uint8 + (B, 2) valid sizes -> (B, D) float32 L2-normalised global descriptors.
+        """(B, S, S, 3) uint8 + (B, 2) valid sizes -> (B, D) float32 L2-normalised global descriptors."""
+        return self.embed_regions(images, valid_hw, regions=False)[0]
 
-        The regional descriptors of the same forward pass are kept in `self.last_regions` (float16 bytes per
-        image, see S.REGIONS)."""
+    @torch.inference_mode()
+    def embed_regions(
+        self, images: np.ndarray, valid_hw: np.ndarray, regions: bool = True
+    ) -> tuple[np.ndarray, list[bytes]]:
+        """`embed`'s global descriptors and, from the same forward pass, each image's regional descriptors as
+        float16 bytes (S.REGIONS; empty list when `regions` is False)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             feats = self.model.pyramid(x)
             g = self.model.global_descriptor(feats, torch.from_numpy(valid_hw))
-        feats = {lv: f.float() for lv, f in feats.items()}
-        regions = self.model.regional_descriptors(feats, valid_hw)
-        self.last_regions = [d.cpu().numpy().astype(np.float16).tobytes() for d, _ in regions]
-        return g.float().cpu().numpy()
+        blobs = []
+        if regions:
+            blobs = [
+                d.cpu().numpy().astype(np.float16).tobytes()
+                for d, _ in self.model.regional_descriptors(feats, valid_hw)
+            ]
+        return g.float().cpu().numpy(), blobs
 
     def controller_state(self) -> dict[str, dict]:
         """{profile name: ThresholdController.state_dict()}; empty when masks are off."""
         return self.masker.state() if self.masker is not None else {}
 
-    def _embed_masked(self, images: np.ndarray, valid_hw: np.ndarray, cols: dict, ok: np.ndarray) -> np.ndarray:
-        """Embedding of the good rows `images`; fills the mask columns `cols` at rows `ok` in place."""
+    def _embed_masked(
+        self, images: np.ndarray, valid_hw: np.ndarray, cols: dict, ok: np.ndarray
+    ) -> tuple[np.ndarray, list[bytes]]:
+        """Embedding and regions of the good rows `images`; fills the mask columns `cols` at rows `ok` in place."""
         from roiqa.masks import apply_mask, coverage, rle_encode
 
         res = self.masker.masks(images, valid_hw)
@@ -176,18 +184,16 @@ class Embedder:
             cols[rle_c][ok] = [rle_encode(m) for m in mask]
         cfg = self.masker.cfg
         if not cfg.apply:
-            return self.embed(images, valid_hw)
+            return self.embed_regions(images, valid_hw)
         first = self.masker.names[0]
-        emb = self.embed(apply_mask(images, res[first][1]), valid_hw)
-        kept = self.last_regions
+        emb, regions = self.embed_regions(apply_mask(images, res[first][1]), valid_hw)
         self.batches += 1
         if (self.batches - 1) % cfg.probe_every == 0:
             conf = probe_confidence(emb, self.embed(images, valid_hw))
-            self.last_regions = kept
             cols[S.MASK_PROBE][:] = conf
             if cfg.adaptive:
                 self.masker.update(first, conf)
-        return emb
+        return emb, regions
 
     def _mask_columns(self, n: int) -> dict[str, np.ndarray]:
         cols: dict[str, np.ndarray] = {}
@@ -210,10 +216,10 @@ class Embedder:
         if ok.any():
             try:
                 if self.masker is None:
-                    emb[ok] = self.embed(batch[S.IMAGE][ok], batch[S.VALID_HW][ok])
+                    emb[ok], good = self.embed_regions(batch[S.IMAGE][ok], batch[S.VALID_HW][ok])
                 else:
-                    emb[ok] = self._embed_masked(batch[S.IMAGE][ok], batch[S.VALID_HW][ok], cols, ok)
-                for i, r in zip(np.flatnonzero(ok), self.last_regions):
+                    emb[ok], good = self._embed_masked(batch[S.IMAGE][ok], batch[S.VALID_HW][ok], cols, ok)
+                for i, r in zip(np.flatnonzero(ok), good):
                     regions[i] = r
             except Exception as exc:  # noqa: BLE001 - a failing batch is recorded, not lost
                 errors = list(batch[S.ERROR])
