@@ -9,32 +9,17 @@ from roiqa.imageio import resize_long_side
 from roiqa.models.matcher import Matcher
 
 
-def photo_rgb(img: np.ndarray) -> np.ndarray:
-    """(H, W[, C]) photo -> (H, W, 3) uint8 RGB (grey replicated, alpha dropped)."""
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
-
-
 @torch.no_grad()
 def regional_sample(model: Matcher, photos: list[np.ndarray], image_size: int) -> torch.Tensor:
-    """Every regional descriptor (before whitening) of `photos` resized to `image_size`, flipped copies included."""
-    white = model.whitening
-    mean, proj = white.mean.clone(), white.proj.clone()
-    white.mean.zero_()
-    white.proj.copy_(torch.eye(len(mean)))
+    """Every regional descriptor (before whitening) of (H, W, 3) uint8 `photos` resized to `image_size`, flipped
+    copies included."""
     out = []
-    try:
-        for photo in photos:
-            img, _ = resize_long_side(photo_rgb(photo), image_size)
-            for view in (img, img[:, ::-1]):
-                view = np.ascontiguousarray(view)
-                feats = model.pyramid(view[None])
-                out.append(model.regional_descriptors(feats, np.array([view.shape[:2]]))[0][0])
-    finally:
-        white.mean.copy_(mean)
-        white.proj.copy_(proj)
+    for photo in photos:
+        img, _ = resize_long_side(photo, image_size)
+        for view in (img, img[:, ::-1]):
+            view = np.ascontiguousarray(view)
+            feats = model.pyramid(view[None])
+            out.append(model.regional_descriptors(feats, np.array([view.shape[:2]]), whiten=False)[0][0])
     return torch.cat(out)
 
 

@@ -108,10 +108,11 @@ class Matcher(nn.Module):
         return F.normalize(self.head(self.gem(x, mask)), dim=-1)
 
     def regional_descriptors(
-        self, feats: dict[int, torch.Tensor], valid_hw: torch.Tensor | np.ndarray
+        self, feats: dict[int, torch.Tensor], valid_hw: torch.Tensor | np.ndarray, whiten: bool = True
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: whitened GeM descriptors (R, D) of the region grid over its valid cells of the descriptor
-        level, and their boxes (R, 4) in input pixels (clipped to the valid region). The coarse stage's index rows."""
+        level, and their boxes (R, 4) in input pixels (clipped to the valid region). The coarse stage's index rows.
+        `whiten=False` gives the GeM descriptors before whitening (what the whitening is fitted on)."""
         from roiqa.models.regions import box_gem, region_grid
 
         lv = self.cfg.descriptor_level
@@ -120,7 +121,8 @@ class Matcher(nn.Module):
         for b, (vh, vw) in enumerate(np.asarray(valid_hw).reshape(-1, 2).tolist()):
             h, w = max(1, -(-int(vh) // s)), max(1, -(-int(vw) // s))
             cells = region_grid(h, w).to(x.device)
-            desc = self.whitening(box_gem(x[b, :, :h, :w].float(), cells, float(self.gem.p)))
+            desc = box_gem(x[b, :, :h, :w].float(), cells, float(self.gem.p))
+            desc = self.whitening(desc) if whiten else desc
             boxes = cells.float() * s
             boxes = torch.minimum(boxes, torch.tensor([vw, vh, vw, vh], dtype=boxes.dtype, device=boxes.device))
             out.append((desc, boxes))

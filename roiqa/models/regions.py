@@ -88,7 +88,7 @@ class Whitening(nn.Module):
 
 def region_keys(image_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """faiss ids of every region: (low 51 bits of image_id) << 12 | region number, image by image. (sum(counts),)"""
-    ids = np.repeat(np.asarray(image_ids, np.int64) & ((1 << (63 - REGION_BITS)) - 1), counts)
+    ids = np.repeat(image_key(image_ids), counts)
     within = np.concatenate([np.arange(c) for c in counts]) if len(counts) else np.zeros(0, np.int64)
     return (ids << REGION_BITS) | within.astype(np.int64)
 
