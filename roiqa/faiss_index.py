@@ -108,14 +108,29 @@ def load(uri: str) -> faiss.Index:
 COARSE_MODES = ("regions", "global")
 
 
+def check_coarse(mode: str) -> None:
+    """`index.coarse` must name a coarse mode."""
+    if mode not in COARSE_MODES:
+        raise ValueError(f"index.coarse must be one of {COARSE_MODES}, got {mode!r}")
+
+
+def coarse_count(table, dim: int, mode: str) -> int:
+    """How many vectors `coarse_vectors(table, dim, mode)` gives, without decoding them."""
+    from roiqa import schema as S
+
+    check_coarse(mode)
+    if mode == "global":
+        return table.num_rows
+    return sum(len(b or b"") for b in table.column(S.REGIONS).to_pylist()) // (2 * dim)  # float16: 2 bytes
+
+
 def coarse_vectors(table, dim: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     """(vectors (N, D) float32, ids (N,) int64) that faiss indexes for an embeddings table: one global descriptor
     per image keyed by image_id ("global"), or every regional descriptor keyed by its region key ("regions")."""
     from roiqa import schema as S
     from roiqa.models.regions import image_key, region_keys
 
-    if mode not in COARSE_MODES:
-        raise ValueError(f"index.coarse must be one of {COARSE_MODES}, got {mode!r}")
+    check_coarse(mode)
     ids = np.asarray(table.column(S.IMAGE_ID).to_numpy(), np.int64)
     if mode == "global":
         flat = table.column(S.EMBEDDING).combine_chunks().flatten()

@@ -67,15 +67,23 @@ def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
 
 
 class QueryEncoder:
-    """{query_id, uri[, x0..y1]} -> {query_id, embedding, error}: global descriptors for the coarse faiss search."""
+    """{query_id, uri[, x0..y1]} -> {query_id, embedding, coarse_query, error}: the descriptors the coarse faiss
+    search needs: the global one (`embedding`) for a global index, or one per `query.coarse_sizes`
+    (`coarse_query`) for a region index (`regions`); the other column is zeros."""
 
     def __init__(
-        self, cfg: RoiqaConfig, model_uri: str | None = None, device: str | None = None, threads: int = -1
+        self,
+        cfg: RoiqaConfig,
+        model_uri: str | None = None,
+        device: str | None = None,
+        threads: int = -1,
+        regions: bool = False,
     ) -> None:
         from roiqa.models.checkpoint import load_matcher
 
         set_threads(threads)
         self.cfg = cfg
+        self.regions = regions
         self.device = pick_device(device)
         self.model = load_matcher(model_uri, cfg.model).to(self.device).eval()
 
@@ -89,9 +97,11 @@ class QueryEncoder:
         for i, u in enumerate(batch[S.URI]):
             try:
                 patch = load_patch(str(u), query_boxes(batch, i), self.cfg.preprocess.max_pixels)
-                small, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
-                emb[i] = self.model.global_descriptor(pyramid(self.model, small, self.device))[0].cpu().numpy()
-                coarse[i] = self.coarse_descriptors(patch).reshape(-1)
+                if self.regions:
+                    coarse[i] = self.coarse_descriptors(patch).reshape(-1)
+                else:
+                    small, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
+                    emb[i] = self.model.global_descriptor(pyramid(self.model, small, self.device))[0].cpu().numpy()
                 errors.append("")
             except (DecodeError, ValueError, OSError) as exc:
                 errors.append(error_string("query", getattr(exc, "reason", "bad_query"), str(exc)))
