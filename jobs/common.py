@@ -47,6 +47,7 @@ def add_stage_flags(p: argparse.ArgumentParser, *stages: str) -> None:
         "masks": "seed 002: confidence masks per task profile (masks.profiles)",
         "refine": "seed 000: iterative refinement of every reranked box",
         "verify": "seed 004: ROI-mask verification of every reranked region (verify_prob column)",
+        "geometry": "SIFT + RANSAC homography verification of every reranked pair (inliers column)",
     }
     for stage in stages:
         p.add_argument(

@@ -20,7 +20,7 @@ import numpy as np
 
 from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
 
-STAGES = ("complexity", "masks", "refine", "verify")
+STAGES = ("complexity", "masks", "refine", "verify", "geometry")
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -16,7 +16,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="images per query from the coarse search")
     p.add_argument("--rerank", type=int, default=None, help="of those, how many to rerank densely")
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
-    add_stage_flags(p, "refine", "verify")
+    add_stage_flags(p, "refine", "verify", "geometry")
     add_config_arg(p)
     return p
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from(
             args,
             query={"top_k": args.top_k, "rerank": args.rerank, "overlays": False if args.no_overlays else None},
-            **stage_overrides(args, "refine", "verify"),
+            **stage_overrides(args, "refine", "verify", "geometry"),
         )
         r = run_query(args.index, args.queries, args.out, cfg)
         print(

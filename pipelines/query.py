@@ -20,7 +20,7 @@ from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
-from roiqa.rerank import QueryEncoder, Reranker
+from roiqa.rerank import QueryEncoder, Reranker, coarse_views
 from roiqa.sources import errors_table, parse_error
 
 RESULTS = "results.parquet"
@@ -148,7 +148,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     column = S.COARSE_QUERY if regions else S.EMBEDDING
     emb = np.stack(enc.column(column).to_numpy(zero_copy_only=False))
     if regions:
-        emb = emb.reshape(len(emb), len(qc.coarse_sizes), -1)  # (Q, S, D)
+        emb = emb.reshape(len(emb), len(coarse_views(qc)), -1)  # (Q, S, D)
     image_ids = np.fromiter(uris, np.int64, len(uris)) if regions else None
     scores, ids = (
         faiss_index.search_images(
@@ -191,7 +191,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
             **res,
         )
         reranked = pa.concat_tables(ray.get(rds.to_arrow_refs())).to_pandas()
-        reranked[S.REFINE_STEPS] = reranked[S.REFINE_STEPS].where(reranked[S.REFINE_STEPS] >= 0)  # -1: not refined
+        for c in (S.REFINE_STEPS, S.INLIERS):  # -1: not refined / not verified
+            reranked[c] = reranked[c].where(reranked[c] >= 0)
     t2 = time.perf_counter()
 
     rerr = reranked[reranked[S.ERROR].astype(str) != ""] if len(reranked) else reranked

@@ -4,7 +4,7 @@ Both take a query patch and one image as (H, W, 3) uint8 RGB and return (score, 
 the image's pixels). `run_baseline` scores every query against every gallery image with the same preprocessing
 the learned pipeline sees (decode, resize the long side to `image_size`) and returns a RESULTS_SCHEMA table.
 
-OpenCV is a dev/benchmark dependency (``pip install -e '.[dev]'``), imported lazily.
+SIFT + RANSAC is `roiqa.geometry.match` (the rerank's geometric verification) over every gallery image.
 """
 
 from __future__ import annotations
@@ -17,30 +17,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from roiqa import geometry
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.boxes import clip_boxes
+from roiqa.geometry import SiftFeatures, cv2_module, sift_features, to_gray
 from roiqa.ids import image_id
 from roiqa.imageio import check_rgb_u8, decode_image, resize_long_side
 
 DEFAULT_SCALES = tuple(float(2.0 ** (k / 4 - 1)) for k in range(9))  # 0.5x .. 2x of the query, step 2^(1/4), has 1x
 MIN_TEMPLATE_SIDE = 8  # template-matching scales that shrink the query's short side below this are skipped
-SIFT_MIN_QUERY_SIDE = 64  # queries with a shorter long side are upscaled to it before SIFT
-
-
-def _cv2():
-    """The cv2 module, or an ImportError that says how to install it."""
-    try:
-        import cv2
-    except ImportError as exc:
-        raise ImportError("roiqa.baselines needs OpenCV (opencv-python-headless): pip install -e '.[dev]'") from exc
-    return cv2
-
-
-def to_gray(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W) uint8 grey with OpenCV's weights (0.299 R + 0.587 G + 0.114 B, rounded)."""
-    cv2 = _cv2()
-    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+SIFT_MIN_QUERY_SIDE = geometry.MIN_QUERY_SIDE  # queries with a shorter long side are upscaled to it before SIFT
 
 
 # --- template matching --------------------------------------------------------------------------------------
@@ -86,7 +73,7 @@ def _template_gray(
     query: np.ndarray, image: np.ndarray, scales: Sequence[float] | None = None, refine: int = 2
 ) -> tuple[float, np.ndarray]:
     """`template_match` on grey (H, W) uint8 arrays."""
-    cv2 = _cv2()
+    cv2 = cv2_module()
     sizes = _template_sizes(query.shape, image.shape, DEFAULT_SCALES if scales is None else scales)
     tried = sorted(sizes)
     results = {s: _template_at(cv2, query, image, sizes[s]) for s in tried}
@@ -130,79 +117,14 @@ def template_match(
 # --- SIFT + RANSAC ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SiftFeatures:
-    """SIFT keypoints of one image: positions (N, 2) float32 x, y in its pixels, descriptors (N, 128), (h, w)."""
-
-    xy: np.ndarray
-    desc: np.ndarray
-    hw: tuple[int, int]
-
-
-def sift_features(image: np.ndarray, min_long_side: int = 0) -> SiftFeatures:
-    """SIFT keypoints and descriptors of an (H, W, 3) uint8 RGB image.
-
-    An image whose long side is under `min_long_side` is upscaled (bilinear) to it first so that tiny patches have
-    keypoints; positions are reported in the pixels of the input either way.
-    """
-    cv2 = _cv2()
-    gray = to_gray(image)
-    h, w = gray.shape
-    factor = 1.0
-    if max(h, w) < min_long_side:
-        factor = min_long_side / max(h, w)
-        gray = cv2.resize(gray, (max(1, round(w * factor)), max(1, round(h * factor))), interpolation=cv2.INTER_LINEAR)
-    kps, desc = cv2.SIFT_create().detectAndCompute(gray, None)
-    if desc is None or not kps:
-        return SiftFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), (h, w))
-    xy = np.array([kp.pt for kp in kps], dtype=np.float32).reshape(-1, 2)
-    if factor != 1.0:
-        # Pixel-centre convention: upscaled position p corresponds to (p + 0.5) / factor - 0.5 in the input.
-        xy = (xy + 0.5) / np.float32(factor) - 0.5
-    return SiftFeatures(xy, np.asarray(desc, dtype=np.float32), (h, w))
-
-
-def _points_box(xy: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Axis-aligned box of points (whole image when there are none), clipped to an image of size hw."""
-    if len(xy) == 0:
-        return np.array([0, 0, hw[1], hw[0]], dtype=np.float32)
-    box = np.array([*xy.min(axis=0), *xy.max(axis=0)], dtype=np.float32)
-    return clip_boxes(box, hw[0], hw[1])[0]
-
-
-def _project_box(homography: np.ndarray, query_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray | None:
-    """Bounds of the query rectangle's corners mapped by `homography`, clipped; None if a corner is at infinity."""
-    h, w = query_hw
-    corners = np.array([[0, 0, 1], [w, 0, 1], [w, h, 1], [0, h, 1]], dtype=np.float64)
-    p = corners @ np.asarray(homography, dtype=np.float64).T
-    if not np.all(np.isfinite(p)) or np.any(p[:, 2] <= 1e-9 * np.abs(p[:, :2]).max(initial=1.0)):
-        return None  # a corner maps behind the camera or to infinity: the fit is degenerate
-    xy = p[:, :2] / p[:, 2:]
-    box = np.array([*xy.min(axis=0), *xy.max(axis=0)], dtype=np.float32)
-    return clip_boxes(box, image_hw[0], image_hw[1])[0]
-
-
 def _sift_pair(
     query: SiftFeatures, image: SiftFeatures, ratio: float = 0.75, min_inliers: int = 4
 ) -> tuple[float, np.ndarray]:
     """`sift_match` on precomputed features."""
-    cv2 = _cv2()
-    good: list[tuple[int, int]] = []
-    if len(query.desc) and len(image.desc) >= 2:
-        for pair in cv2.BFMatcher(cv2.NORM_L2).knnMatch(query.desc, image.desc, k=2):
-            if len(pair) == 2 and pair[0].distance < ratio * pair[1].distance:
-                good.append((pair[0].queryIdx, pair[0].trainIdx))
-    q_idx = np.array([g[0] for g in good], dtype=np.int64)
-    i_idx = np.array([g[1] for g in good], dtype=np.int64)
-    src, dst = query.xy[q_idx], image.xy[i_idx]
-    if len(good) >= max(4, min_inliers):
-        homography, mask = cv2.findHomography(src.reshape(-1, 1, 2), dst.reshape(-1, 1, 2), cv2.RANSAC, 5.0)
-        if homography is not None and mask is not None:
-            inliers = int(mask.sum())
-            box = _project_box(homography, query.hw, image.hw)
-            if box is not None and inliers >= min_inliers:
-                return float(inliers), box
-    return 0.0, _points_box(dst, image.hw)
+    m = geometry.match(query, image, ratio, ransac_px=5.0)
+    if m.box is not None and m.inliers >= max(4, min_inliers):
+        return float(m.inliers), m.box
+    return 0.0, geometry.points_box(m.matched_xy, image.hw)
 
 
 def sift_match(
@@ -273,6 +195,7 @@ def _results_frame(rows: dict[str, list]) -> pd.DataFrame:
             S.REFINE_STEPS: pd.Series([None] * len(rows[S.QUERY_ID]), dtype=object),
             S.REFINE_LOSS: np.full(len(rows[S.QUERY_ID]), np.nan, dtype=np.float32),
             S.VERIFY_PROB: np.full(len(rows[S.QUERY_ID]), np.nan, dtype=np.float32),
+            S.INLIERS: pd.Series([None] * len(rows[S.QUERY_ID]), dtype=object),
         }
     )
     return df[[f.name for f in S.RESULTS_SCHEMA]]

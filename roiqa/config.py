@@ -51,6 +51,7 @@ class QueryConfig:
     top_k: int = 100  # images per query from the coarse faiss search (rows in the results table)
     rerank: int = 20  # of those, how many are reranked by dense cross-correlation
     coarse_sizes: tuple[int, ...] = (64, 96, 128)  # query long sides (pixels) whose descriptors search the regions
+    coarse_rotations: tuple[float, ...] = (0.0, -30.0, 30.0)  # query rotations (degrees) searched at each coarse size
     coarse_regions: int = 4096  # regions fetched per query descriptor before they are grouped into images
     query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
     descriptor_size: int = 112  # query long side for the global and region descriptors
@@ -152,6 +153,18 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class GeometryConfig:
+    """Geometric verification of every reranked pair: SIFT ratio-test matches, a RANSAC homography (roiqa.geometry)."""
+
+    enabled: bool = True  # verify every reranked pair; a verified pair takes the homography's box and a score bonus
+    ratio: float = 0.75  # Lowe's ratio test: nearest descriptor closer than ratio x the second nearest
+    ransac_px: float = 5.0  # RANSAC reprojection threshold (resized-image pixels)
+    min_inliers: int = 6  # homography inliers for a pair to count as verified
+    saturation: int = 10  # inliers at which the bonus is full
+    weight: float = 1.0  # score += weight * min(inliers, saturation) / saturation for a verified pair
+
+
+@dataclass(frozen=True)
 class RoiqaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the matcher
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)  # decoding and resizing
@@ -162,6 +175,7 @@ class RoiqaConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)  # seed 002 stage of roiqa index
     refine: RefineConfig = field(default_factory=RefineConfig)  # seed 000 stage of roiqa query
     verify: VerifyConfig = field(default_factory=VerifyConfig)  # seed 004 stage of roiqa query
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)  # last stage of roiqa query's rerank
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:

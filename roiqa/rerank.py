@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from roiqa import geometry
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.boxes import clip_boxes, feature_window_to_boxes
@@ -49,6 +50,7 @@ class QueryFeatures:
     resized: list[np.ndarray] | None = None  # the patch at each query size (the refinement's edge weights)
     edges: dict = field(default_factory=dict)  # query size index -> {level: (h_l, w_l)} edge weights (lazy)
     verify_embedding: np.ndarray | None = None  # the verifier's embedding of `patch` (lazy)
+    sift: geometry.SiftFeatures | None = None  # SIFT features of `patch` for the geometric verification (lazy)
 
 
 def pyramid(model: Matcher, image: np.ndarray, device: torch.device) -> dict[int, torch.Tensor]:
@@ -57,6 +59,26 @@ def pyramid(model: Matcher, image: np.ndarray, device: torch.device) -> dict[int
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         feats = model.pyramid(x)
     return {lv: f.float() for lv, f in feats.items()}
+
+
+def rotate_patch(patch: np.ndarray, degrees: float) -> np.ndarray:
+    """The (h, w, 3) uint8 patch rotated counter-clockwise by `degrees` about its centre (bilinear), on a canvas
+    grown to hold all of it, the corners filled with the patch's mean colour; the patch itself at 0."""
+    if degrees % 360 == 0:
+        return patch
+    from PIL import Image
+
+    fill = tuple(int(round(v)) for v in patch.reshape(-1, 3).mean(axis=0))
+    out = Image.fromarray(np.ascontiguousarray(patch)).rotate(
+        float(degrees), resample=Image.Resampling.BILINEAR, expand=True, fillcolor=fill
+    )
+    return np.asarray(out)
+
+
+def coarse_views(qc) -> list[tuple[int, float]]:
+    """(long side, rotation) of every coarse query descriptor: each `query.coarse_sizes` at each
+    `query.coarse_rotations` (0 only when none are set), sizes outermost."""
+    return [(size, rot) for size in qc.coarse_sizes for rot in (qc.coarse_rotations or (0.0,))]
 
 
 def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
@@ -68,8 +90,9 @@ def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
 
 class QueryEncoder:
     """{query_id, uri[, x0..y1]} -> {query_id, embedding, coarse_query, error}: the descriptors the coarse faiss
-    search needs: the global one (`embedding`) for a global index, or one per `query.coarse_sizes`
-    (`coarse_query`) for a region index (`regions`); the other column is zeros."""
+    search needs: the global one (`embedding`) for a global index, or one per coarse view (`coarse_views`: each
+    size at each rotation, so objects turned in the image still find their region) in `coarse_query` for a region
+    index (`regions`); the other column is zeros."""
 
     def __init__(
         self,
@@ -90,9 +113,9 @@ class QueryEncoder:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, dim = len(batch[S.QUERY_ID]), self.model.dim
-        sizes = self.cfg.query.coarse_sizes
+        views = coarse_views(self.cfg.query)
         emb = np.zeros((n, dim), dtype=np.float32)
-        coarse = np.zeros((n, len(sizes) * dim), dtype=np.float32)
+        coarse = np.zeros((n, len(views) * dim), dtype=np.float32)
         errors = []
         for i, u in enumerate(batch[S.URI]):
             try:
@@ -113,10 +136,13 @@ class QueryEncoder:
         }
 
     def coarse_descriptors(self, patch: np.ndarray) -> np.ndarray:
-        """(len(query.coarse_sizes), D) whitened descriptors of the patch at each coarse size, for the region index."""
+        """(len(coarse_views), D) whitened descriptors of the patch at each coarse view, for the region index."""
         out = []
-        for size in self.cfg.query.coarse_sizes:
-            p, _ = resize_long_side(patch, size)
+        rotated: dict[float, np.ndarray] = {}
+        for size, rot in coarse_views(self.cfg.query):
+            if rot not in rotated:
+                rotated[rot] = rotate_patch(patch, rot)
+            p, _ = resize_long_side(rotated[rot], size)
             out.append(self.model.coarse_query_descriptor(pyramid(self.model, p, self.device))[0].cpu().numpy())
         return np.stack(out)
 
@@ -125,8 +151,13 @@ class Reranker:
     """Scores candidate images against the query patches that shortlisted them (seed 003, eqs. 3-5).
 
     Input rows: {image_id, uri, query_ids (list), coarse_scores (list)}, one per candidate image, so the image's
-    pyramid is computed once for all its queries. Output: one row per (query, image) with score, coarse score, box
-    in original pixels and the heatmap overlay's URI (when `overlay_dir` is set); failures become error rows.
+    pyramid (and SIFT features) are computed once for all its queries. Output: one row per (query, image) with
+    score, coarse score, box in original pixels and the heatmap overlay's URI (when `overlay_dir` is set);
+    failures become error rows.
+
+    Per pair: dense matching gives the heatmap, box and score; then, each when enabled, refinement moves the box,
+    the geometric verification (`roiqa.geometry`: SIFT + RANSAC homography) replaces the box with the homography's
+    and adds its bonus when it has `geometry.min_inliers`, and the ROI-mask verifier adds its probability.
     """
 
     def __init__(
@@ -151,6 +182,12 @@ class Reranker:
             raise ValueError(f"query.context_pad must be a multiple of {coarsest} pixels, got {cfg.query.context_pad}")
         if cfg.query.score not in SCORES:
             raise ValueError(f"query.score must be one of {SCORES}, got {cfg.query.score!r}")
+        gc = cfg.geometry
+        if not (0 < gc.ratio <= 1 and gc.ransac_px > 0 and gc.min_inliers >= 4 and gc.saturation >= 1):
+            raise ValueError(
+                f"geometry: need 0 < ratio <= 1, ransac_px > 0, min_inliers >= 4 (a homography's sample) and "
+                f"saturation >= 1; got {gc}"
+            )
         self._cache: dict[str, QueryFeatures] = {}
         self.verifier = None
         if cfg.verify.enabled:
@@ -244,6 +281,19 @@ class Reranker:
             query, feats, strides, box, self.cfg.refine, edge, depth=depth, image_hw=valid_hw, query_hw=tuple(hw)
         )
 
+    def verify_geometry(
+        self, q: QueryFeatures, image: geometry.SiftFeatures, score: float, box: np.ndarray
+    ) -> tuple[float, np.ndarray, int]:
+        """(score, box in resized pixels, inliers) after the geometric verification of one pair: the homography's
+        box and `geometry.fuse`'s bonus when it has `geometry.min_inliers` inliers, the inputs otherwise."""
+        gc = self.cfg.geometry
+        if q.sift is None:
+            q.sift = geometry.sift_features(q.patch, geometry.MIN_QUERY_SIDE)
+        g = geometry.match(q.sift, image, gc.ratio, gc.ransac_px)
+        if g.box is not None and g.inliers >= gc.min_inliers:
+            box = g.box
+        return geometry.fuse(score, g.inliers, gc.min_inliers, gc.saturation, gc.weight), box, g.inliers
+
     def depth_map(self, uri: str) -> np.ndarray | None:
         """The image's depth map from the refine.depth template (any resolution), or None without one."""
         if not self.cfg.refine.depth:
@@ -256,11 +306,11 @@ class Reranker:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cols = (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX, S.HEATMAP_URI, S.ERROR)
-        cols += (S.REFINE_STEPS, S.REFINE_LOSS, S.VERIFY_PROB)
+        cols += (S.REFINE_STEPS, S.REFINE_LOSS, S.VERIFY_PROB, S.INLIERS)
         out: dict[str, list] = {k: [] for k in cols}
 
-        def emit(qid, iid, u, score, coarse, box, heat_uri, err, steps=-1, loss=np.nan, prob=np.nan):
-            for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err, steps, loss, prob)):
+        def emit(qid, iid, u, score, coarse, box, heat_uri, err, steps=-1, loss=np.nan, prob=np.nan, inliers=-1):
+            for k, v in zip(out, (qid, iid, u, score, coarse, *box, heat_uri, err, steps, loss, prob, inliers)):
                 out[k].append(v)
 
         for iid, u, qids, coarse in zip(batch[S.IMAGE_ID], batch[S.URI], batch[S.QUERY_IDS], batch[S.COARSE_SCORES]):
@@ -289,8 +339,9 @@ class Reranker:
                 for qid, cs in zip(qids, coarse):
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("refine", "depth", str(exc)))
                 continue
+            image_sift = None  # SIFT of the resized image, computed for its first query
             for qid, cs in zip(qids, coarse):
-                steps, loss, prob = -1, np.nan, np.nan
+                steps, loss, prob, inliers = -1, np.nan, np.nan, -1
                 try:
                     q = self.query_features(str(qid))
                     heat, box, regions_score, peak, scale_idx = self.match(q, feats, valid)
@@ -298,6 +349,10 @@ class Reranker:
                     if self.cfg.refine.enabled:
                         r = self.refine(q, scale_idx, feats, box, valid, depth)
                         box, steps, loss = np.asarray(r.box, np.float32), r.steps, r.loss
+                    if self.cfg.geometry.enabled:
+                        if image_sift is None:
+                            image_sift = geometry.sift_features(resized)
+                        score, box, inliers = self.verify_geometry(q, image_sift, score, box)
                     box = clip_boxes(box / scale, img.shape[0], img.shape[1])[0]
                     if self.verifier is not None:
                         if q.verify_embedding is None:
@@ -308,7 +363,7 @@ class Reranker:
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
                     continue
                 heat_uri = self.write_overlay(str(qid), int(iid), img, heat, valid, box) if self.overlay_dir else None
-                emit(qid, iid, u, score, cs, box, heat_uri, "", steps, loss, prob)
+                emit(qid, iid, u, score, cs, box, heat_uri, "", steps, loss, prob, inliers)
         return {
             S.QUERY_ID: object_array(out[S.QUERY_ID]),
             S.IMAGE_ID: np.array(out[S.IMAGE_ID], dtype=np.int64),
@@ -321,6 +376,7 @@ class Reranker:
             S.REFINE_STEPS: np.array(out[S.REFINE_STEPS], dtype=np.int32),  # -1: not refined (null when written)
             S.REFINE_LOSS: np.array(out[S.REFINE_LOSS], dtype=np.float32),
             S.VERIFY_PROB: np.array(out[S.VERIFY_PROB], dtype=np.float32),
+            S.INLIERS: np.array(out[S.INLIERS], dtype=np.int32),  # -1: not verified (null when written)
         }
 
     def write_overlay(self, qid: str, iid: int, img: np.ndarray, heat: torch.Tensor, valid, box: np.ndarray) -> str:

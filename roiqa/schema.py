@@ -12,7 +12,7 @@ HEIGHT = "height"  # int32, original image height in pixels
 SIZE_BYTES = "size_bytes"  # int64, encoded size
 CONTENT_HASH = "content_hash"  # string, BLAKE2b-128 hex of the encoded bytes
 EMBEDDING = "embedding"  # fixed_size_list<float32, D>, L2-normalised global descriptor
-COARSE_QUERY = "coarse_query"  # float32 (S * D): a query's whitened descriptors at each query.coarse_sizes (transient)
+COARSE_QUERY = "coarse_query"  # float32 (S * D): a query's whitened descriptors, one per coarse view (transient)
 REGIONS = "regions"  # binary, float16 (R, D) row-major: whitened regional descriptors (roiqa.models.regions grid)
 STAGE = "stage"  # string, pipeline stage that failed: read | decode | embed
 REASON = "reason"  # string, short machine-readable code (empty_file, truncated, not_an_image, too_large, ...)
@@ -41,6 +41,7 @@ MASK_PROBE = "mask_probe"  # transient float32: the controller's confidence prob
 REFINE_STEPS = "refine_steps"  # int32, refinement iterations that moved the box
 REFINE_LOSS = "refine_loss"  # float32, perceptual loss of the final box
 VERIFY_PROB = "verify_prob"  # float32, the ROI-mask verifier's probability that the region shows the query
+INLIERS = "inliers"  # int32, RANSAC homography inliers of the geometric verification (null: not verified)
 
 
 def mask_columns(profile: str) -> tuple[str, str, str]:
@@ -117,6 +118,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field(REFINE_STEPS, pa.int32()),
         pa.field(REFINE_LOSS, pa.float32()),
         pa.field(VERIFY_PROB, pa.float32()),
+        pa.field(INLIERS, pa.int32()),
     ]
 )
 

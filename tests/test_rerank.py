@@ -10,7 +10,7 @@ import skimage.data
 
 from roiqa import schema as S
 from roiqa.boxes import box_iou
-from roiqa.config import ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
+from roiqa.config import GeometryConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
 from roiqa.imageio import encode_jpeg, encode_png, resize_long_side
 from roiqa.rerank import Reranker, crop_patch
 
@@ -19,6 +19,7 @@ CFG = RoiqaConfig(
     preprocess=PreprocessConfig(image_size=256),
     query=QueryConfig(query_sizes=(64,), descriptor_size=64, peaks=3, overlays=False),
     verify=VerifyConfig(enabled=False),  # the rerank alone (verification: tests/test_stages.py)
+    geometry=GeometryConfig(enabled=False),  # (geometric verification: tests/test_geometry.py)
 )
 
 
