@@ -397,3 +397,31 @@ def build_eval_collection(out_dir: str, seed: int = 1000, n_gallery: int = 64) -
     if not photos <= set(EVAL_PHOTOS):
         raise ValueError(f"evaluation photo(s) {sorted(photos - set(EVAL_PHOTOS))} are not listed in EVAL_PHOTOS")
     return build_demo_collection(out_dir, eval_config(seed, n_gallery), EVAL_OBJECTS, EVAL_BACKGROUNDS)
+
+
+# Photographs that hold no evaluation object: the distractors of the scale benchmark are drawn from these.
+DISTRACTOR_PHOTOS: tuple[str, ...] = tuple(dict.fromkeys((*TRAINING_PHOTOS, *EVAL_BACKGROUNDS)))
+
+
+def build_distractors(
+    folder: str, n: int, seed: int = 0, hw: tuple[int, int] = (384, 512), prefix: str = "distractor"
+) -> list[str]:
+    """`n` distractor JPEGs in `folder` (``{prefix}_{i:06d}.jpg``): random crops (40-100% of the largest crop with
+    the aspect ratio of `hw`), flips and colour changes of DISTRACTOR_PHOTOS, none of which holds an evaluation
+    object. The same (n, seed, hw) gives the same bytes; returns the paths in order."""
+    if n < 0:
+        raise ValueError(f"build_distractors: n must be >= 0, got {n}")
+    bad = sorted({p for p, _ in EVAL_OBJECTS.values()} & set(DISTRACTOR_PHOTOS))
+    if bad:
+        raise ValueError(f"build_distractors: photo(s) {bad} hold evaluation objects")
+    os.makedirs(folder, exist_ok=True)
+    photos = [load_photo(p) for p in DISTRACTOR_PHOTOS]
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img = _background(photos[int(rng.integers(len(photos)))], hw, rng)
+        img = np.clip(_jitter(img, rng, gain=0.3, offset=25.0, per_channel=True), 0, 255).astype(np.uint8)
+        path = os.path.join(folder, f"{prefix}_{i:06d}.jpg")
+        Image.fromarray(img).save(path, format="JPEG", quality=90)
+        paths.append(path)
+    return paths

@@ -70,3 +70,32 @@ def test_experiment_reranking_and_labels_against_worked_examples():
     # (q, a): IoU 50 / 150 < 0.5; (q, b): not in the ground truth; (q, c): no box; (r, a): disjoint
     assert pair_labels(res, gt).tolist() == [False, False, False, False]
     assert pair_labels(res, gt, iou=0.3).tolist() == [True, False, False, False]
+
+
+def test_coarse_recall_worked_example():
+    import pandas as pd
+
+    from benchmarks.bench_scale import coarse_recall
+
+    results = pd.DataFrame(
+        {
+            "query_id": ["a", "a", "a", "b", "b"],
+            "uri": ["x", "y", "z", "x", "w"],
+            "coarse_score": [0.9, 0.5, 0.7, 0.2, 0.8],
+        }
+    )
+    gt = pd.DataFrame({"query_id": ["a", "a", "b", "b"], "uri": ["y", "z", "x", "v"]})
+    # top 2 by coarse score: a -> x, z; b -> w, x. Found: (a, z), (b, x) of 4 pairs.
+    assert coarse_recall(results, gt, 2) == pytest.approx(0.5)
+    assert coarse_recall(results, gt, 3) == pytest.approx(0.75)  # (a, y) too; (b, v) was never returned
+
+
+def test_bench_scale_quick(tmp_path):
+    from benchmarks import bench_scale
+
+    assert bench_scale.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench_scale.json").read_text())
+    assert report["images"] == 64 + 40 and report["index"]["indexed"] + report["index"]["errors"] == report["images"]
+    run = report["runs"]["rerank20"]
+    assert 0 <= run["coarse_recall@20"] <= run["coarse_recall@100"] <= 1
+    assert run["metrics"]["all"]["n_positives"] == report["positives"] > 0

@@ -1,0 +1,185 @@
+"""Scale: the evaluation objects hidden among many distractor images, searched the way a user runs roiqa.
+
+Builds the evaluation collection (`roiqa eval`'s, 64 images, 10 queries) and `--distractors` more images (crops,
+flips and colour changes of the bundled photographs that hold no evaluation object), indexes all of them with the
+defaults, queries with the defaults (top_k 100, rerank 20) and reports:
+
+- coarse recall@K of the positives: the share of ground-truth (query, image) pairs among the coarse stage's top K
+  images (K = 20, the rerank budget, and K = top_k);
+- end-to-end mAP and loc AP@0.5 (overall and per stress bucket) at the default rerank budget, and again with each
+  of `--budgets` (a larger budget is the reference the default's loss is measured against);
+- SIFT + RANSAC over the whole collection (`--sift`, on by default), the classical reference;
+- index bytes per image, index seconds per image and query latency per stage (coarse, rerank), per query.
+
+    python -m benchmarks.bench_scale --distractors 10000          # the figure the README quotes; hours on 2 cores
+    python -m benchmarks.bench_scale --distractors 2000 --budgets 100
+
+Everything is written under --work (a temporary folder by default, removed unless --keep); the report goes to
+--out as bench_scale.json / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+from benchmarks.common import machine, write_report
+
+
+def coarse_recall(results, gt, k: int) -> float:
+    """Share of ground-truth (query, uri) pairs among each query's k best rows by coarse score."""
+    import pandas as pd
+
+    top = (
+        results.sort_values(["query_id", "coarse_score"], ascending=[True, False], kind="stable")
+        .groupby("query_id")
+        .head(k)
+    )
+    pairs = pd.MultiIndex.from_frame(gt[["query_id", "uri"]].drop_duplicates())
+    return float(pairs.isin(pd.MultiIndex.from_frame(top[["query_id", "uri"]])).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--distractors", type=int, default=10000, help="distractor images added to the collection")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the evaluation collection (distractors: +1)")
+    p.add_argument("--budgets", default="100", help="comma-separated rerank budgets compared with the default")
+    p.add_argument("--sift", action=argparse.BooleanOptionalAction, default=True, help="SIFT + RANSAC baseline")
+    p.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument("--out", default="benchmarks/results", help="folder for bench_scale.json / .md")
+    p.add_argument("--quick", action="store_true", help="40 distractors, no extra budget, no SIFT (smoke test)")
+    args = p.parse_args(argv)
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    if args.quick:
+        args.distractors, budgets, args.sift = 40, [], False
+
+    import dataclasses
+
+    import pyarrow as pa
+
+    from jobs.eval import index_bytes_per_image
+    from pipelines.index import run_index
+    from pipelines.query import index_config, load_queries, read_results, run_query
+    from roiqa import index_store as store
+    from roiqa import schema as S
+    from roiqa.baselines import run_baseline
+    from roiqa.config import RoiqaConfig
+    from roiqa.demo_data import build_distractors, build_eval_collection
+    from roiqa.metrics import evaluate_buckets
+    from roiqa.rerank import load_patch
+    from roiqa.weights import resolve_model
+
+    work = args.work or tempfile.mkdtemp(prefix="bench-scale-")
+    os.makedirs(work, exist_ok=True)
+    t0 = time.perf_counter()
+    col = build_eval_collection(os.path.join(work, "collection"), seed=args.seed)
+    build_distractors(col.gallery_dir, args.distractors, seed=args.seed + 1)
+    n_images = col.n_gallery + args.distractors
+    build_seconds = time.perf_counter() - t0
+    print(f"collection: {col.n_gallery} evaluation images + {args.distractors} distractors ({build_seconds:.0f} s)")
+    gt = store.read_table(col.ground_truth_uri).to_pandas()
+
+    cfg = RoiqaConfig()
+    index = os.path.join(work, "index")
+    ir = run_index(col.gallery_dir, index, cfg, resolve_model(None))
+    print(f"indexed {ir.indexed} images ({ir.errors} errors) in {ir.seconds:.0f} s")
+    report: dict = {
+        "machine": machine(),
+        "images": n_images,
+        "distractors": args.distractors,
+        "queries": col.n_queries,
+        "positives": len(gt),
+        "top_k": cfg.query.top_k,
+        "index": {
+            "indexed": ir.indexed,
+            "errors": ir.errors,
+            "seconds": ir.seconds,
+            "seconds_per_image": ir.seconds / max(ir.indexed, 1),
+            "bytes_per_image": index_bytes_per_image(index),
+        },
+        "runs": {},
+    }
+    for budget in [cfg.query.rerank, *budgets]:
+        run_cfg = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, rerank=budget))
+        out = os.path.join(work, f"query-rerank{budget}")
+        qr = run_query(index, col.queries_uri, out, run_cfg)
+        res = read_results(out)
+        buckets = evaluate_buckets(res, gt)
+        report["runs"][f"rerank{budget}"] = {
+            "rerank": budget,
+            "coarse_recall@20": coarse_recall(res, gt, 20),
+            f"coarse_recall@{cfg.query.top_k}": coarse_recall(res, gt, cfg.query.top_k),
+            "metrics": buckets,
+            "coarse_seconds_per_query": qr.coarse_seconds / max(qr.queries, 1),
+            "rerank_seconds_per_query": qr.rerank_seconds / max(qr.queries, 1),
+            "query_seconds_total": qr.seconds,
+        }
+        print(f"rerank {budget}: mAP {buckets['all']['mAP']:.3f} loc AP {buckets['all']['loc_ap50']:.3f}")
+
+    if args.sift:
+        version = store.open_index(index)
+        icfg = index_config(version, cfg)
+        qtable = load_queries(col.queries_uri)
+        patches = {
+            q: load_patch(u, None, icfg.preprocess.max_pixels)
+            for q, u in zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist())
+        }
+        gallery = sorted(store.image_uris(version).values())
+        res, timing = run_baseline("sift", patches, gallery, icfg.preprocess.image_size, icfg.preprocess.max_pixels)
+        res = S.check_columns(pa.Table.from_pandas(res, preserve_index=False), S.RESULTS_SCHEMA, "sift").to_pandas()
+        res = res[res[S.RANK] <= cfg.query.top_k]  # the same result depth as roiqa's
+        report["sift"] = {"metrics": evaluate_buckets(res, gt), **timing}
+        print(f"sift: mAP {report['sift']['metrics']['all']['mAP']:.3f} in {timing['seconds_total']:.0f} s")
+
+    report["seconds_total"] = time.perf_counter() - t0
+    write_report(args.out, "bench_scale", _json_ready(report), markdown(report))
+    if not (args.keep or args.work):
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _json_ready(value):
+    from jobs.eval import json_ready
+
+    return json_ready(value)
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: one row per method and bucket, then the index and latency figures."""
+    rows = ["| method | bucket | positives | mAP | loc AP@0.5 |", "|---|---|---|---|---|"]
+    methods = [(f"roiqa, rerank {r['rerank']}", r["metrics"]) for r in report["runs"].values()]
+    if "sift" in report:
+        methods.append(("SIFT + RANSAC (every image)", report["sift"]["metrics"]))
+    for name, m in methods:
+        for bucket, v in m.items():
+            rows.append(f"| {name} | {bucket} | {v['n_positives']} | {v['mAP']:.3f} | {v['loc_ap50']:.3f} |")
+    ix = report["index"]
+    lines = [
+        f"{report['images']} images ({report['distractors']} distractors), {report['queries']} queries, "
+        f"{report['positives']} positives; top_k {report['top_k']}.",
+        "",
+        *rows,
+        "",
+        "| rerank | coarse recall@20 | coarse recall@top_k | coarse s/query | rerank s/query |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report["runs"].values():
+        recall_k = [v for k, v in r.items() if k.startswith("coarse_recall@") and k != "coarse_recall@20"][0]
+        lines.append(
+            f"| {r['rerank']} | {r['coarse_recall@20']:.3f} | {recall_k:.3f} | "
+            f"{r['coarse_seconds_per_query']:.2f} | {r['rerank_seconds_per_query']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Index: {ix['bytes_per_image']:.0f} bytes/image, {ix['seconds_per_image']:.3f} s/image "
+        f"({ix['indexed']} indexed, {ix['errors']} errors).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
