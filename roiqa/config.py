@@ -159,7 +159,7 @@ class GeometryConfig:
     enabled: bool = True  # verify every reranked pair; a verified pair takes the homography's box and a score bonus
     ratio: float = 0.75  # Lowe's ratio test: nearest descriptor closer than ratio x the second nearest
     ransac_px: float = 5.0  # RANSAC reprojection threshold (resized-image pixels)
-    min_inliers: int = 6  # homography inliers for a pair to count as verified
+    min_inliers: int = 5  # homography inliers for a pair to count as verified
     saturation: int = 10  # inliers at which the bonus is full
     weight: float = 1.0  # score += weight * min(inliers, saturation) / saturation for a verified pair
 
