@@ -20,7 +20,7 @@ from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
-from roiqa.rerank import QueryEncoder, Reranker, coarse_views
+from roiqa.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
 from roiqa.sources import errors_table, parse_error
 
 RESULTS = "results.parquet"
@@ -87,12 +87,20 @@ def index_config(version: store.IndexVersion, cfg: RoiqaConfig) -> RoiqaConfig:
     )
 
 
-def shortlist(scores: np.ndarray, ids: np.ndarray, query_ids: list[str], rerank: int) -> pa.Table:
-    """Candidate images to rerank, grouped by image: {image_id, query_ids, coarse_scores}."""
+def shortlist(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    query_ids: list[str],
+    rerank: int,
+    start: int = 0,
+    extra: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
+) -> pa.Table:
+    """Candidate images grouped by image: {image_id, query_ids, coarse_scores}: each query's coarse ranks
+    [start, rerank), plus the (query_id, image_id) pairs of `extra` wherever they rank."""
     by_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
     for qid, srow, irow in zip(query_ids, scores, ids):
-        for s, i in list(zip(srow, irow))[:rerank]:
-            if i >= 0:
+        for rank, (s, i) in enumerate(zip(srow, irow)):
+            if i >= 0 and (start <= rank < rerank or (qid, int(i)) in extra):
                 by_image[int(i)][0].append(qid)
                 by_image[int(i)][1].append(float(s))
     keys = sorted(by_image)
@@ -169,12 +177,34 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     )
     t1 = time.perf_counter()
 
+    # geometric verification of the coarse shortlist past the rerank budget: verified images join the rerank
+    gc = cfg.geometry
+    qmap = query_map(qtable)
+    verified: set[tuple[str, int]] = set()
+    geo_errors = pd.DataFrame(columns=[S.QUERY_ID, S.IMAGE_ID, S.ERROR])
+    n_geo = min(gc.shortlist, qc.top_k) if gc.enabled else 0
+    past = shortlist(np.asarray(scores), np.asarray(ids), good_ids, n_geo, start=qc.rerank) if good else None
+    if past is not None and past.num_rows:
+        past = past.append_column(S.URI, pa.array([uris[i] for i in past.column(S.IMAGE_ID).to_pylist()]))
+        gds = ray.data.from_arrow(past, override_num_blocks=max(1, min(past.num_rows, 4 * qc.actors)))
+        gds = gds.map_batches(
+            GeometryCheck,
+            fn_constructor_kwargs={"cfg": cfg, "queries": qmap},
+            compute=ray.data.ActorPoolStrategy(size=qc.actors),
+            batch_size=16,
+            batch_format="numpy",
+            **res,
+        )
+        checked = pa.concat_tables(ray.get(gds.to_arrow_refs())).to_pandas()
+        ok_rows = checked[checked[S.INLIERS] >= gc.min_inliers]
+        verified = set(zip(ok_rows[S.QUERY_ID], ok_rows[S.IMAGE_ID].astype(int)))
+        geo_errors = checked[checked[S.ERROR].astype(str) != ""]
+
     # rerank: one row per candidate image, with every query that shortlisted it
-    cand = shortlist(np.asarray(scores), np.asarray(ids), good_ids, qc.rerank) if good else None
+    cand = shortlist(np.asarray(scores), np.asarray(ids), good_ids, qc.rerank, extra=verified) if good else None
     reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + [S.ERROR])
     if cand is not None and cand.num_rows:
         cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
-        qmap = query_map(qtable)
         rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * qc.actors)))
         rds = rds.map_batches(
             Reranker,
@@ -203,6 +233,9 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
     err_rows = [(query_uri[q], *parse_error(e)) for q, e in zip(qids, qerr) if e]
     err_rows += [(f"{r[S.QUERY_ID]}|{r[S.URI]}", *parse_error(r[S.ERROR])) for _, r in rerr.iterrows()]
+    err_rows += [
+        (f"{r[S.QUERY_ID]}|{uris[int(r[S.IMAGE_ID])]}", *parse_error(r[S.ERROR])) for _, r in geo_errors.iterrows()
+    ]
     errors = errors_table(err_rows)
     store.write_table(errors, uri_mod.join(out, ERRORS))
     summary = {
@@ -213,8 +246,11 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         "errors": errors.num_rows,
         "model": version.manifest["model"],
         "seconds": {"total": time.perf_counter() - t0, "coarse": t1 - t0, "rerank": t2 - t1},
+        "verified_past_rerank": len(verified),  # pairs past query.rerank that geometry verified and sent to the rerank
         "query_config": to_dict(qc),
-        "stages": {name: to_dict(getattr(cfg, name)) for name in ("refine", "verify") if getattr(cfg, name).enabled},
+        "stages": {
+            name: to_dict(getattr(cfg, name)) for name in ("refine", "verify", "geometry") if getattr(cfg, name).enabled
+        },
     }
     uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
     return QueryReport(

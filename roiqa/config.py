@@ -162,6 +162,7 @@ class GeometryConfig:
     min_inliers: int = 5  # homography inliers for a pair to count as verified
     saturation: int = 10  # inliers at which the bonus is full
     weight: float = 1.0  # score += weight * min(inliers, saturation) / saturation for a verified pair
+    shortlist: int = 100  # coarse images per query verified first; verified ones are reranked past query.rerank
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,56 @@ class QueryEncoder:
         return np.stack(out)
 
 
+class GeometryCheck:
+    """{image_id, uri, query_ids, coarse_scores} -> {query_id, image_id, inliers, error}: the geometric verification
+    (`roiqa.geometry.match`) of coarse candidates past the dense rerank budget, so that a verified image is reranked
+    wherever the coarse stage ranked it (DELG-style verification of the shortlist). Cheap beside the dense rerank:
+    per image a decode, a resize and SIFT once; per query a ratio test and RANSAC. An unreadable image gives error
+    rows (inliers -1)."""
+
+    def __init__(self, cfg: RoiqaConfig, queries: dict[str, tuple[str, list[float] | None]]) -> None:
+        self.cfg = cfg
+        self.queries = queries  # query_id -> (uri, box or None)
+        self._sift: dict[str, geometry.SiftFeatures] = {}
+
+    def query_sift(self, query_id: str) -> geometry.SiftFeatures:
+        if query_id not in self._sift:
+            uri, box = self.queries[query_id]
+            box = None if box is None else np.asarray(box, np.float32)
+            patch = load_patch(uri, box, self.cfg.preprocess.max_pixels)
+            self._sift[query_id] = geometry.sift_features(patch, geometry.MIN_QUERY_SIDE)
+        return self._sift[query_id]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        gc = self.cfg.geometry
+        qids_out, iids_out, inliers_out, errors = [], [], [], []
+        for iid, u, qids in zip(batch[S.IMAGE_ID], batch[S.URI], batch[S.QUERY_IDS]):
+            u = str(u)
+            try:
+                img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
+                feats = geometry.sift_features(resize_long_side(img, self.cfg.preprocess.image_size)[0])
+                err = ""
+            except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
+                feats, err = None, error_string("geometry", "image_unreadable", str(exc))
+            for qid in qids:
+                n = -1
+                if feats is not None:
+                    try:
+                        n = geometry.match(self.query_sift(str(qid)), feats, gc.ratio, gc.ransac_px).inliers
+                    except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
+                        err = error_string("geometry", "failed", str(exc))
+                qids_out.append(str(qid))
+                iids_out.append(int(iid))
+                inliers_out.append(n)
+                errors.append(err if n < 0 else "")
+        return {
+            S.QUERY_ID: object_array(qids_out),
+            S.IMAGE_ID: np.array(iids_out, dtype=np.int64),
+            S.INLIERS: np.array(inliers_out, dtype=np.int32),
+            S.ERROR: object_array(errors),
+        }
+
+
 class Reranker:
     """Scores candidate images against the query patches that shortlisted them (seed 003, eqs. 3-5).
 

@@ -130,3 +130,29 @@ def test_rerank_takes_the_homography_box_and_bonus(tmp_path):
 def test_bad_geometry_settings_are_refused():
     with pytest.raises(ValueError, match="min_inliers"):
         Reranker(dataclasses.replace(CFG, geometry=GeometryConfig(min_inliers=3)), {})
+
+
+def test_geometry_check_rows(tmp_path):
+    """GeometryCheck: one row per (query, image) with the inliers `geometry.match` finds; an unreadable image gives
+    error rows with inliers -1."""
+    from roiqa.rerank import GeometryCheck
+
+    image, _ = warp_into(BRICK, FACE, -20.0, 0.9, 100, 200)
+    (tmp_path / "q.png").write_bytes(encode_png(FACE))
+    (tmp_path / "hit.png").write_bytes(encode_png(image))
+    (tmp_path / "miss.png").write_bytes(encode_png(ROCKET))
+    check = GeometryCheck(CFG, {"face": (str(tmp_path / "q.png"), None), "rocket": (str(tmp_path / "miss.png"), None)})
+    out = check(
+        {
+            S.IMAGE_ID: np.array([1, 2, 3], np.int64),
+            S.URI: np.array([str(tmp_path / n) for n in ("hit.png", "miss.png", "gone.png")], dtype=object),
+            S.QUERY_IDS: [["face", "rocket"], ["face"], ["face"]],
+            S.COARSE_SCORES: [[0.0, 0.0], [0.0], [0.0]],
+        }
+    )
+    assert list(out[S.QUERY_ID]) == ["face", "rocket", "face", "face"] and list(out[S.IMAGE_ID]) == [1, 1, 2, 3]
+    face, hit = geometry.sift_features(FACE), geometry.sift_features(image)  # 512 px: the rerank's own size
+    assert out[S.INLIERS][0] == geometry.match(face, hit).inliers >= 15
+    assert out[S.INLIERS][1] < CFG.geometry.min_inliers and out[S.INLIERS][2] < CFG.geometry.min_inliers
+    assert out[S.INLIERS][3] == -1 and out[S.ERROR][3].startswith("geometry:image_unreadable")
+    assert list(out[S.ERROR][:3]) == ["", "", ""]

@@ -287,3 +287,59 @@ def test_bad_query_is_recorded_and_the_rest_answered(collection, tiny_cfg, folde
     err = pq.read_table(tmp_path / "out" / "errors.parquet").to_pandas().set_index(S.URI)
     assert err.loc[str(tmp_path / "not-an-image.png"), S.REASON] == "not_an_image"
     assert err.loc[str(tmp_path / "nope.png"), S.STAGE] == "query"
+
+
+def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, tmp_path):
+    """Two images hold the (rotated) query, the rerank budget is 1: the one the coarse stage ranks second or lower
+    is reranked anyway because its homography verifies (and gets the geometry's inliers); without geometry only
+    the budget is reranked."""
+    import dataclasses
+
+    import cv2
+    import skimage.data
+
+    face = skimage.data.astronaut()[14:186, 150:304]
+    bg = np.repeat(skimage.data.brick()[:256, :256, None], 3, axis=2)
+
+    def rotated_into(angle: float, x0: int, y0: int) -> np.ndarray:
+        m = cv2.getRotationMatrix2D((77.0, 86.0), angle, 0.6)
+        warped = cv2.warpAffine(face, m, (154, 172))
+        mask = cv2.warpAffine(np.full(face.shape[:2], 255, np.uint8), m, (154, 172)) > 127
+        out = bg.copy()
+        out[y0 : y0 + 172, x0 : x0 + 154][mask] = warped[mask]
+        return out
+
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    images = {
+        "pos_a.png": rotated_into(15.0, 20, 30),
+        "pos_b.png": rotated_into(-25.0, 90, 60),
+        "rocket.png": np.ascontiguousarray(skimage.data.rocket()[:256, 200:456]),
+        "coffee.png": np.ascontiguousarray(skimage.data.coffee()[100:356, 200:456]),
+    }
+    for name, img in images.items():
+        (gallery / name).write_bytes(encode_png(img))
+    (tmp_path / "face.png").write_bytes(encode_png(face))
+    pq.write_table(
+        pa.table({S.QUERY_ID: ["face"], S.URI: [str(tmp_path / "face.png")]}), str(tmp_path / "queries.parquet")
+    )
+    cfg = dataclasses.replace(
+        tiny_cfg,
+        preprocess=dataclasses.replace(tiny_cfg.preprocess, image_size=256),
+        query=dataclasses.replace(tiny_cfg.query, top_k=4, rerank=1, overlays=False),
+    )
+    index = str(tmp_path / "index")
+    run_index(str(gallery), index, cfg)
+    on = read_results_of(run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "on"), cfg))
+    off_cfg = dataclasses.replace(cfg, geometry=dataclasses.replace(cfg.geometry, enabled=False))
+    off = read_results_of(run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "off"), off_cfg))
+    pos = {str(gallery / "pos_a.png"), str(gallery / "pos_b.png")}
+    reranked = on[on[S.SCORE].notna()]
+    assert pos <= set(reranked[S.URI])  # both positives reranked although the budget is 1
+    assert (reranked[reranked[S.URI].isin(pos)][S.INLIERS] >= cfg.geometry.min_inliers).all()
+    assert set(on.sort_values(S.RANK).head(2)[S.URI]) == pos  # and ranked first
+    assert off[S.SCORE].notna().sum() == 1 and off[S.INLIERS].isna().all()
+
+
+def read_results_of(report):
+    return read_results(report.out)

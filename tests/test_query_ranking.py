@@ -75,3 +75,14 @@ def test_stage_seconds_parses_ray_data_stats():
     )
     got = stage_seconds(text)
     assert got == {"MapBatches(read_any)->MapBatches(decode)": 1.0, "MapBatches(Embedder)": 8.6, "Limit": 14e-6}
+
+
+def test_shortlist_ranges_and_extra_pairs():
+    scores = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]], np.float32)
+    ids = np.array([[10, 20, 30], [20, 40, -1]])
+    past = shortlist(scores, ids, ["q1", "q2"], rerank=3, start=1).to_pydict()  # ranks 1..2 of each query
+    assert past[S.IMAGE_ID] == [20, 30, 40] and past[S.QUERY_IDS] == [["q1"], ["q1"], ["q2"]]
+    t = shortlist(scores, ids, ["q1", "q2"], rerank=1, extra={("q1", 30), ("q2", 99)}).to_pydict()
+    assert t[S.IMAGE_ID] == [10, 20, 30]  # q1's top 1, q2's top 1, and q1's verified rank-3 image
+    assert t[S.QUERY_IDS] == [["q1"], ["q2"], ["q1"]]
+    assert t[S.COARSE_SCORES][2] == [pytest.approx(0.1)]
