@@ -21,6 +21,7 @@ Everything is written under --work (a temporary folder by default, removed unles
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sift", action=argparse.BooleanOptionalAction, default=True, help="SIFT + RANSAC baseline")
     p.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --work: reuse the collection and index a previous run left there (only the queries run again)",
+    )
     p.add_argument("--out", default="benchmarks/results", help="folder for bench_scale.json / .md")
     p.add_argument("--quick", action="store_true", help="40 distractors, no extra budget, no SIFT (smoke test)")
     args = p.parse_args(argv)
@@ -73,40 +79,54 @@ def main(argv: list[str] | None = None) -> int:
     from roiqa.rerank import load_patch
     from roiqa.weights import resolve_model
 
+    if args.reuse and not args.work:
+        raise SystemExit("--reuse needs --work (the folder of the earlier run)")
     work = args.work or tempfile.mkdtemp(prefix="bench-scale-")
     os.makedirs(work, exist_ok=True)
     t0 = time.perf_counter()
-    col = build_eval_collection(os.path.join(work, "collection"), seed=args.seed)
-    build_distractors(col.gallery_dir, args.distractors, seed=args.seed + 1)
-    n_images = col.n_gallery + args.distractors
-    build_seconds = time.perf_counter() - t0
-    print(f"collection: {col.n_gallery} evaluation images + {args.distractors} distractors ({build_seconds:.0f} s)")
-    gt = store.read_table(col.ground_truth_uri).to_pandas()
-
     cfg = RoiqaConfig()
     index = os.path.join(work, "index")
-    ir = run_index(col.gallery_dir, index, cfg, resolve_model(None))
-    print(f"indexed {ir.indexed} images ({ir.errors} errors) in {ir.seconds:.0f} s")
-    report: dict = {
-        "machine": machine(),
-        "images": n_images,
-        "distractors": args.distractors,
-        "queries": col.n_queries,
-        "positives": len(gt),
-        "top_k": cfg.query.top_k,
-        "index": {
+    index_json = os.path.join(work, "index_report.json")
+    if args.reuse:
+        with open(index_json) as f:
+            index_report = json.load(f)
+        gallery_dir = os.path.join(work, "collection", "gallery")
+        n_distractors = sum(f.startswith("distractor_") for f in os.listdir(gallery_dir))
+        gt = store.read_table(os.path.join(work, "collection", "ground_truth.parquet")).to_pandas()
+        queries_uri = os.path.join(work, "collection", "queries.parquet")
+        n_queries = store.read_table(queries_uri).num_rows
+        print(f"reusing {index} ({index_report['indexed']} images)")
+    else:
+        col = build_eval_collection(os.path.join(work, "collection"), seed=args.seed)
+        build_distractors(col.gallery_dir, args.distractors, seed=args.seed + 1)
+        n_distractors, queries_uri, n_queries = args.distractors, col.queries_uri, col.n_queries
+        print(f"collection: {col.n_gallery} evaluation images + {n_distractors} distractors")
+        gt = store.read_table(col.ground_truth_uri).to_pandas()
+        ir = run_index(col.gallery_dir, index, cfg, resolve_model(None))
+        print(f"indexed {ir.indexed} images ({ir.errors} errors) in {ir.seconds:.0f} s")
+        index_report = {
             "indexed": ir.indexed,
             "errors": ir.errors,
             "seconds": ir.seconds,
             "seconds_per_image": ir.seconds / max(ir.indexed, 1),
             "bytes_per_image": index_bytes_per_image(index),
-        },
+        }
+        with open(index_json, "w") as f:
+            json.dump(index_report, f)
+    report: dict = {
+        "machine": machine(),
+        "images": index_report["indexed"] + index_report["errors"],
+        "distractors": n_distractors,
+        "queries": n_queries,
+        "positives": len(gt),
+        "top_k": cfg.query.top_k,
+        "index": index_report,
         "runs": {},
     }
     for budget in [cfg.query.rerank, *budgets]:
         run_cfg = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, rerank=budget))
         out = os.path.join(work, f"query-rerank{budget}")
-        qr = run_query(index, col.queries_uri, out, run_cfg)
+        qr = run_query(index, queries_uri, out, run_cfg)
         res = read_results(out)
         buckets = evaluate_buckets(res, gt)
         report["runs"][f"rerank{budget}"] = {
@@ -120,10 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(f"rerank {budget}: mAP {buckets['all']['mAP']:.3f} loc AP {buckets['all']['loc_ap50']:.3f}")
 
-    if args.sift:
+    sift_results = os.path.join(work, "sift", "results.parquet")
+    if args.sift and args.reuse and os.path.exists(sift_results):
+        res = store.read_table(sift_results).to_pandas()
+        with open(os.path.join(work, "sift", "timing.json")) as f:
+            timing = json.load(f)
+        report["sift"] = {"metrics": evaluate_buckets(res, gt), **timing}
+    elif args.sift:
         version = store.open_index(index)
         icfg = index_config(version, cfg)
-        qtable = load_queries(col.queries_uri)
+        qtable = load_queries(queries_uri)
         patches = {
             q: load_patch(u, None, icfg.preprocess.max_pixels)
             for q, u in zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist())
@@ -132,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         res, timing = run_baseline("sift", patches, gallery, icfg.preprocess.image_size, icfg.preprocess.max_pixels)
         res = S.check_columns(pa.Table.from_pandas(res, preserve_index=False), S.RESULTS_SCHEMA, "sift").to_pandas()
         res = res[res[S.RANK] <= cfg.query.top_k]  # the same result depth as roiqa's
+        os.makedirs(os.path.dirname(sift_results), exist_ok=True)
+        store.write_table(pa.Table.from_pandas(res, preserve_index=False), sift_results)
+        with open(os.path.join(work, "sift", "timing.json"), "w") as f:
+            json.dump(timing, f)
         report["sift"] = {"metrics": evaluate_buckets(res, gt), **timing}
         print(f"sift: mAP {report['sift']['metrics']['all']['mAP']:.3f} in {timing['seconds_total']:.0f} s")
 

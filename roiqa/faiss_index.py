@@ -70,7 +70,7 @@ def _ivf(index: faiss.Index):
         return None
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(scores (Q, k), ids (Q, k)) of the k best inner products; missing results have id -1 and score -inf."""
     ivf = _ivf(index)
     if ivf is not None:
@@ -170,7 +170,7 @@ def search_images(
     index: faiss.Index,
     queries: np.ndarray,
     k: int,
-    nprobe: int = 32,
+    nprobe: int = 256,
     image_ids: np.ndarray | None = None,
     regions: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
