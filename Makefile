@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench experiments clean
+.PHONY: demo test lint bench bench-scale experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_faiss --out benchmarks/results
 	$(PY) -m benchmarks.bench_stages --out benchmarks/results
 	$(PY) -m benchmarks.bench_reindex --out benchmarks/results
+
+# The evaluation objects among 10,000 distractors (benchmarks/bench_scale.py): about an hour on 2 cores.
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.bench_scale --distractors 10000 --budgets 100 --out benchmarks/results
 
 # The experiments of the optional stages (README, "Optional stages": seeds 001, 004, then 000, 004, 002 in the pipelines): about an hour on 2 cores.
 experiments: $(STAMP)
