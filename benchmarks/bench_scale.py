@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --work: reuse the collection and index a previous run left there (only the queries run again)",
     )
     p.add_argument("--out", default="benchmarks/results", help="folder for bench_scale.json / .md")
-    p.add_argument("--quick", action="store_true", help="40 distractors, no extra budget, no SIFT (smoke test)")
+    p.add_argument(
+        "--quick", action="store_true", help="24 evaluation images, 12 distractors, one budget, no SIFT (smoke test)"
+    )
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     if args.quick:
-        args.distractors, budgets, args.sift = 40, [], False
+        args.distractors, budgets, args.sift = 12, [], False
 
     import dataclasses
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         n_queries = store.read_table(queries_uri).num_rows
         print(f"reusing {index} ({index_report['indexed']} images)")
     else:
-        col = build_eval_collection(os.path.join(work, "collection"), seed=args.seed)
+        n_gallery = 24 if args.quick else 64
+        col = build_eval_collection(os.path.join(work, "collection"), seed=args.seed, n_gallery=n_gallery)
         build_distractors(col.gallery_dir, args.distractors, seed=args.seed + 1)
         n_distractors, queries_uri, n_queries = args.distractors, col.queries_uri, col.n_queries
         print(f"collection: {col.n_gallery} evaluation images + {n_distractors} distractors")

@@ -10,13 +10,15 @@ import time
 
 import pytest
 
-from roiqa.config import IndexConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig
+from roiqa.config import GeometryConfig, IndexConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig
 
 TINY = RoiqaConfig(
     model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=32),
     preprocess=PreprocessConfig(image_size=128),
     index=IndexConfig(batch_size=8, read_batch_size=8),
     query=QueryConfig(top_k=6, rerank=4, query_sizes=(24, 40), descriptor_size=40, peaks=3, overlay_size=96),
+    # No geometric shortlist: its actor pool adds ~5 s to every query run; tests/test_pipelines.py covers it.
+    geometry=GeometryConfig(shortlist=0),
 )
 
 

@@ -95,7 +95,7 @@ def test_bench_scale_quick(tmp_path):
 
     assert bench_scale.main(["--quick", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench_scale.json").read_text())
-    assert report["images"] == 64 + 40 and report["index"]["indexed"] + report["index"]["errors"] == report["images"]
+    assert report["images"] == 24 + 12 and report["index"]["indexed"] + report["index"]["errors"] == report["images"]
     run = report["runs"]["rerank20"]
     assert 0 <= run["coarse_recall@20"] <= run["coarse_recall@100"] <= 1
     assert run["metrics"]["all"]["n_positives"] == report["positives"] > 0

@@ -56,7 +56,10 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     res = pq.read_table(os.path.join(out, "results.parquet")).to_pandas()
     assert res.groupby(S.QUERY_ID).size().max() == 5
     assert res[S.HEATMAP_URI].isna().all()  # --no-overlays
-    assert res[S.SCORE].notna().sum() == 2 * collection.n_queries
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    # the budget of 2 per query, plus the images past it whose homography verified (geometry.shortlist)
+    assert res[S.SCORE].notna().sum() == 2 * collection.n_queries + summary["verified_past_rerank"]
+    assert (res[res[S.RANK] <= 2][S.SCORE].notna()).all()
     capsys.readouterr()
     metrics_path = str(tmp_path / "metrics.json")
     assert eval_job.main(["--results", out, "--ground-truth", collection.ground_truth_uri, "--out", metrics_path]) == 0

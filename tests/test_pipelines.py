@@ -327,6 +327,7 @@ def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, 
         tiny_cfg,
         preprocess=dataclasses.replace(tiny_cfg.preprocess, image_size=256),
         query=dataclasses.replace(tiny_cfg.query, top_k=4, rerank=1, overlays=False),
+        geometry=dataclasses.replace(tiny_cfg.geometry, shortlist=100),
     )
     index = str(tmp_path / "index")
     run_index(str(gallery), index, cfg)

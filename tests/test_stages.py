@@ -149,7 +149,7 @@ def test_query_with_refinement_and_verification(collection, tiny_cfg, staged_ind
     assert len(reranked) == res[S.SCORE].notna().sum() > 0
     assert reranked[S.VERIFY_PROB].between(0, 1).all() and res.loc[res[S.SCORE].isna(), S.VERIFY_PROB].isna().all()
     summary = json.loads(uri_mod.read_bytes(uri_mod.join(out, SUMMARY)))
-    assert set(summary["stages"]) == {"refine", "verify"}
+    assert set(summary["stages"]) == {"refine", "verify", "geometry"}
     # the same rows from the reranker called directly, without Ray
     row = reranked.iloc[0]
     qmap = query_map(load_queries(collection.queries_uri))
