@@ -65,13 +65,18 @@ EXIT_STORAGE_DOWN = 3  # the object store stayed unreachable: nothing was publis
 
 
 def _cause(exc: BaseException, kind: type) -> BaseException | None:
-    """`exc` or the first exception of `kind` in its chain (Ray wraps a task's exception in its own)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
+    """`exc` or the first exception of `kind` in its chain: `__cause__`, `__context__` and the `.cause` of Ray's
+    RayTaskError (a task's exception as the driver sees it), followed breadth-first."""
+    seen, todo = set(), [exc]
+    while todo:
+        exc = todo.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        cause = getattr(exc, "cause", None)
         if isinstance(exc, kind):
-            return exc
+            return cause if isinstance(cause, kind) else exc  # Ray's wrapper prints a traceback, the cause one line
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        todo += [exc.__cause__, exc.__context__, cause if isinstance(cause, BaseException) else None]
     return None
 
 

@@ -36,6 +36,9 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
     ctx.enable_progress_bars = True
     ctx.enable_auto_log_stats = False
     ctx.verbose_stats_logs = False
+    # a stage's own exception (StorageUnavailable, ...) reaches the driver as itself, not as a UserCodeException
+    # whose cause Ray drops on the way: the job's exit status depends on it (3: the store is down)
+    ctx.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

@@ -126,6 +126,8 @@ class QueryEncoder:
                     small, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
                     emb[i] = self.model.global_descriptor(pyramid(self.model, small, self.device))[0].cpu().numpy()
                 errors.append("")
+            except uri_mod.StorageUnavailable:
+                raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except (DecodeError, ValueError, OSError) as exc:
                 errors.append(error_string("query", getattr(exc, "reason", "bad_query"), str(exc)))
         return {
@@ -176,6 +178,8 @@ class GeometryCheck:
                 img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
                 feats = geometry.sift_features(resize_long_side(img, self.cfg.preprocess.image_size)[0])
                 err = ""
+            except uri_mod.StorageUnavailable:
+                raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
                 feats, err = None, error_string("geometry", "image_unreadable", str(exc))
             for qid in qids:
@@ -183,6 +187,8 @@ class GeometryCheck:
                 if feats is not None:
                     try:
                         n = geometry.match(self.query_sift(str(qid)), feats, gc.ratio, gc.ransac_px).inliers
+                    except uri_mod.StorageUnavailable:
+                        raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
                     except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
                         err = error_string("geometry", "failed", str(exc))
                 qids_out.append(str(qid))
@@ -367,6 +373,8 @@ class Reranker:
             u = str(u)
             try:
                 img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
+            except uri_mod.StorageUnavailable:
+                raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
                 for qid, cs in zip(qids, coarse):
                     emit(
@@ -385,6 +393,8 @@ class Reranker:
             feats = pyramid(self.model, resized, self.device)
             try:
                 depth = self.depth_map(u) if self.cfg.refine.enabled else None
+            except uri_mod.StorageUnavailable:
+                raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - a missing or bad depth map fails this image's rows, visibly
                 for qid, cs in zip(qids, coarse):
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("refine", "depth", str(exc)))
@@ -409,6 +419,8 @@ class Reranker:
                             q.verify_embedding = self.verifier.embed_query(q.patch)
                         prob = float(self.verifier.verify(q.patch, img, box[None], q.verify_embedding)[0])
                         score = score + self.cfg.verify.weight * (prob - 0.5)
+                except uri_mod.StorageUnavailable:
+                    raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
                 except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
                     emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
                     continue

@@ -229,6 +229,58 @@ def test_an_outage_while_publishing_fails_clearly_and_publishes_nothing(flaky, c
     assert v.errors().column(S.REASON).to_pylist() == ["corrupt"]
 
 
+def test_an_outage_during_the_workers_reads_exits_3(flaky, collection, tiny_yaml, capsys, tmp_path):
+    """The store goes down when a Ray worker first reads an image (the listing in the driver went through): the
+    worker's StorageUnavailable reaches the job through Ray's wrapper, exit 3, nothing published."""
+    relay, direct, _ = flaky
+    for f in sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))[:4]:
+        direct.put_file(f, f"{BUCKET}/worker-reads/{os.path.basename(f)}")
+    relay.tripped.clear()
+    relay.trip, relay.trip_down_s = re.compile(rb"GET /roiqa-faults/worker-reads/[^ ?]+ HTTP"), 1e9
+    from jobs.index import main
+
+    index = str(tmp_path / "index")
+    argv = ["--images", f"s3://{BUCKET}/worker-reads", "--index", index, "--model", "none", "--config", tiny_yaml]
+    rc = main(argv)
+    relay.up()
+    out, err = capsys.readouterr()
+    _PRINTED.append(out + err)
+    assert relay.tripped.is_set()
+    assert rc == 3, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("roiqa index: error:")]
+    assert len(line) == 1 and "object store unreachable" in line[0] and "/worker-reads/" in line[0]
+    assert store.current_version(index) is None
+
+
+def test_a_query_whose_gallery_store_is_down_exits_3_and_writes_no_results(
+    flaky, collection, tiny_yaml, capsys, tmp_path
+):
+    """Gallery images on s3:// and the endpoint down during the query: an outage, not bad data (no
+    `image_unreadable` rows and exit 0): exit 3 and no results."""
+    relay, direct, _ = flaky
+    for f in sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))[:4]:
+        direct.put_file(f, f"{BUCKET}/gallery-q/{os.path.basename(f)}")
+    from jobs.index import main as index_main
+    from jobs.query import main as query_main
+
+    index, out = str(tmp_path / "index"), str(tmp_path / "out")
+    rc = index_main(
+        ["--images", f"s3://{BUCKET}/gallery-q", "--index", index, "--model", "none", "--config", tiny_yaml]
+    )
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    relay.down(1e9)
+    try:
+        rc = query_main(["--index", index, "--queries", collection.queries_uri, "--out", out, "--config", tiny_yaml])
+    finally:
+        relay.up()
+    printed, err = capsys.readouterr()
+    _PRINTED.append(printed + err)
+    assert rc == 3, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("roiqa query: error:")]
+    assert len(line) == 1 and "object store unreachable" in line[0] and "/gallery-q/" in line[0]
+    assert not glob.glob(os.path.join(out, "**", "*.parquet"), recursive=True)
+
+
 def test_credentials_never_leave_the_environment(flaky, tiny_yaml, capsys, tmp_path):
     relay, direct, session = flaky
     # a manifest row carrying credentials in its URL: refused, and the error line masks them
