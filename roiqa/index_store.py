@@ -103,9 +103,14 @@ class IndexVersion:
 
     def faiss(self):
         """The faiss index, checked against the manifest's checksum before it is deserialised."""
+        expected = (self.manifest.get("checksums") or {}).get(FAISS)
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise ValueError(
+                f"{self.uri(MANIFEST)}: no sha256 checksum of {FAISS}; an index without one is not trusted "
+                "(re-index to write a complete manifest)"
+            )
         data = uri_mod.read_bytes(self.uri(FAISS))
-        expected = self.manifest.get("checksums", {}).get(FAISS)
-        if expected and sha256(data) != expected:
+        if sha256(data) != expected:
             raise ValueError(f"{self.uri(FAISS)}: checksum mismatch with the manifest; the index is damaged")
         return faiss_index.deserialize(data, self.uri(FAISS))
 
