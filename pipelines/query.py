@@ -42,8 +42,11 @@ class QueryReport:
     rerank_seconds: float  # dense reranking of the shortlists
 
 
-def load_queries(queries: str) -> pa.Table:
-    """Queries as QUERIES_SCHEMA: a Parquet file of query_id, uri[, box] or a folder of crops (id = file stem)."""
+def load_queries(queries: str, allowed_prefixes: tuple[str, ...] = ()) -> pa.Table:
+    """Queries as QUERIES_SCHEMA: a Parquet file of query_id, uri[, box] or a folder of crops (id = file stem).
+
+    Every query image must lie inside `allowed_prefixes` (default: the Parquet's folder, or the folder of crops),
+    symbolic links resolved; one outside refuses the queries, as `index.allowed_prefixes` does for manifests."""
     if queries.lower().endswith(".parquet"):
         table = store.read_table(queries)
         table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
@@ -60,6 +63,16 @@ def load_queries(queries: str) -> pa.Table:
         ids = [f.rsplit("/", 1)[-1].rsplit(".", 1)[0] for f in files]
         table = pa.table({S.QUERY_ID: ids, S.URI: files})
         table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
+    folder = uri_mod.normalize(queries)
+    if queries.lower().endswith(".parquet"):
+        folder = folder.rsplit("/", 1)[0]
+    allowed = tuple(allowed_prefixes) or (folder,)
+    for qid, u in zip(table.column(S.QUERY_ID).to_pylist(), table.column(S.URI).to_pylist()):
+        if not any(uri_mod.inside(u, p) for p in allowed):
+            raise ValueError(
+                f"{queries}: query {qid!r} points outside the allowed prefixes {list(allowed)}: {u!r}; refusing the "
+                "queries (query.allowed_prefixes lists where query images may be read from)"
+            )
     ids = pd.Series(table.column(S.QUERY_ID).to_pylist())
     if ids.duplicated().any():
         repeated = sorted(set(ids[ids.duplicated()]))[:5]
@@ -133,7 +146,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     cfg = index_config(version, cfg)
     model_uri = version.manifest["model"]["uri"]
     qc = cfg.query
-    qtable = load_queries(queries)
+    qtable = load_queries(queries, qc.allowed_prefixes)
     if qtable.num_rows == 0:
         raise ValueError(f"{queries}: no queries")
     res = actor_resources(qc.actor_cpus)

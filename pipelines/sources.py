@@ -46,11 +46,6 @@ def list_images(images: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
     return Listing(kind="files", uris=files, errors=[], signatures={f: found[f] for f in files})
 
 
-def _inside(uri: str, prefix: str) -> bool:
-    prefix = uri_mod.normalize(prefix)
-    return uri == prefix or uri.startswith(prefix.rstrip("/") + "/")
-
-
 def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
     """A Parquet manifest with a `uri` column; relative URIs are resolved against the manifest's folder."""
     fs, path = uri_mod.filesystem(uri)
@@ -66,7 +61,7 @@ def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
             errors.append((str(raw), error_string("read", "empty_uri", "manifest row without a uri")))
             continue
         u = uri_mod.normalize(raw if ("://" in raw or raw.startswith("/")) else uri_mod.join(base, raw))
-        if not any(_inside(u, p) for p in allowed):
+        if not any(uri_mod.inside(u, p) for p in allowed):
             raise ValueError(
                 f"{uri}: row {row} points outside the allowed prefixes {list(allowed)}: {raw!r}; refusing the "
                 "manifest (index.allowed_prefixes lists where a manifest may point)"

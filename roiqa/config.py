@@ -65,6 +65,8 @@ class QueryConfig:
     torch_threads: int = 0  # torch threads per rerank actor; 0: every core of its node
     overlays: bool = True  # write a heatmap overlay PNG for every reranked pair
     overlay_size: int = 384  # long side of overlay PNGs
+    # URIs query images may be read from; empty: the folder of the queries Parquet (or the folder of crops)
+    allowed_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,15 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def inside(uri: str, prefix: str) -> bool:
+    """True when `uri` lies under `prefix` (or is it). Local paths are compared after resolving symbolic links, so
+    a link inside an allowed folder that points out of it is outside."""
+    uri, prefix = normalize(uri), normalize(prefix)
+    if is_local(uri) and is_local(prefix):
+        uri, prefix = os.path.realpath(uri), os.path.realpath(prefix)
+    return uri == prefix or uri.startswith(prefix.rstrip("/") + "/")
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Inverse of `filesystem`: a path returned by `fs` back to a canonical URI."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

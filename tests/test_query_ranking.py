@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -59,6 +61,23 @@ def test_load_queries_parquet_folder_and_errors(tmp_path):
     )
     t = load_queries(str(tmp_path / "boxed.parquet"))
     assert query_map(t)["q"] == (str(tmp_path / "sub" / "1.png"), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_query_images_outside_the_allowed_prefixes_are_refused(tmp_path):
+    """Queries obey the manifests' rule: a query image outside the queries' folder (or query.allowed_prefixes),
+    given as an absolute path, through '..' or through a symbolic link, refuses the queries before any read."""
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "a.png").write_bytes(b"x")
+    (tmp_path / "secret.png").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.png", tmp_path / "q" / "link.png")
+    for rows in (["a.png", "/etc/passwd"], ["a.png", "../secret.png"], ["a.png", "link.png"]):
+        pq.write_table(pa.table({S.QUERY_ID: ["a", "b"], S.URI: rows}), tmp_path / "q" / "queries.parquet")
+        with pytest.raises(ValueError, match=r"queries\.parquet: query 'b' points outside the allowed prefixes"):
+            load_queries(str(tmp_path / "q" / "queries.parquet"))
+    with pytest.raises(ValueError, match=r"query 'link' points outside the allowed prefixes"):
+        load_queries(str(tmp_path / "q"))  # a folder of crops: the link is listed, its target is elsewhere
+    t = load_queries(str(tmp_path / "q" / "queries.parquet"), (str(tmp_path),))  # allowed by the config
+    assert t.column(S.URI).to_pylist() == [str(tmp_path / "q" / "a.png"), str(tmp_path / "q" / "link.png")]
 
 
 def test_stage_seconds_parses_ray_data_stats():

@@ -250,6 +250,11 @@ def test_a_manifest_pointing_outside_its_prefix_is_refused(tmp_path, tiny_cfg):
         pq.write_table(pa.table({S.URI: rows}), manifest)
         with pytest.raises(ValueError, match=r"m\.parquet: row 1 points outside the allowed prefixes"):
             list_images(str(manifest))
+    # a symbolic link inside the folder that points out of it is outside (the check resolves links)
+    os.symlink(outside, tmp_path / "data" / "link.jpg")
+    pq.write_table(pa.table({S.URI: ["a.jpg", "link.jpg"]}), manifest)
+    with pytest.raises(ValueError, match=r"m\.parquet: row 1 points outside the allowed prefixes"):
+        list_images(str(manifest))
     # inside its folder, or inside a prefix the config allows, is accepted
     pq.write_table(pa.table({S.URI: ["a.jpg", "./sub/../a.jpg", str(outside)]}), manifest)
     listing = list_images(str(manifest), (str(tmp_path / "data"), str(tmp_path)))
