@@ -86,7 +86,7 @@ def query_map(qtable: pa.Table) -> dict[str, tuple[str, list[float] | None]]:
     out = {}
     for i, (q, u) in enumerate(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist())):
         b = [col[i] for col in boxes]
-        out[q] = (u, None if any(v is None for v in b) else b)
+        out[q] = (u, None if all(v is None or v != v for v in b) else b)  # no box: the whole image
     return out
 
 
@@ -244,12 +244,10 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     table = S.check_columns(pa.Table.from_pandas(results, preserve_index=False), S.RESULTS_SCHEMA, "results")
     store.write_table(table, uri_mod.join(out, RESULTS))
     query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
-    err_rows = [(query_uri[q], *parse_error(e)) for q, e in zip(qids, qerr) if e]
-    err_rows += [(f"{r[S.QUERY_ID]}|{r[S.URI]}", *parse_error(r[S.ERROR])) for _, r in rerr.iterrows()]
-    err_rows += [
-        (f"{r[S.QUERY_ID]}|{uris[int(r[S.IMAGE_ID])]}", *parse_error(r[S.ERROR])) for _, r in geo_errors.iterrows()
-    ]
-    errors = errors_table(err_rows)
+    err_rows = [(query_uri[q], *parse_error(e), q) for q, e in zip(qids, qerr) if e]
+    err_rows += [(r[S.URI], *parse_error(r[S.ERROR]), r[S.QUERY_ID]) for _, r in rerr.iterrows()]
+    err_rows += [(uris[int(r[S.IMAGE_ID])], *parse_error(r[S.ERROR]), r[S.QUERY_ID]) for _, r in geo_errors.iterrows()]
+    errors = errors_table(err_rows, S.QUERY_ERRORS_SCHEMA)
     store.write_table(errors, uri_mod.join(out, ERRORS))
     summary = {
         "index": version.root,

@@ -21,15 +21,40 @@ from roiqa.sources import error_string, object_array
 SCORES = ("peak", "regions")  # query.score: fused-heatmap maximum (eq. 4) or LSE over region similarities (eq. 5)
 
 
+class BadBox(ValueError):
+    """A query box that names no region: some coordinates missing, not finite, inverted, empty or off the image."""
+
+    reason = "bad_box"
+
+
+def check_box(box, name: str) -> np.ndarray | None:
+    """The query box as float32 (x0, y0, x1, y1), or None when all four coordinates are missing (null or NaN:
+    the whole image). A partial box, an infinite coordinate, x1 <= x0 or y1 <= y0 raise BadBox naming `name`."""
+    if box is None:
+        return None
+    b = np.array([np.nan if v is None else v for v in box], dtype=np.float64)
+    missing = np.isnan(b)
+    if missing.all():
+        return None
+    if missing.any():
+        raise BadBox(f"{name}: query box {b.tolist()} has missing coordinates; give all four or none")
+    if not np.isfinite(b).all():
+        raise BadBox(f"{name}: query box {b.tolist()} has an infinite coordinate")
+    if b[2] <= b[0] or b[3] <= b[1]:
+        raise BadBox(f"{name}: query box {b.tolist()} is inverted or empty (needs x0 < x1 and y0 < y1)")
+    return b.astype(np.float32)
+
+
 def crop_patch(image: np.ndarray, box: np.ndarray | None, name: str) -> np.ndarray:
-    """The query patch: `image` cropped to `box` (x0, y0, x1, y1 pixels; None or NaN: the whole image)."""
-    if box is None or not np.all(np.isfinite(box)):
+    """The query patch: `image` cropped to `box` (x0, y0, x1, y1 pixels; None or all NaN: the whole image)."""
+    box = check_box(box, name)
+    if box is None:
         return image
     h, w = image.shape[:2]
     x0, y0, x1, y1 = (int(round(float(v))) for v in box)
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
     if x1 - x0 < 2 or y1 - y0 < 2:
-        raise ValueError(f"{name}: query box {list(map(float, box))} is empty inside the {w}x{h} image")
+        raise BadBox(f"{name}: query box {list(map(float, box))} is empty inside the {w}x{h} image")
     return image[y0:y1, x0:x1]
 
 
@@ -85,7 +110,7 @@ def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
     """The optional box of row i of a queries batch (None when the columns are absent)."""
     if S.X0 not in batch:
         return None
-    return np.array([batch[c][i] for c in S.BOX], dtype=np.float32)
+    return np.array([np.nan if batch[c][i] is None else batch[c][i] for c in S.BOX], dtype=np.float64)
 
 
 class QueryEncoder:

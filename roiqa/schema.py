@@ -102,6 +102,10 @@ ERRORS_SCHEMA = pa.schema(
     ]
 )
 
+# errors.parquet of a query run: the index's columns plus the query a row belongs to (every row has one); `uri` is
+# the query image for a query that failed, the gallery image for a (query, image) pair that failed
+QUERY_ERRORS_SCHEMA = ERRORS_SCHEMA.append(pa.field(QUERY_ID, pa.string(), nullable=False))
+
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field(QUERY_ID, pa.string(), nullable=False),

@@ -26,14 +26,13 @@ def parse_error(value: str) -> tuple[str, str, str]:
     return stage, reason, message
 
 
-def errors_table(rows: list[tuple[str, str, str, str]]) -> pa.Table:
-    """An errors-schema table from (uri, stage, reason, message) rows."""
+def errors_table(rows: list[tuple[str, ...]], schema: pa.Schema = S.ERRORS_SCHEMA) -> pa.Table:
+    """An errors table from (uri, stage, reason, message[, query_id]) rows, in `schema`'s column order."""
     from roiqa.redact import redact
 
-    rows = [(redact(u), st, r, redact(m)) for u, st, r, m in rows]  # credentials never reach a table
-    cols = list(zip(*rows)) if rows else [[], [], [], []]
-    names = [S.URI, S.STAGE, S.REASON, S.MESSAGE]
-    return pa.table({n: pa.array(list(c), pa.string()) for n, c in zip(names, cols)}, schema=S.ERRORS_SCHEMA)
+    rows = [(redact(u), st, r, redact(m), *rest) for u, st, r, m, *rest in rows]  # no credentials in a table
+    cols = list(zip(*rows)) if rows else [[] for _ in schema.names]
+    return pa.table({n: pa.array(list(c), pa.string()) for n, c in zip(schema.names, cols)}, schema=schema)
 
 
 def content_hash(data: bytes) -> str:

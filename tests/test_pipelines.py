@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shutil
@@ -274,19 +275,38 @@ def test_bad_query_is_recorded_and_the_rest_answered(collection, tiny_cfg, folde
     index, _ = folder_index
     queries = pq.read_table(collection.queries_uri).to_pandas()
     (tmp_path / "not-an-image.png").write_bytes(b"plain text")
-    table = pa.table(
-        {
-            S.QUERY_ID: ["good", "missing", "garbage"],
-            S.URI: [queries[S.URI].iloc[0], str(tmp_path / "nope.png"), str(tmp_path / "not-an-image.png")],
-        }
-    )
+    good = queries[S.URI].iloc[0]
+    nan = float("nan")
+    # one query image with several boxes: each failure is keyed by its query_id, not only by the shared uri
+    rows = {
+        "good": (good, None, None, None, None),
+        "boxed": (good, 2.0, 2.0, 20.0, 18.0),
+        "partial": (good, 2.0, None, 20.0, 18.0),
+        "nan": (good, 2.0, 2.0, nan, 18.0),
+        "inverted": (good, 20.0, 2.0, 2.0, 18.0),
+        "zero": (good, 5.0, 5.0, 5.0, 18.0),
+        "outside": (good, 5000.0, 5000.0, 5100.0, 5100.0),
+        "missing": (str(tmp_path / "nope.png"), None, None, None, None),
+        "garbage": (str(tmp_path / "not-an-image.png"), None, None, None, None),
+    }
+    cols = [S.URI, *S.BOX]
+    table = pa.table({S.QUERY_ID: list(rows), **{c: [r[i] for r in rows.values()] for i, c in enumerate(cols)}})
     pq.write_table(table, tmp_path / "queries.parquet")
-    report = run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), tiny_cfg)
+    allowed = (str(tmp_path), os.path.dirname(good))  # the query images live beside the collection
+    cfg = dataclasses.replace(tiny_cfg, query=dataclasses.replace(tiny_cfg.query, allowed_prefixes=allowed))
+    report = run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), cfg)
     res = read_results(str(tmp_path / "out"))
-    assert set(res[S.QUERY_ID]) == {"good"} and report.errors == 2
-    err = pq.read_table(tmp_path / "out" / "errors.parquet").to_pandas().set_index(S.URI)
-    assert err.loc[str(tmp_path / "not-an-image.png"), S.REASON] == "not_an_image"
-    assert err.loc[str(tmp_path / "nope.png"), S.STAGE] == "query"
+    assert set(res[S.QUERY_ID]) == {"good", "boxed"} and report.errors == 7
+    err = pq.read_table(tmp_path / "out" / "errors.parquet")
+    assert err.schema.equals(S.QUERY_ERRORS_SCHEMA)
+    err = err.to_pandas().set_index(S.QUERY_ID)
+    assert sorted(err.index) == sorted(set(rows) - {"good", "boxed"})
+    assert err.loc["garbage", S.REASON] == "not_an_image" and err.loc["missing", S.STAGE] == "query"
+    for qid in ("partial", "nan", "inverted", "zero", "outside"):
+        assert (err.loc[qid, S.STAGE], err.loc[qid, S.REASON], err.loc[qid, S.URI]) == ("query", "bad_box", good)
+    assert "missing coordinates" in err.loc["partial", S.MESSAGE] and "missing" in err.loc["nan", S.MESSAGE]
+    assert "inverted or empty" in err.loc["inverted", S.MESSAGE] and "inverted" in err.loc["zero", S.MESSAGE]
+    assert "empty inside the" in err.loc["outside", S.MESSAGE]
 
 
 def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, tmp_path):

@@ -12,7 +12,7 @@ from roiqa import schema as S
 from roiqa.boxes import box_iou
 from roiqa.config import GeometryConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
 from roiqa.imageio import encode_jpeg, encode_png, resize_long_side
-from roiqa.rerank import Reranker, crop_patch
+from roiqa.rerank import BadBox, Reranker, crop_patch
 
 CFG = RoiqaConfig(
     model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=64),
@@ -92,6 +92,22 @@ def test_bad_settings_and_inputs(scene, tmp_path):
         Reranker(dataclasses.replace(CFG, query=dataclasses.replace(CFG.query, context_pad=20)), {})
     with pytest.raises(ValueError, match="empty"):
         crop_patch(np.zeros((10, 10, 3), np.uint8), np.array([5, 5, 5, 9], np.float32), "q.png")
+    img = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
+    for box in (None, [None] * 4, [np.nan] * 4):  # no box: the whole image
+        assert crop_patch(img, box, "q.png") is img
+    np.testing.assert_array_equal(crop_patch(img, [2.0, 3.0, 7.0, 9.0], "q.png"), img[3:9, 2:7])
+    np.testing.assert_array_equal(crop_patch(img, [-5.0, -5.0, 4.0, 4.0], "q.png"), img[0:4, 0:4])  # clipped
+    bad = {
+        "missing coordinates": ([2.0, None, 7.0, 9.0], [2.0, 3.0, np.nan, 9.0]),
+        "infinite": ([2.0, 3.0, np.inf, 9.0],),
+        "inverted or empty": ([7.0, 3.0, 2.0, 9.0], [2.0, 9.0, 7.0, 3.0], [2.0, 3.0, 2.0, 9.0]),
+        "empty inside the 12x10 image": ([20.0, 20.0, 30.0, 30.0], [-9.0, 2.0, -1.0, 8.0]),
+    }
+    for what, boxes in bad.items():
+        for box in boxes:
+            with pytest.raises(BadBox, match=f"q.png: query box .* {what}") as info:
+                crop_patch(img, box, "q.png")
+            assert info.value.reason == "bad_box"
     gone = str(tmp_path / "gone.jpg")
     out = rerank(CFG, paths, [gone])
     assert out[S.ERROR][0].startswith("rerank:image_unreadable") and np.isnan(out[S.SCORE][0])
