@@ -26,7 +26,7 @@ from roiqa.embed import Decoder, Embedder
 from roiqa.models.backbone import descriptor_dim
 from roiqa.models.checkpoint import describe, model_config
 from roiqa.redact import redact
-from roiqa.sources import errors_table, expand_tar, parse_error, read_files
+from roiqa.sources import account_inputs, errors_table, expand_tar, parse_error, read_files
 
 
 @dataclass(frozen=True)
@@ -277,6 +277,12 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
     listing_errors = errors_table([(u, *parse_error(e)) for u, e in p.listing.errors])
     errors = pa.concat_tables([listing_errors, done.errors, *([carried.errors] if carried else [])])
     errors = errors.cast(S.ERRORS_SCHEMA)
+    counts = account_inputs(  # before anything is written: a lost input fails the run
+        p.listing.uris,
+        len(p.listing.errors),
+        emb.column(S.URI).to_pylist(),
+        list(zip(errors.column(S.URI).to_pylist(), errors.column(S.REASON).to_pylist())),
+    )
     mode = cfg.index.coarse
     n_vectors = faiss_index.coarse_count(emb, p.dim, mode)
     factory = faiss_index.choose_factory(cfg.index.faiss_factory, n_vectors, p.dim)
@@ -308,7 +314,7 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
         "source_kind": p.listing.kind,
         "model": p.model,
         "config": to_dict(cfg),
-        "counts": {"inputs": emb.num_rows + errors.num_rows, "indexed": emb.num_rows, "errors": errors.num_rows},
+        "counts": counts,
         "embedding_dim": p.dim,
         "stages": stages_on,
         "faiss_factory": factory,

@@ -126,3 +126,47 @@ def expand_tar(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             payloads.append(b"")
             errors.append(error_string("read", "corrupt_tar", f"{type(exc).__name__}: {exc}"))
     return _rows(uris, payloads, errors)
+
+
+class InputsLost(RuntimeError):
+    """The indexed and error rows do not account for the listed inputs exactly once: a defect, never published."""
+
+
+def account_inputs(
+    listed: list[str], listing_errors: int, indexed: list[str], errors: list[tuple[str, str]]
+) -> dict[str, int]:
+    """Check that every listed input is accounted for exactly once, independently of how the rows were made.
+
+    `listed`: the URIs the listing gave (image files and .tar shards); `listing_errors`: rows the listing itself
+    refused (empty or duplicate manifest rows, already among `errors`); `indexed`: the URIs of the embeddings rows;
+    `errors`: (uri, reason) of the error rows. A listed image file must have exactly one row; a shard at least one
+    (a row per member, or one for the shard); a member exactly one; a `duplicate_uri` row repeats a URI on purpose.
+    Raises InputsLost naming the inputs that are missing, repeated, or not listed at all. Returns {listed, inputs,
+    indexed, errors}: `inputs` counts the images found (listed files, members of shards, refused listing rows).
+    """
+    files = {u for u in listed if not u.lower().endswith(uri_mod.TAR_EXTENSIONS)}
+    shards = {u for u in listed if u.lower().endswith(uri_mod.TAR_EXTENSIONS)}
+    seen: dict[str, int] = {}
+    extra, shard_rows = [], dict.fromkeys(shards, 0)
+    rows = [(u, "") for u in indexed] + list(errors)
+    for u, reason in rows:
+        if reason in ("duplicate_uri", "empty_uri"):
+            continue  # listed again on purpose, or a row without a URI: counted, never indexed
+        head = uri_mod.split_member(u)[0]
+        if u in files:
+            seen[u] = seen.get(u, 0) + 1
+        elif head in shards:
+            shard_rows[head] += 1
+            seen[u] = seen.get(u, 0) + 1
+        else:
+            extra.append(u)
+    lost = sorted(files - set(seen)) + sorted(s for s, n in shard_rows.items() if n == 0)
+    repeated = sorted(u for u, n in seen.items() if n > 1)
+    if lost or repeated or extra:
+        parts = [
+            f"{what} {len(us)}: {us[:3]}"
+            for what, us in (("lost", lost), ("repeated", repeated), ("not listed", sorted(extra)))
+            if us
+        ]
+        raise InputsLost(f"the rows do not account for the listed inputs exactly once ({'; '.join(parts)})")
+    return {"listed": len(listed) + listing_errors, "inputs": len(rows), "indexed": len(indexed), "errors": len(errors)}

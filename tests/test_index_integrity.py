@@ -3,6 +3,8 @@ that checksum (or with a malformed one) is refused, not trusted."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -43,3 +45,47 @@ def test_a_changed_index_file_is_refused(tmp_path):
         f.write(b"\0")
     with pytest.raises(ValueError, match="checksum mismatch with the manifest"):
         version.faiss()
+
+
+def test_account_inputs_worked_example():
+    from roiqa.sources import account_inputs
+
+    listed = ["/d/a.jpg", "/d/b.jpg", "/d/s.tar", "/d/t.tar"]
+    indexed = ["/d/a.jpg", "/d/s.tar#1.jpg", "/d/s.tar#2.jpg"]
+    errors = [("/d/b.jpg", "corrupt"), ("/d/s.tar#3.jpg", "too_large"), ("/d/t.tar", "corrupt_tar")]
+    errors += [("/d/a.jpg", "duplicate_uri"), ("None", "empty_uri")]  # two manifest rows the listing refused
+    # 4 listed + 2 refused rows; inputs: a, b, 3 members, shard t, and the 2 refused rows
+    assert account_inputs(listed, 2, indexed, errors) == {"listed": 6, "inputs": 8, "indexed": 3, "errors": 5}
+
+
+@pytest.mark.parametrize(
+    "indexed, errors, what",
+    [
+        (["/d/a.jpg", "/d/s.tar#1.jpg"], [], r"lost 1: \['/d/b.jpg'\]"),  # b vanished between stages
+        (["/d/a.jpg", "/d/b.jpg"], [], r"lost 1: \['/d/s.tar'\]"),  # a shard with no row at all
+        (["/d/a.jpg", "/d/b.jpg", "/d/s.tar#1.jpg"], [("/d/a.jpg", "corrupt")], r"repeated 1: \['/d/a.jpg'\]"),
+        (["/d/a.jpg", "/d/b.jpg", "/d/s.tar#1.jpg", "/d/s.tar#1.jpg"], [], r"repeated 1: \['/d/s.tar#1.jpg'\]"),
+        (["/d/a.jpg", "/d/b.jpg", "/d/s.tar#1.jpg", "/e/x.jpg"], [], r"not listed 1: \['/e/x.jpg'\]"),
+    ],
+    ids=["lost-file", "lost-shard", "file-twice", "member-twice", "not-listed"],
+)
+def test_account_inputs_refuses_rows_that_do_not_match_the_listing(indexed, errors, what):
+    from roiqa.sources import InputsLost, account_inputs
+
+    with pytest.raises(InputsLost, match=what):
+        account_inputs(["/d/a.jpg", "/d/b.jpg", "/d/s.tar"], 0, indexed, errors)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_input_lost_between_listing_and_publishing_fails_the_run(collection, tiny_cfg, tmp_path):
+    """The embedding stage is given one input fewer than the listing holds (as a dropped block would): the version
+    is not published and the error names the lost image."""
+    from pipelines.index import embed_uris, plan, write_version
+    from roiqa.sources import InputsLost
+
+    index = str(tmp_path / "index")
+    p = plan(collection.gallery_dir, index, tiny_cfg, None)
+    done = embed_uris(p, p.listing.uris[1:], tiny_cfg, None)
+    with pytest.raises(InputsLost, match=f"lost 1: .*{os.path.basename(p.listing.uris[0])}"):
+        write_version(p, tiny_cfg, done)
+    assert store.current_version(index) is None

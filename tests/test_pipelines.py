@@ -123,7 +123,9 @@ def test_query_box_equals_the_cropped_patch(collection, tiny_cfg, folder_index, 
         }
     )
     pq.write_table(table, tmp_path / "queries.parquet")
-    run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), tiny_cfg)
+    allowed = (str(tmp_path), os.path.dirname(crop_uri))
+    cfg = dataclasses.replace(tiny_cfg, query=dataclasses.replace(tiny_cfg.query, allowed_prefixes=allowed))
+    run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), cfg)
     res = read_results(str(tmp_path / "out"))
     a = res[res[S.QUERY_ID] == "crop"].sort_values(S.RANK).reset_index(drop=True)
     b = res[res[S.QUERY_ID] == "boxed"].sort_values(S.RANK).reset_index(drop=True)
