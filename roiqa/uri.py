@@ -368,11 +368,6 @@ def list_infos(uri: str, extensions: tuple[str, ...]) -> dict[str, dict]:
     return out
 
 
-def stat_signatures(uris: list[str], threads: int = 32) -> dict[str, str | None]:
-    """{uri: signature} of listed URIs (None: missing); many object-store HEAD requests in parallel."""
-    return {u: None if info is None else signature(info) for u, info in stat_infos(uris, threads).items()}
-
-
 def stat_infos(uris: list[str], threads: int = 32) -> dict[str, dict | None]:
     """{uri: fsspec info} of listed URIs (None: missing); many object-store HEAD requests in parallel.
 
