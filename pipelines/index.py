@@ -7,6 +7,7 @@ import datetime
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,16 +60,15 @@ def stage_seconds(stats: str) -> dict[str, float]:
     return out
 
 
-def read_any(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Dispatch each URI of the batch to the shard expander or the file reader, keeping one output table."""
-    uris = [str(u) for u in batch[S.URI]]
-    tars = [u for u in uris if u.lower().endswith(uri_mod.TAR_EXTENSIONS)]
-    files = [u for u in uris if not u.lower().endswith(uri_mod.TAR_EXTENSIONS)]
+def read_any(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Dispatch each URI of the batch to the shard expander or the file reader, keeping one output table; image
+    files and tar members over `max_bytes` become `too_large` rows unread."""
+    is_tar = np.array([str(u).lower().endswith(uri_mod.TAR_EXTENSIONS) for u in batch[S.URI]], dtype=bool)
     parts = []
-    if files:
-        parts.append(read_files({S.URI: np.array(files, dtype=object)}))
-    if tars:
-        parts.append(expand_tar({S.URI: np.array(tars, dtype=object)}))
+    if (~is_tar).any():
+        parts.append(read_files({k: v[~is_tar] for k, v in batch.items()}, max_bytes))
+    if is_tar.any():
+        parts.append(expand_tar({S.URI: batch[S.URI][is_tar]}, max_bytes))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -216,8 +216,9 @@ def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None
     # With the complexity stage on, its actors and the embedding actors take half a GPU each: halves always pack
     # N + N actors onto N GPUs (a 0.25 / 0.75 split can strand a 0.75 actor when two quarters share one GPU).
     share = 0.5 if cfg.complexity.enabled else 0.0
-    ds = uri_dataset(uris, ic.read_batch_size)
-    ds = ds.map_batches(read_any, batch_size=ic.read_batch_size, batch_format="numpy")
+    ds = uri_dataset(uris, ic.read_batch_size, [p.listing.sizes.get(u) for u in uris])
+    read_kwargs = {"max_bytes": ic.max_image_bytes}
+    ds = ds.map_batches(read_any, fn_kwargs=read_kwargs, batch_size=ic.read_batch_size, batch_format="numpy")
     ds = ds.map_batches(decode, fn_kwargs={"cfg": cfg.preprocess}, batch_size=ic.read_batch_size, batch_format="numpy")
     if cfg.complexity.enabled:
         ds = ds.map_batches(
@@ -271,18 +272,19 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
     emb = store.read_table(emb_uri) if uri_mod.exists(emb_uri) else None
     if emb is None or emb.num_rows == 0:
         emb = p.schema.empty_table()
-    dup = _duplicates(emb)
-    if dup:
-        raise ValueError(f"{p.images}: two inputs map to one image id (same URI listed twice?): {dup[:3]}")
+    emb, collided = split_duplicates(emb)
+    if collided.num_rows:  # rewrite the embeddings without them, so that readers see exactly the indexed rows
+        uri_mod.delete(emb_uri, recursive=True)
+        store.write_table(emb, uri_mod.join(emb_uri, "deduplicated.parquet"))
     listing_errors = errors_table([(u, *parse_error(e)) for u, e in p.listing.errors])
-    errors = pa.concat_tables([listing_errors, done.errors, *([carried.errors] if carried else [])])
-    errors = errors.cast(S.ERRORS_SCHEMA)
-    counts = account_inputs(  # before anything is written: a lost input fails the run
+    read_errors = pa.concat_tables([done.errors, *([carried.errors] if carried else []), collided])
+    counts = account_inputs(  # before faiss and the manifest are written: a lost input fails the run
         p.listing.uris,
-        len(p.listing.errors),
+        listing_errors.num_rows,
         emb.column(S.URI).to_pylist(),
-        list(zip(errors.column(S.URI).to_pylist(), errors.column(S.REASON).to_pylist())),
+        list(zip(read_errors.column(S.URI).to_pylist(), read_errors.column(S.REASON).to_pylist())),
     )
+    errors = pa.concat_tables([listing_errors, read_errors]).cast(S.ERRORS_SCHEMA)
     mode = cfg.index.coarse
     n_vectors = faiss_index.coarse_count(emb, p.dim, mode)
     factory = faiss_index.choose_factory(cfg.index.faiss_factory, n_vectors, p.dim)
@@ -391,10 +393,37 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     )  # fmt: skip
 
 
-def _duplicates(emb: pa.Table) -> list[str]:
+def split_duplicates(emb: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(embeddings rows kept, `duplicate_uri` error rows) where several rows share an image id.
+
+    Rows of one URI (a file named `x.tar#y.png` beside a shard `x.tar` that holds `y.png`; a manifest listing a
+    shard and one of its members) are all refused: reading that URI back could not tell which one was meant.
+    Different URIs with one id (a 64-bit hash collision) keep the first URI in sort order.
+    """
     ids = emb.column(S.IMAGE_ID).to_numpy()
     uniq, counts = np.unique(ids, return_counts=True)
     if (counts == 1).all():
-        return []
-    bad = set(uniq[counts > 1].tolist())
-    return [u for i, u in zip(ids, emb.column(S.URI).to_pylist()) if i in bad]
+        return emb, S.ERRORS_SCHEMA.empty_table()
+    shared = set(uniq[counts > 1].tolist())
+    uris = emb.column(S.URI).to_pylist()
+    groups: dict[int, list[int]] = {}
+    for row, i in enumerate(ids.tolist()):
+        if i in shared:
+            groups.setdefault(i, []).append(row)
+    keep = np.ones(len(ids), dtype=bool)
+    rows = []
+    for i, members in groups.items():
+        per_uri = Counter(uris[r] for r in members)
+        alone = sorted(u for u, c in per_uri.items() if c == 1)
+        first = alone[0] if alone else None
+        for r in members:
+            if uris[r] == first:
+                continue
+            keep[r] = False
+            n = per_uri[uris[r]]
+            if n > 1:
+                message = f"{n} inputs (a file and a tar member, ...) are read as this URI; none is indexed"
+            else:
+                message = f"its image id {i} is already that of {first}"
+            rows.append((uris[r], "read", "duplicate_uri", message))
+    return emb.filter(pa.array(keep)), errors_table(rows)

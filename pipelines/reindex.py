@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.index import Carried, Plan, embed_uris, plan, record_failure, run_row, write_version
-from pipelines.sources import LISTING_REASONS
+from pipelines.sources import listing_made
 from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
@@ -83,8 +83,14 @@ def diff(old: dict[str, str | None], new: dict[str, str | None]) -> dict[str, li
 
 
 def _rows_of(table: pa.Table, sources: set[str]) -> pa.Array:
-    """Mask of the rows of `table` whose URI came from one of `sources`."""
-    return pa.array([source_of(u) in sources for u in table.column(S.URI).to_pylist()], pa.bool_())
+    """Mask of the rows of `table` whose URI came from one of `sources` (a file named `x.tar#y.png` is its own)."""
+    return pa.array([u in sources or source_of(u) in sources for u in table.column(S.URI).to_pylist()], pa.bool_())
+
+
+def _listing_made(errors: pa.Table) -> pa.Array:
+    """Mask of the error rows that the listing gives (made anew every run, never carried over)."""
+    pairs = zip(errors.column(S.REASON).to_pylist(), errors.column(S.MESSAGE).to_pylist())
+    return pa.array([listing_made(r, m) for r, m in pairs], pa.bool_())
 
 
 def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Carried:
@@ -95,8 +101,7 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
     errors = parent.errors()
     kept = emb.filter(_rows_of(emb, keep))
     removed = emb.filter(pc.invert(_rows_of(emb, keep))).column(S.IMAGE_ID).to_numpy()
-    listing_made = pc.is_in(errors.column(S.REASON), value_set=pa.array(LISTING_REASONS))
-    errors = errors.filter(pc.and_(_rows_of(errors, keep), pc.invert(listing_made)))
+    errors = errors.filter(pc.and_(_rows_of(errors, keep), pc.invert(_listing_made(errors))))
     n_after = kept.num_rows + len(d["new"]) + len(d["changed"])  # an upper bound of the new row count
     per_image = parent.manifest.get("faiss_vectors", emb.num_rows) / max(1, emb.num_rows)  # regions per image
     same_kind = parent.manifest.get("coarse", "global") == cfg.index.coarse and parent.manifest.get(
@@ -107,7 +112,7 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
 
 def _listing_errors_unchanged(p: Plan) -> bool:
     parent_errors = store.open_index(p.index, p.parent).errors().to_pylist()
-    old = sorted((r[S.URI], r[S.REASON]) for r in parent_errors if r[S.REASON] in LISTING_REASONS)
+    old = sorted((r[S.URI], r[S.REASON]) for r in parent_errors if listing_made(r[S.REASON], r[S.MESSAGE]))
     return old == sorted((u, e.split(":", 2)[1]) for u, e in p.listing.errors)
 
 

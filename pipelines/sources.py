@@ -22,9 +22,27 @@ class Listing:
     errors: list[tuple[str, str]]  # (uri, error string) found while listing (duplicates in a manifest, ...)
     # {uri: what identifies its stored version (ETag, or size + mtime); None: listed but not found}
     signatures: dict[str, str | None] = field(default_factory=dict)
+    sizes: dict[str, int | None] = field(default_factory=dict)  # {uri: bytes when the listing says; None: unknown}
 
 
-LISTING_REASONS = ("empty_uri", "duplicate_uri")  # error reasons the listing itself gives (made anew every run)
+# The rows the listing itself gives, (reason, message), made anew every run. Other stages give some of the same
+# reasons (a tar member name that appears twice is also `duplicate_uri`) with other messages.
+LISTING_ERRORS = {
+    "empty_uri": "manifest row without a uri",
+    "duplicate_uri": "listed more than once in the manifest",
+    "undecodable_name": "file name is not valid UTF-8 (its bytes are shown as \\xNN); rename it to index it",
+}
+LISTING_REASONS = tuple(LISTING_ERRORS)
+
+
+def listing_error(uri: str, reason: str) -> tuple[str, str]:
+    """A (uri, error string) the listing gives."""
+    return uri, error_string("read", reason, LISTING_ERRORS[reason])
+
+
+def listing_made(reason: str, message: str) -> bool:
+    """True for an errors-table row that the listing gave (not carried over by a re-index: listed anew)."""
+    return LISTING_ERRORS.get(reason) == message
 
 
 def list_images(images: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
@@ -35,7 +53,7 @@ def list_images(images: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
     """
     if images.lower().endswith(".parquet"):
         return _manifest(images, allowed_prefixes)
-    found = uri_mod.list_signatures(images, uri_mod.IMAGE_EXTENSIONS + uri_mod.TAR_EXTENSIONS + (".parquet",))
+    found = uri_mod.list_infos(images, uri_mod.IMAGE_EXTENSIONS + uri_mod.TAR_EXTENSIONS + (".parquet",))
     files = sorted(found)
     parquet = [f for f in files if f.lower().endswith(".parquet")]
     if parquet and len(parquet) == len(files):
@@ -43,7 +61,21 @@ def list_images(images: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
     files = [f for f in files if not f.lower().endswith(".parquet")]
     if not files:
         raise ValueError(f"{images}: no images ({', '.join(uri_mod.IMAGE_EXTENSIONS)}) or .tar shards found")
-    return Listing(kind="files", uris=files, errors=[], signatures={f: found[f] for f in files})
+    # A name that is not UTF-8 cannot be a Parquet string nor give an image id: a row shows its bytes escaped.
+    errors = [listing_error(uri_mod.printable(f), "undecodable_name") for f in files if uri_mod.undecodable(f)]
+    files = [f for f in files if not uri_mod.undecodable(f)]
+    return Listing(
+        kind="files",
+        uris=files,
+        errors=errors,
+        signatures={f: uri_mod.signature(found[f]) for f in files},
+        sizes={f: _size(found[f]) for f in files},
+    )
+
+
+def _size(info: dict | None) -> int | None:
+    size = (info or {}).get("size")
+    return int(size) if isinstance(size, int) and size >= 0 else None
 
 
 def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
@@ -58,7 +90,7 @@ def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
     uris, errors = [], []
     for row, raw in enumerate(table.column(S.URI).to_pylist()):
         if not raw:
-            errors.append((str(raw), error_string("read", "empty_uri", "manifest row without a uri")))
+            errors.append(listing_error(str(raw), "empty_uri"))
             continue
         u = uri_mod.normalize(raw if ("://" in raw or raw.startswith("/")) else uri_mod.join(base, raw))
         if not any(uri_mod.inside(u, p) for p in allowed):
@@ -67,11 +99,19 @@ def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
                 "manifest (index.allowed_prefixes lists where a manifest may point)"
             )
         if u in seen:
-            errors.append((u, error_string("read", "duplicate_uri", "listed more than once in the manifest")))
+            errors.append(listing_error(u, "duplicate_uri"))
             continue
         seen.add(u)
         uris.append(u)
-    return Listing(kind="manifest", uris=uris, errors=errors, signatures=uri_mod.stat_signatures(uris))
+    infos = uri_mod.stat_infos(uris)
+    return Listing(
+        kind="manifest",
+        uris=uris,
+        errors=errors,
+        signatures={u: None if i is None else uri_mod.signature(i) for u, i in infos.items()},
+        # a member's size is in its shard's tar header, not in the shard's info
+        sizes={u: None if uri_mod.split_member(u)[1] is not None else _size(i) for u, i in infos.items()},
+    )
 
 
 def _read_one(fs, path: str) -> pa.Table:
@@ -79,8 +119,13 @@ def _read_one(fs, path: str) -> pa.Table:
         return pq.read_table(f, columns=[S.URI])
 
 
-def uri_dataset(uris: list[str], rows_per_block: int) -> ray.data.Dataset:
-    """A dataset of {uri} rows split into blocks of `rows_per_block`, so reading runs in parallel tasks."""
+def uri_dataset(uris: list[str], rows_per_block: int, sizes: list[int | None] | None = None) -> ray.data.Dataset:
+    """A dataset of {uri, size_bytes} rows (the listed size; -1: unknown) split into blocks of `rows_per_block`,
+    so reading runs in parallel tasks."""
     step = max(1, rows_per_block)
-    tables = [pa.table({S.URI: pa.array(uris[i : i + step], pa.string())}) for i in range(0, len(uris), step)]
-    return ray.data.from_arrow(tables or [pa.table({S.URI: pa.array([], pa.string())})])
+    sizes = [-1 if s is None else s for s in (sizes or [None] * len(uris))]
+
+    def table(i: int, j: int) -> pa.Table:
+        return pa.table({S.URI: pa.array(uris[i:j], pa.string()), S.SIZE_BYTES: pa.array(sizes[i:j], pa.int64())})
+
+    return ray.data.from_arrow([table(i, i + step) for i in range(0, len(uris), step)] or [table(0, 0)])

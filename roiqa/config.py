@@ -44,6 +44,7 @@ class IndexConfig:
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
     lock_ttl_s: float = 21600.0  # a re-index lock older than this is stale (its holder died); 6 h
     allowed_prefixes: tuple[str, ...] = ()  # URIs a Parquet manifest may point into; empty: the manifest's own folder
+    max_image_bytes: int = 64 * 2**20  # image files and tar members over this many bytes are refused unread (too_large)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ from PIL import Image, ImageFile, ImageOps
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
+# The PIL formats decoded (PIL opens a JPEG with an MP extension as "MPO", through the JPEG plugin). Only these
+# plugins ever see the bytes: others are refused from their signature (`unsupported_format`), because some decode
+# whole embedded images while opening (ICO, CUR, ICNS wrap PNGs), before the pixel limit could be checked.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
 _ORIENTATION_TAG = 0x0112
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"})
 
@@ -18,7 +23,8 @@ _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 class DecodeError(ValueError):
     """Raised for bad image bytes; `.reason` is a short code, `.uri` names the input.
 
-    Reasons: ``empty_file``, ``not_an_image``, ``truncated``, ``too_large``, ``unsupported_mode``, ``corrupt``.
+    Reasons: ``empty_file``, ``not_an_image``, ``unsupported_format``, ``truncated``, ``too_large``,
+    ``unsupported_mode``, ``corrupt``.
     """
 
     def __init__(self, uri: str, reason: str, message: str):
@@ -45,17 +51,35 @@ def _failure(uri: str, exc: Exception) -> DecodeError:
     return DecodeError(uri, "corrupt", f"{type(exc).__name__}: {text}")
 
 
+def _unidentified(data: bytes, uri: str, exc: Exception) -> DecodeError:
+    """``unsupported_format`` when the signature is that of a format PIL knows but we do not accept (told from the
+    plugins' signature checks alone, no plugin opens the bytes), else ``not_an_image``."""
+    prefix = data[:16]
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        if fmt in ACCEPTED_FORMATS or accept is None:
+            continue
+        try:
+            result = accept(prefix)
+        except Exception:
+            continue
+        if result and not isinstance(result, str):
+            accepted = ", ".join(ACCEPTED_FORMATS)
+            return DecodeError(uri, "unsupported_format", f"{fmt} data is not decoded (accepted: {accepted})")
+    return _failure(uri, exc)
+
+
 def _open_by_plugins(data: bytes, uri: str) -> ImageFile.ImageFile | None:
     """Image.open without PIL's global decompression-bomb check, and with a diagnosis when it fails.
 
-    Walks PIL's plugin registry the way Image.open does (header only, no pixel decoding). Returns None when
-    no plugin recognises the signature; raises DecodeError ``truncated`` (the parser ran out of bytes) or
+    Walks the plugins of ACCEPTED_FORMATS the way Image.open does (header only, no pixel decoding). Returns None
+    when none recognises the signature; raises DecodeError ``truncated`` (the parser ran out of bytes) or
     ``corrupt`` when one does but cannot parse the header.
     """
     Image.init()
     prefix = data[:16]
     failure: tuple[str, Exception, bool] | None = None
-    for fmt in list(Image.ID):
+    for fmt in [f for f in Image.ID if f in ACCEPTED_FORMATS]:
         factory, accept = Image.OPEN[fmt]
         result = accept(prefix) if accept else True
         if not result or isinstance(result, str):  # a str is PIL's "rejected, with a warning"
@@ -94,7 +118,7 @@ def _open(data: bytes, uri: str) -> ImageFile.ImageFile:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own max_pixels applies instead
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         # PIL refuses more than 2 * Image.MAX_IMAGE_PIXELS at open; re-read the header to learn the real size.
         try:
@@ -107,7 +131,7 @@ def _open(data: bytes, uri: str) -> ImageFile.ImageFile:
         # PIL says "cannot identify" also when a known signature is followed by a cut or broken header.
         im = _reopen(data, uri)
         if im is None:
-            raise _failure(uri, exc) from exc
+            raise _unidentified(data, uri, exc) from exc
     except MemoryError:
         raise
     except Exception as exc:

@@ -48,11 +48,25 @@ def storage_options(uri: str) -> dict:
     return {}
 
 
+def _chained(uri: str) -> bool:
+    """True for fsspec chained URLs (`simplecache::s3://...`): the part before the first '::' is a protocol name."""
+    head, sep, _ = uri.partition("::")
+    return bool(sep) and head in fsspec.available_protocols()
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a URI."""
+    """(filesystem, path inside it) for a URI.
+
+    '::' inside a path or key (`/data/a::b.png`) is part of the name; only a URI that starts with a protocol name
+    and '::' is an fsspec chain.
+    """
     uri = normalize(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
-    return fs, path
+    if _chained(uri):
+        return fsspec.core.url_to_fs(uri, **storage_options(uri))
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(uri), **storage_options(uri)})
+    return fs, cls._strip_protocol(uri)
 
 
 def join(base: str, *parts: str) -> str:
@@ -81,11 +95,48 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def split_member(uri: str) -> tuple[str, str | None]:
-    """`shard.tar#member` -> (shard URI, member name); any other URI -> (uri, None)."""
+    """`shard.tar#member` -> (shard URI, member name); any other URI -> (uri, None).
+
+    Only the form is looked at: a file really named `x.tar#y.png` splits too, and `read_bytes` falls back to it
+    when `x.tar` is not a shard holding `y.png`.
+    """
     head, sep, member = uri.rpartition("#")
     if sep and head.lower().endswith(TAR_EXTENSIONS) and member:
         return head, member
     return uri, None
+
+
+def undecodable(name: str) -> bool:
+    """True for names that are not valid UTF-8 (the OS layer gives their bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def printable(name: str) -> str:
+    """`name` with the bytes that are not UTF-8 written as `\\xNN`, for messages and error rows."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+class TooLarge(ValueError):
+    """An input over a byte limit, refused without reading it; `.size` is None when only "more than" is known."""
+
+    def __init__(self, uri: str, size: int | None, limit: int):
+        self.uri, self.size, self.limit = uri, size, limit
+        if size is None:
+            self.message = f"more than the limit of {limit} bytes"
+        else:
+            self.message = f"{size} bytes exceeds the limit of {limit} bytes"
+        super().__init__(f"{uri}: {self.message}")
+
+    def __reduce__(self):  # picklable across processes despite the three-argument constructor
+        return type(self), (self.uri, self.size, self.limit)
 
 
 class StorageUnavailable(ConnectionError):
@@ -156,20 +207,50 @@ def exists(uri: str) -> bool:
     return retrying(uri, "exists", fs.exists, path)
 
 
-def read_bytes(uri: str) -> bytes:
-    """The whole content of `uri` (a tar member when the URI is `<shard>.tar#<name>`)."""
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole content of `uri`: a tar member when the URI is `<shard>.tar#<name>` and that shard holds it, else
+    the file or object of that name.
+
+    With `max_bytes`, TooLarge instead of any read of a member whose tar header says it is bigger, and a file is
+    read no further than `max_bytes + 1` bytes.
+    """
     shard, member = split_member(uri)
     if member is not None:
-        offset, size = retrying(shard, "tar listing", _tar_members, shard)[member]
-        fs, path = filesystem(shard)
-        return retrying(uri, "read", fs.cat_file, path, start=offset, end=offset + size)
+        where = _member_location(shard, member)
+        if where is not None:
+            offset, size = where
+            if max_bytes is not None and size > max_bytes:
+                raise TooLarge(uri, size, max_bytes)
+            fs, path = filesystem(shard)
+            return retrying(uri, "read", fs.cat_file, path, start=offset, end=offset + size)
     fs, path = filesystem(uri)
-    return retrying(uri, "read", fs.cat_file, path)
+    if max_bytes is None:
+        return retrying(uri, "read", fs.cat_file, path)
+    data = retrying(uri, "read", _read_head, fs, path, max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(uri, None, max_bytes)
+    return data
+
+
+def _read_head(fs: fsspec.AbstractFileSystem, path: str, n: int) -> bytes:
+    with fs.open(path, "rb") as f:
+        return f.read(n)
+
+
+def _member_location(shard: str, member: str) -> tuple[int, int] | None:
+    """(data offset, size) of `member` in `shard`; None when `shard` is no tar file or does not hold it."""
+    try:
+        return retrying(shard, "tar listing", _tar_members, shard).get(member)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, tarfile.TarError, EOFError):
+        return None
 
 
 @functools.lru_cache(maxsize=16)
 def _tar_members(shard: str) -> dict[str, tuple[int, int]]:
-    """{member name: (data offset, size)} of a tar shard's regular files, read once per process."""
+    """{member name: (data offset, size)} of a tar shard's regular files, read once per process.
+
+    A name that appears more than once maps to its last copy, the one tar extraction leaves.
+    """
     fs, path = filesystem(shard)
     out: dict[str, tuple[int, int]] = {}
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -275,31 +356,43 @@ def list_signatures(uri: str, extensions: tuple[str, ...]) -> dict[str, str]:
 
     A URI naming a single file gives just that file. Hidden files and folders (starting with '.') are skipped.
     """
+    return {u: signature(info) for u, info in list_infos(uri, extensions).items()}
+
+
+def list_infos(uri: str, extensions: tuple[str, ...]) -> dict[str, dict]:
+    """{canonical URI: fsspec info (size, ETag or mtime, ...)} of the files `list_signatures` lists, from one
+    listing (no request per file)."""
     fs, path = filesystem(uri)
     if not retrying(uri, "exists", fs.exists, path):
         raise FileNotFoundError(f"{uri}: no such file, folder or prefix")
     if retrying(uri, "stat", fs.isfile, path):
-        return {to_uri(fs, path): signature(retrying(uri, "stat", fs.info, path))}
+        return {to_uri(fs, path): retrying(uri, "stat", fs.info, path)}
     out = {}
     for p, info in retrying(uri, "list", fs.find, path, detail=True).items():
         rel = posixpath.relpath(p, path) if not is_local(uri) else os.path.relpath(p, path)
         if any(part.startswith(".") for part in rel.replace(os.sep, "/").split("/")):
             continue
         if p.lower().endswith(extensions):
-            out[to_uri(fs, p)] = signature(info)
+            out[to_uri(fs, p)] = info
     return out
 
 
-def stat_signatures(uris: list[str], threads: int = 32) -> dict[str, str | None]:
-    """{uri: signature} of listed URIs (None: missing); many object-store HEAD requests in parallel."""
+def stat_infos(uris: list[str], threads: int = 32) -> dict[str, dict | None]:
+    """{uri: fsspec info} of listed URIs (None: missing); many object-store HEAD requests in parallel.
+
+    A `<shard>.tar#<name>` URI gets its shard's info, or, when there is no such shard, that of a file of that name.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(u: str) -> str | None:
-        fs, path = filesystem(split_member(u)[0])
-        try:
-            return signature(retrying(u, "stat", fs.info, path))
-        except FileNotFoundError:
-            return None
+    def one(u: str) -> dict | None:
+        shard, member = split_member(u)
+        for candidate in (shard, u) if member is not None else (u,):
+            fs, path = filesystem(candidate)
+            try:
+                return retrying(u, "stat", fs.info, path)
+            except FileNotFoundError:
+                continue
+        return None
 
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
         return dict(zip(uris, pool.map(one, uris)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -38,6 +39,25 @@ def collection(tmp_path_factory):
         n_gallery=10, instances_per_object=1, n_distractors=2, image_size=(96, 128), scale_range=(28.0, 48.0), seed=3
     )
     return build_demo_collection(str(out), cfg)
+
+
+@pytest.fixture
+def run_measured():
+    """run(code, *args) -> the JSON object `code` prints last, run in a fresh interpreter with the repository on
+    its path; there `after()` gives the growth of the peak resident memory (MiB) since `before()`."""
+
+    def run(code: str, *args: str) -> dict:
+        prelude = (
+            "import json, resource, sys\n"
+            "def before():\n    global _r0\n    _r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "def after():\n    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - _r0) / 1024\n"
+        )
+        env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+        done = subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from roiqa.imageio import (
+    ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
     DecodeError,
     _to_rgb,
@@ -332,3 +333,69 @@ def test_encoders_round_trip():
         encode_png(rgb.astype(np.float32))
     with pytest.raises(ValueError):
         encode_jpeg(rgb, quality=0)
+
+
+# ---------------------------------------------------------------- accepted formats
+
+
+def zero_png(width: int, height: int) -> bytes:
+    """A 1-bit grey PNG of zeros, compressed row by row (nothing of its size is ever held): 12000 x 12000 is 17 KB."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def ico_wrapping(png: bytes) -> bytes:
+    """An ICO file whose one entry is `png` (Windows Vista icons embed PNGs this way)."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 22) + png
+
+
+def test_an_icon_wrapping_a_huge_png_is_refused_before_any_decoding(tmp_path, run_measured):
+    data = ico_wrapping(zero_png(12_000, 12_000))
+    assert len(data) < 50_000  # PIL's ICO plugin decodes the embedded PNG while opening: 140 MiB for these pixels
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, uri="mem://icon.png")
+    assert info.value.reason == "unsupported_format" and "ICO" in info.value.message
+    path = tmp_path / "icon.png"
+    path.write_bytes(data)
+    code = (
+        "from roiqa.imageio import DecodeError, decode_image\ndata = open(sys.argv[1], 'rb').read()\nbefore()\n"
+        "try:\n    decode_image(data, sys.argv[1])\nexcept DecodeError as e:\n    reason = e.reason\n"
+        "print(json.dumps({'grew_mib': after(), 'reason': reason}))"
+    )
+    got = run_measured(code, str(path))
+    assert got["reason"] == "unsupported_format"
+    assert got["grew_mib"] < 30
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "PCX", "SGI", "QOI"])
+def test_formats_outside_the_list_are_unsupported_format(fmt):
+    data = save(Image.fromarray(random_rgb(8, 8)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # PIL would decode them
+    assert reason_of(data) == "unsupported_format"
+
+
+@pytest.mark.parametrize("fmt", ACCEPTED_FORMATS)
+def test_every_accepted_format_decodes(fmt):
+    src = np.zeros((12, 20, 3), dtype=np.uint8)  # three flat colours: exact through GIF's palette too
+    src[:, :7], src[:, 7:14], src[:, 14:] = RED, GREEN, BLUE
+    options = {"WEBP": {"lossless": True}, "JPEG": {"quality": 95, "subsampling": 0}}.get(fmt, {})
+    data = save(Image.fromarray(src), fmt, **options)
+    assert Image.open(io.BytesIO(data)).format == fmt
+    out = decode_image(data)
+    check_output(out, (12, 20))
+    assert np.abs(out.astype(int) - src.astype(int)).max() <= (60 if fmt == "JPEG" else 0)
+
+
+def test_a_jpeg_with_an_mp_extension_decodes_its_first_frame():
+    frames = [Image.new("RGB", (16, 8), c) for c in (RED, BLUE)]
+    data = save(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    r, g, b = decode_image(data).reshape(-1, 3).mean(axis=0)
+    assert r > 230 and g < 25 and b < 25

@@ -53,9 +53,11 @@ def test_account_inputs_worked_example():
     listed = ["/d/a.jpg", "/d/b.jpg", "/d/s.tar", "/d/t.tar"]
     indexed = ["/d/a.jpg", "/d/s.tar#1.jpg", "/d/s.tar#2.jpg"]
     errors = [("/d/b.jpg", "corrupt"), ("/d/s.tar#3.jpg", "too_large"), ("/d/t.tar", "corrupt_tar")]
-    errors += [("/d/a.jpg", "duplicate_uri"), ("None", "empty_uri")]  # two manifest rows the listing refused
-    # 4 listed + 2 refused rows; inputs: a, b, 3 members, shard t, and the 2 refused rows
-    assert account_inputs(listed, 2, indexed, errors) == {"listed": 6, "inputs": 8, "indexed": 3, "errors": 5}
+    errors += [("/d/s.tar#1.jpg", "duplicate_uri")]  # the shard held two members named 1.jpg; the last is read
+    # 4 listed + 2 rows the listing refused; inputs: a, b, 4 members, shard t, and the 2 refused rows
+    assert account_inputs(listed, 2, indexed, errors) == {"listed": 6, "inputs": 9, "indexed": 3, "errors": 6}
+    # a URI that only duplicate_uri rows stand for (two inputs read as one URI) is accounted for
+    assert account_inputs(["/d/x.jpg"], 0, [], [("/d/x.jpg", "duplicate_uri")])["errors"] == 1
 
 
 @pytest.mark.parametrize(

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipelines.index import run_index
 from pipelines.reindex import diff, run_reindex
@@ -25,6 +28,7 @@ from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.config import replace_section
+from roiqa.sources import content_hash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,3 +267,67 @@ def test_a_manifest_pointing_outside_its_prefix_is_refused(tmp_path, tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg)
     with pytest.raises(ValueError, match="outside the allowed prefixes"):
         run_reindex(str(manifest), str(tmp_path / "index"), cfg)
+
+
+def test_odd_inputs_are_indexed_or_recorded_and_a_reindex_keeps_their_rows(ray_local, collection, tiny_cfg, tmp_path):
+    """Odd names, a format outside the list, inputs over the byte limit, a tar member name twice and two inputs
+    read as one URI: each is indexed or an errors row, none fails the run, and a re-index keeps the same rows."""
+    cfg = replace_section(tiny_cfg, "index", max_image_bytes=100_000)
+    photos = [open(f, "rb").read() for f in sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))]
+    assert all(len(p) < 100_000 for p in photos)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(photos[0])
+    (folder / "a::b.jpg").write_bytes(photos[1])  # '::' is fsspec's chain separator
+    (folder / "x.tar#y.jpg").write_bytes(photos[2])  # named like a tar member; there is no x.tar
+    fd = os.open(os.fsencode(str(folder)) + b"/bad\xffname.jpg", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, photos[3])
+    os.close(fd)
+    icon = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(icon, format="ICO")
+    (folder / "icon.png").write_bytes(icon.getvalue())
+    (folder / "big.jpg").write_bytes(photos[4] + b"\0" * 100_000)
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(folder / "s.tar", "w") as tar:
+        for name, data in [("dup.jpg", photos[5]), ("other.jpg", photos[6]), ("dup.jpg", photos[7])]:
+            add(tar, name, data)
+        add(tar, "huge.jpg", photos[8] + b"\0" * 100_000)
+    with tarfile.open(folder / "z.tar", "w") as tar:
+        add(tar, "w.jpg", photos[9])
+    (folder / "z.tar#w.jpg").write_bytes(photos[9])  # a file and a tar member, both read as one URI
+
+    def check(version: store.IndexVersion) -> None:
+        emb, err = version.embeddings(), version.errors()
+        indexed = dict(zip(emb.column(S.URI).to_pylist(), emb.column(S.CONTENT_HASH).to_pylist()))
+        assert sorted(indexed) == sorted(
+            str(folder / n) for n in ("good.jpg", "a::b.jpg", "x.tar#y.jpg", "s.tar#dup.jpg", "s.tar#other.jpg")
+        )
+        assert indexed[str(folder / "s.tar#dup.jpg")] == content_hash(photos[7])  # the last copy of the name
+        rows = sorted(
+            (u[len(str(folder)) + 1 :], r) for u, r in zip(err.column(S.URI).to_pylist(), err[S.REASON].to_pylist())
+        )
+        assert rows == [
+            ("bad\\xffname.jpg", "undecodable_name"),
+            ("big.jpg", "too_large"),
+            ("icon.png", "unsupported_format"),
+            ("s.tar#dup.jpg", "duplicate_uri"),
+            ("s.tar#huge.jpg", "too_large"),
+            ("z.tar#w.jpg", "duplicate_uri"),
+            ("z.tar#w.jpg", "duplicate_uri"),
+        ]
+        assert all(err.column(S.MESSAGE).to_pylist())
+        assert version.manifest["counts"] == {"listed": 9, "inputs": 12, "indexed": 5, "errors": 7}
+
+    index = str(tmp_path / "index")
+    run_index(str(folder), index, cfg)
+    check(store.open_index(index))
+    assert run_reindex(str(folder), index, cfg).status == "unchanged"
+    (folder / "good.jpg").write_bytes(photos[9])  # changed: the shards' rows are carried over, the listing's made anew
+    r = run_reindex(str(folder), index, cfg)
+    assert (r.status, r.mode, r.counts["changed"], r.counts["unchanged"]) == ("published", "incremental", 1, 7)
+    check(store.open_index(index))
