@@ -10,6 +10,7 @@ import ray
 
 from roiqa import schema as S
 from roiqa import uri as uri_mod
+from roiqa.redact import has_credentials, redact
 from roiqa.sources import error_string
 
 
@@ -31,6 +32,8 @@ LISTING_ERRORS = {
     "empty_uri": "manifest row without a uri",
     "duplicate_uri": "listed more than once in the manifest",
     "undecodable_name": "file name is not valid UTF-8 (its bytes are shown as \\xNN); rename it to index it",
+    "signed_uri": "the URL carries credentials (a signature, token or user:password) that the index would store; "
+    "list the object's own URI and give credentials through the environment",
 }
 LISTING_REASONS = tuple(LISTING_ERRORS)
 
@@ -98,6 +101,9 @@ def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
                 f"{uri}: row {row} points outside the allowed prefixes {list(allowed)}: {raw!r}; refusing the "
                 "manifest (index.allowed_prefixes lists where a manifest may point)"
             )
+        if has_credentials(u):  # stored in embeddings/ and sources.parquet otherwise; read later by the rerank
+            errors.append(listing_error(redact(u), "signed_uri"))
+            continue
         if u in seen:
             errors.append(listing_error(u, "duplicate_uri"))
             continue

@@ -17,6 +17,11 @@ _SIGNED_PARAM = re.compile(
     r"[^&\s'\"]+",
     re.I,
 )
+_SIGNED_QUERY = re.compile(  # a query-string parameter of a signed URL (S3, GCS, Azure SAS), in a URI
+    r"[?&](?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)|AWSAccessKeyId|"
+    r"Signature|sig|token)=",
+    re.I,
+)
 _AUTH_HEADER = re.compile(r"((?:Authorization|X-Amz-Security-Token)['\"]?\s*[:=]\s*['\"]?)[^'\"\n}]+", re.I)
 
 
@@ -41,6 +46,12 @@ def redact(text: str, environ: dict[str, str] | None = None) -> str:
     text = _USERINFO.sub(rf"\1{MASK}@", text)
     text = _SIGNED_PARAM.sub(rf"\1{MASK}", text)
     return _AUTH_HEADER.sub(rf"\1{MASK}", text)
+
+
+def has_credentials(uri: str) -> bool:
+    """True when `uri` itself carries credentials: user-info (`s3://key:secret@bucket/...`) or signed-URL
+    parameters (`?X-Amz-Signature=...`, `sig=`, `token=`)."""
+    return bool(_USERINFO.search(uri) or _SIGNED_QUERY.search(uri))
 
 
 class RedactingFilter(logging.Filter):

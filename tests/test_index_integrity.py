@@ -91,3 +91,45 @@ def test_an_input_lost_between_listing_and_publishing_fails_the_run(collection, 
     with pytest.raises(InputsLost, match=f"lost 1: .*{os.path.basename(p.listing.uris[0])}"):
         write_version(p, tiny_cfg, done)
     assert store.current_version(index) is None
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_signed_urls_in_a_manifest_are_rows_and_their_credentials_are_stored_nowhere(collection, tiny_cfg, tmp_path):
+    """A manifest row whose URL carries a signature is a `signed_uri` row (the index would store
+    the URL in embeddings/ and sources.parquet, and read it again at query time); the rest is indexed; no file of the
+    index holds the credentials."""
+    import dataclasses
+    import glob
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.index import run_index
+    from roiqa import schema as S
+
+    sig, key = "SIG" + "5e1f" * 8, "AKIA" + "ROWKEY0123"
+    data = tmp_path / "data"
+    data.mkdir()
+    good = sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))[:2]
+    for f in good:
+        shutil.copy(f, data)
+    signed = [
+        f"https://store.example/bucket/x.jpg?X-Amz-Algorithm=AWS4&X-Amz-Credential={key}&X-Amz-Signature={sig}",
+        f"https://store.example/bucket/y.jpg?sv=2024&sig={sig}",
+    ]  # user:password@ in a URL is outside every allowed prefix: it refuses the manifest (test_storage_faults)
+    rows = [os.path.basename(f) for f in good] + signed
+    pq.write_table(pa.table({S.URI: rows}), data / "m.parquet")
+    allowed = (str(data), "https://store.example/bucket")
+    cfg = dataclasses.replace(tiny_cfg, index=dataclasses.replace(tiny_cfg.index, allowed_prefixes=allowed))
+    index = str(tmp_path / "index")
+    report = run_index(str(data / "m.parquet"), index, cfg)
+    assert (report.indexed, report.errors) == (2, 2)
+    err = store.open_index(index).errors().to_pydict()
+    assert err[S.REASON] == ["signed_uri"] * 2 and all("***" in u for u in err[S.URI])
+    leaks = []
+    for path in glob.glob(os.path.join(index, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            body = open(path, "rb").read()
+            leaks += [f"{path}: {s}" for s in (sig, key) if s.encode() in body]
+    assert not leaks
