@@ -15,8 +15,6 @@ import glob
 import json
 import os
 import re
-import socket
-import threading
 import time
 import uuid
 
@@ -24,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.fault_relay import FlakyEndpoint
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.redact import redact
@@ -34,84 +33,6 @@ BUCKET = "roiqa-faults"
 SECRET = "roiqa-test-secret-" + uuid.uuid4().hex
 KEY_ID = "AKIAROIQATEST" + uuid.uuid4().hex[:8].upper()
 RETRY_S = 4.0
-
-
-class FlakyEndpoint:
-    """A TCP relay to the S3 server that can be down (connections reset) for a while, by command or when a
-    request whose bytes match `trip` passes through it."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.down_until = 0.0
-        self.trip: re.Pattern | None = None
-        self.trip_down_s = 0.0
-        self.tripped = threading.Event()
-        self.refused = 0
-        self._stop = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def down(self, seconds: float) -> None:
-        self.down_until = time.monotonic() + seconds
-
-    def up(self) -> None:
-        self.down_until = 0.0
-
-    def is_down(self) -> bool:
-        return time.monotonic() < self.down_until
-
-    def close(self) -> None:
-        self._stop = True
-        self.server.close()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            if self.is_down():
-                self._reset(conn)
-                continue
-            try:
-                upstream = socket.create_connection(self.target)
-            except OSError:
-                self._reset(conn)
-                continue
-            threading.Thread(target=self._pipe, args=(conn, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, conn, False), daemon=True).start()
-
-    def _reset(self, conn: socket.socket) -> None:
-        self.refused += 1
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if from_client and self.trip is not None and self.trip.search(data):
-                    self.trip = None
-                    self.down(self.trip_down_s)
-                    self.tripped.set()
-                if self.is_down():
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 @pytest.fixture(scope="module")
