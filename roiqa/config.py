@@ -42,7 +42,7 @@ class IndexConfig:
     faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k vectors, IVF,SQ8 above
     faiss_nprobe: int = 256  # IVF cells visited per query (32 of 8192 lost 0.225 coarse recall@100 on 3.1M regions)
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
-    lock_ttl_s: float = 21600.0  # a re-index lock older than this is stale (its holder died); 6 h
+    lock_ttl_s: float = 21600.0  # the writer's lease on LOCK, renewed every ttl/3 while it runs; unrenewed: stale; 6 h
     allowed_prefixes: tuple[str, ...] = ()  # URIs a Parquet manifest may point into; empty: the manifest's own folder
 
 
