@@ -65,6 +65,7 @@ class QueryConfig:
     torch_threads: int = 0  # torch threads per rerank actor; 0: every core of its node
     overlays: bool = True  # write a heatmap overlay PNG for every reranked pair
     overlay_size: int = 384  # long side of overlay PNGs
+    keep_runs: int = 3  # published runs kept under a query output (older run folders are removed); >= 1
 
 
 @dataclass(frozen=True)
