@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  query             {qr.queries} queries, top {cfg.query.top_k}, {cfg.query.rerank} reranked per query "
             f"(score: {cfg.query.score}); {qr.seconds:.1f} s, of which rerank {qr.rerank_seconds:.1f} s"
         )
-        print(f"  results           {query_out}/results.parquet")
-        print(f"  overlays          {query_out}/heatmaps/<query_id>/<image_id>.png")
+        print(f"  results           {qr.run}/results.parquet")
+        print(f"  overlays          {qr.run}/heatmaps/<query_id>/<image_id>.png")
         print(f"  metrics           {out}/metrics.json")
         return 0
 

@@ -36,7 +36,7 @@ TIMING = "timing"  # per method: the other timings (seconds), kept out of the ta
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--results", default=None, help="results.parquet, or the query output folder holding it")
+    p.add_argument("--results", default=None, help="results.parquet, or a query output (its published run is read)")
     p.add_argument("--ground-truth", default=None, help="Parquet of query_id, uri, x0, y0, x1, y1")
     p.add_argument(
         "--out",
@@ -56,14 +56,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def evaluate_uris(results: str, ground_truth: str) -> dict:
-    """Metrics of a results table (or a query output folder) against a ground-truth table."""
+    """Metrics of a results table (or a query output's published run) against a ground-truth table."""
     from roiqa import index_store as store
-    from roiqa import uri as uri_mod
     from roiqa.metrics import evaluate
+    from roiqa.query_output import open_results
 
-    if not results.lower().endswith(".parquet"):
-        results = uri_mod.join(results, "results.parquet")
-    return evaluate(store.read_table(results).to_pandas(), store.read_table(ground_truth).to_pandas())
+    if results.lower().endswith(".parquet"):
+        table = store.read_table(results)
+    else:
+        table = open_results(results).results()
+    return evaluate(table.to_pandas(), store.read_table(ground_truth).to_pandas())
 
 
 def json_ready(value: object) -> object:
@@ -228,7 +230,8 @@ def run_full(args: argparse.Namespace) -> int:
     print()
     for name in ("metrics.json", "metrics.md", "pr_curves.png", "heatmap_gallery.png"):
         print(f"  {os.path.join(out, name)}")
-    print(f"  results: {out}/<method>/results.parquet for {', '.join(results)}")
+    where = {m: os.path.join(qr.run if m == ROIQA else os.path.join(out, m), "results.parquet") for m in results}
+    print("  results: " + ", ".join(f"{m} {w}" for m, w in where.items()))
     print(f"  wall time {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -12,7 +12,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="roiqa query", description=__doc__)
     p.add_argument("--index", required=True, help="index URI written by `roiqa index`")
     p.add_argument("--queries", required=True, help="Parquet of query_id, uri[, x0, y0, x1, y1] or a folder of crops")
-    p.add_argument("--out", required=True, help="output URI: results.parquet, errors.parquet, heatmaps/")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output URI: each run writes runs/<run_id>/{results.parquet, errors.parquet, summary.json, heatmaps/}, "
+        "then CURRENT names it",
+    )
     p.add_argument("--top-k", type=int, default=None, help="images per query from the coarse search")
     p.add_argument("--rerank", type=int, default=None, help="of those, how many to rerank densely")
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "out": r.out,
+                    "run": r.run,
                     "queries": r.queries,
                     "results": r.results,
                     "errors": r.errors,

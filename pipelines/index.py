@@ -263,7 +263,9 @@ def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None
     return Embedded(errors.cast(S.ERRORS_SCHEMA), stages, time.perf_counter() - t1, hist)
 
 
-def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | None = None) -> dict:
+def write_version(
+    p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | None = None, lock: store.IndexLock | None = None
+) -> dict:
     """Write errors, sources, faiss and manifest of the new version (its new embeddings are already written; the
     carried rows are added), then publish it by replacing CURRENT last. Returns the manifest."""
     emb_uri = store.version_uri(p.index, p.version, store.EMBEDDINGS)
@@ -327,7 +329,7 @@ def write_version(p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | 
     if carried is not None:
         manifest["reindex"] = carried.info
     store.write_manifest(p.index, p.version, manifest)
-    store.publish(p.index, p.version)
+    store.publish(p.index, p.version, lock)
     return manifest
 
 
@@ -368,12 +370,12 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     run_id = uri_mod.new_version_id()
     index = uri_mod.normalize(index)
     p = None
-    with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa index"):
+    with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa index") as lock:
         try:
             p = plan(images, index, cfg, model_uri)
             done = embed_uris(p, p.listing.uris, cfg, model_uri)
-            manifest = write_version(p, cfg, done)
-            gone = store.collect_garbage(index, cfg.index.keep_versions)
+            manifest = write_version(p, cfg, done, lock=lock)
+            gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
         except BaseException as exc:
             record_failure(index, run_row("index", run_id, started, p, status="failed", message=f"{exc}"))
             raise

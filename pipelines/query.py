@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -11,22 +10,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from pipelines.runtime import actor_resources, init_ray
-from roiqa import faiss_index
+from roiqa import faiss_index, query_output
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
 from roiqa.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
 from roiqa.sources import errors_table, parse_error
-
-RESULTS = "results.parquet"
-ERRORS = "errors.parquet"
-HEATMAPS = "heatmaps"
-SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -40,6 +33,7 @@ class QueryReport:
     seconds: float  # wall time of the run
     coarse_seconds: float  # query descriptors + faiss search
     rerank_seconds: float  # dense reranking of the shortlists
+    run: str  # the run's folder, out/runs/<run_id>, which out/CURRENT names
 
 
 def load_queries(queries: str, allowed_prefixes: tuple[str, ...] = ()) -> pa.Table:
@@ -138,10 +132,12 @@ def rank_results(reranked: pd.DataFrame, coarse: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryReport:
-    """Search the published version of `index` for every query and write results, errors and overlays to `out`."""
+    """Search the published version of `index` for every query; write results, errors and overlays to a new run
+    folder under `out` and publish it (roiqa.query_output)."""
     t0 = time.perf_counter()
     init_ray()
     out = uri_mod.normalize(out)
+    run = query_output.new_run(out)
     version = store.open_index(index)
     cfg = index_config(version, cfg)
     model_uri = version.manifest["model"]["uri"]
@@ -225,7 +221,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
                 "cfg": cfg,
                 "queries": qmap,
                 "model_uri": model_uri,
-                "overlay_dir": uri_mod.join(out, HEATMAPS) if qc.overlays else None,
+                "overlay_dir": run.uri(query_output.HEATMAPS) if qc.overlays else None,
                 "threads": qc.torch_threads,
             },
             compute=ray.data.ActorPoolStrategy(size=qc.actors),
@@ -242,13 +238,11 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     ok = reranked[reranked[S.ERROR].astype(str) == ""].drop(columns=[S.ERROR]) if len(reranked) else reranked
     results = rank_results(ok.drop(columns=[S.ERROR], errors="ignore"), coarse)
     table = S.check_columns(pa.Table.from_pandas(results, preserve_index=False), S.RESULTS_SCHEMA, "results")
-    store.write_table(table, uri_mod.join(out, RESULTS))
     query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
     err_rows = [(query_uri[q], *parse_error(e), q) for q, e in zip(qids, qerr) if e]
     err_rows += [(r[S.URI], *parse_error(r[S.ERROR]), r[S.QUERY_ID]) for _, r in rerr.iterrows()]
     err_rows += [(uris[int(r[S.IMAGE_ID])], *parse_error(r[S.ERROR]), r[S.QUERY_ID]) for _, r in geo_errors.iterrows()]
     errors = errors_table(err_rows, S.QUERY_ERRORS_SCHEMA)
-    store.write_table(errors, uri_mod.join(out, ERRORS))
     summary = {
         "index": version.root,
         "version": version.version,
@@ -263,14 +257,12 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
             name: to_dict(getattr(cfg, name)) for name in ("refine", "verify", "geometry") if getattr(cfg, name).enabled
         },
     }
-    uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
+    query_output.publish(run, table, errors, summary, qc.keep_runs)
     return QueryReport(
-        out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1
+        out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1, run.folder
     )
 
 
 def read_results(out: str) -> pd.DataFrame:
-    """results.parquet of a query run as a DataFrame."""
-    fs, path = uri_mod.filesystem(uri_mod.join(out, RESULTS))
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pandas()
+    """The results table of the query run published at `out` as a DataFrame."""
+    return query_output.open_results(out).results().to_pandas()

@@ -123,7 +123,7 @@ def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None
     run_id = uri_mod.new_version_id()
     index = uri_mod.normalize(index)
     p = None
-    with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa reindex"):
+    with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa reindex") as lock:
         try:
             p = plan(images, index, cfg, model_uri)
             reason = full_reason(p, cfg)
@@ -136,7 +136,7 @@ def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None
             mode = "full" if reason else "incremental"
             nothing = not reason and not (d["new"] or d["changed"] or d["deleted"]) and _listing_errors_unchanged(p)
             if nothing:
-                gone = store.collect_garbage(index, cfg.index.keep_versions)
+                gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
                 m = store.read_manifest(index, p.parent)["counts"]
                 counts.update(indexed=m["indexed"], errors=m["errors"], gc_deleted=len(gone))
                 status, version, pipeline_s = "unchanged", None, 0.0
@@ -147,8 +147,8 @@ def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None
                 carried = carry(p, cfg, d, info) if not reason else None
                 if carried is None:
                     carried = Carried(p.schema.empty_table(), S.ERRORS_SCHEMA.empty_table(), None, np.zeros(0), info)
-                manifest = write_version(p, cfg, done, carried)
-                gone = store.collect_garbage(index, cfg.index.keep_versions)
+                manifest = write_version(p, cfg, done, carried, lock)
+                gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
                 counts.update(
                     indexed=manifest["counts"]["indexed"], errors=manifest["counts"]["errors"], gc_deleted=len(gone)
                 )

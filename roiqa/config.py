@@ -42,7 +42,7 @@ class IndexConfig:
     faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k vectors, IVF,SQ8 above
     faiss_nprobe: int = 256  # IVF cells visited per query (32 of 8192 lost 0.225 coarse recall@100 on 3.1M regions)
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
-    lock_ttl_s: float = 21600.0  # a re-index lock older than this is stale (its holder died); 6 h
+    lock_ttl_s: float = 21600.0  # the writer's lease on LOCK, renewed every ttl/3 while it runs; unrenewed: stale; 6 h
     allowed_prefixes: tuple[str, ...] = ()  # URIs a Parquet manifest may point into; empty: the manifest's own folder
     max_image_bytes: int = 64 * 2**20  # image files and tar members over this many bytes are refused unread (too_large)
 
@@ -68,6 +68,7 @@ class QueryConfig:
     overlay_size: int = 384  # long side of overlay PNGs
     # URIs query images may be read from; empty: the folder of the queries Parquet (or the folder of crops)
     allowed_prefixes: tuple[str, ...] = ()
+    keep_runs: int = 3  # published runs kept under a query output (older run folders are removed); >= 1
 
 
 @dataclass(frozen=True)

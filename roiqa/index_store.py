@@ -1,15 +1,10 @@
 """The published index layout: versions/<id>/{embeddings/, faiss.index, errors.parquet, sources.parquet,
-manifest.json} + CURRENT, the runs table (runs/<run_id>.parquet) and the writers' LOCK."""
+manifest.json} + CURRENT, the runs table (runs/<run_id>.parquet) and the writers' LOCK (roiqa.index_lock)."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
-import os
-import socket
-import time
-import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -18,6 +13,7 @@ import pyarrow.parquet as pq
 from roiqa import faiss_index
 from roiqa import schema as S
 from roiqa import uri as uri_mod
+from roiqa.index_lock import LOCK, IndexBusy, IndexLock, LockLost  # noqa: F401 - part of this module's API
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
@@ -28,7 +24,6 @@ MANIFEST = "manifest.json"
 MASKS_CONTROLLER = "masks_controller.parquet"  # the masks stage's threshold controller history (when masks are on)
 SOURCES = "sources.parquet"  # listed URI -> signature, what `roiqa reindex` compares against
 RUNS = "runs"  # runs/<run_id>.parquet: one row per index / reindex run
-LOCK = "LOCK"  # held by the one writer of an index (index, reindex) while it runs
 
 
 def version_uri(root: str, version: str, *parts: str) -> str:
@@ -47,10 +42,13 @@ def current_version(root: str) -> str | None:
     return name
 
 
-def publish(root: str, version: str) -> None:
-    """Make `version` the published one: replace CURRENT last and atomically (readers see old or new, never half)."""
+def publish(root: str, version: str, lock: IndexLock | None = None) -> None:
+    """Make `version` the published one: replace CURRENT last and atomically (readers see old or new, never half).
+    With the writer's `lock`, first confirm that the run still holds it (LockLost otherwise)."""
     if not uri_mod.exists(version_uri(root, version, MANIFEST)):
         raise ValueError(f"{root}: version {version} has no manifest; refusing to publish it")
+    if lock is not None:
+        lock.confirm()
     uri_mod.write_atomic(uri_mod.join(root, CURRENT), (version + "\n").encode("utf-8"))
 
 
@@ -149,11 +147,14 @@ def published_chain(root: str, limit: int | None = None) -> list[str]:
     return out
 
 
-def collect_garbage(root: str, keep: int) -> list[str]:
+def collect_garbage(root: str, keep: int, lock: IndexLock | None = None) -> list[str]:
     """Delete every version folder but the newest `keep` published ones (unpublished leftovers of failed runs
-    included); returns the deleted ids. Only the lock holder may call it (a writer's new version is not yet kept)."""
+    included); returns the deleted ids. Only the lock holder may call it (a writer's new version is not yet kept):
+    with its `lock`, it first confirms that the run still holds it (LockLost otherwise)."""
     if keep < 1:
         raise ValueError(f"keep_versions must be >= 1, got {keep}")
+    if lock is not None:
+        lock.confirm()
     kept = set(published_chain(root, keep))
     if not kept:
         return []
@@ -180,92 +181,3 @@ def read_runs(root: str) -> pa.Table:
         with fs.open(p, "rb") as f:
             tables.append(pq.read_table(f).cast(S.RUNS_SCHEMA))
     return pa.concat_tables([S.RUNS_SCHEMA.empty_table(), *tables]).sort_by(S.RUN_ID)
-
-
-class IndexBusy(ValueError):
-    """Another writer holds the index's lock."""
-
-
-_HELD: set[str] = set()  # owners of the locks this process holds now
-
-
-class IndexLock:
-    """The one-writer lock of an index: `LOCK` = {owner, host, pid, acquired, expires}.
-
-    A lock is stale, and taken over, when it has expired (`ttl_s`), when its holder ran on this host and that
-    process is gone, or when it was taken by this very process and is no longer held (a run whose release failed
-    because the store was down). Overlapping scheduled runs (a nightly job that ran long) fail fast with IndexBusy.
-    """
-
-    def __init__(self, root: str, ttl_s: float, what: str = "index"):
-        self.uri = uri_mod.join(root, LOCK)
-        self.ttl_s, self.what = float(ttl_s), what
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-    def _body(self) -> bytes:
-        now = time.time()
-        return json.dumps(
-            {
-                "owner": self.owner,
-                "what": self.what,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "acquired": now,
-                "expires": now + self.ttl_s,
-                "acquired_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
-            }
-        ).encode()
-
-    def held(self) -> dict | None:
-        """The current holder's record, or None when the index is not locked."""
-        try:
-            return json.loads(uri_mod.read_bytes(self.uri))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {"owner": "?", "expires": 0}  # unreadable: treat as expired
-
-    @staticmethod
-    def stale(holder: dict) -> bool:
-        if float(holder.get("expires", 0)) < time.time():
-            return True
-        if holder.get("host") == socket.gethostname():
-            if holder.get("pid") == os.getpid():
-                return holder.get("owner") not in _HELD
-            try:
-                os.kill(int(holder.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError, OverflowError):
-                return False
-        return False
-
-    def __enter__(self) -> IndexLock:
-        for _ in range(3):
-            if uri_mod.create_exclusive(self.uri, self._body()):
-                holder = self.held()
-                if holder and holder.get("owner") == self.owner:
-                    _HELD.add(self.owner)
-                    return self
-            holder = self.held()
-            if holder is None:
-                continue
-            if not self.stale(holder):
-                raise IndexBusy(
-                    f"{self.uri}: the index is locked by {holder.get('what', 'a writer')} {holder.get('owner')} "
-                    f"since {holder.get('acquired_utc', '?')} (until {holder.get('expires')}); another run is "
-                    "writing it. If that run died on another host, delete the LOCK file"
-                )
-            uri_mod.delete(self.uri)  # stale: the holder died or overran its lease
-        raise IndexBusy(f"{self.uri}: could not take the index lock (contended)")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        _HELD.discard(self.owner)
-        try:
-            holder = self.held()
-            if holder and holder.get("owner") == self.owner:
-                uri_mod.delete(self.uri)
-        except uri_mod.StorageUnavailable:
-            if exc is None:
-                raise
-            # the run is failing anyway (often for the same reason): keep its error; the lock is stale from now on

@@ -25,6 +25,7 @@ from roiqa.demo_data import (
     eval_config,
 )
 from roiqa.metrics import STRESS_BUCKETS, evaluate
+from roiqa.query_output import open_results
 
 
 def test_clutter_hand_values():
@@ -90,7 +91,8 @@ def test_full_eval_main(tmp_path, tiny_cfg, capsys):
     gt = pq.read_table(os.path.join(out, "collection", "ground_truth.parquet")).to_pandas()
     for method in methods:
         assert set(metrics[method]) >= {"all", *STRESS_BUCKETS, "latency"}
-        res = pq.read_table(os.path.join(out, method, "results.parquet"))
+        folder = open_results(os.path.join(out, method)).folder if method == "roiqa" else os.path.join(out, method)
+        res = pq.read_table(os.path.join(folder, "results.parquet"))
         assert res.schema.equals(S.RESULTS_SCHEMA)
         res = res.to_pandas()
         assert res.groupby(S.QUERY_ID).size().tolist() == [12] * len(EVAL_OBJECTS)  # top_k = the whole gallery
@@ -105,7 +107,7 @@ def test_full_eval_main(tmp_path, tiny_cfg, capsys):
     assert set(metrics["roiqa"]["latency"]) == {eval_job.COARSE_LATENCY, eval_job.RERANK_LATENCY}
     assert metrics["sift"]["latency"][eval_job.BASELINE_LATENCY] > 0
     # --rerank 4: the top 4 of each query's 12 were reranked (scored), the rest keep only their coarse score
-    roiqa = pq.read_table(os.path.join(out, "roiqa", "results.parquet")).to_pandas()
+    roiqa = open_results(os.path.join(out, "roiqa")).results().to_pandas()
     assert roiqa.groupby(S.QUERY_ID)[S.SCORE].count().tolist() == [4] * len(EVAL_OBJECTS)
 
 

@@ -16,6 +16,7 @@ from jobs import query as query_job
 from roiqa import schema as S
 from roiqa.config import to_dict
 from roiqa.metrics import evaluate
+from roiqa.query_output import open_results
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -53,10 +54,12 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
         "--no-overlays",
     ]
     assert query_job.main(argv) == 0
-    res = pq.read_table(os.path.join(out, "results.parquet")).to_pandas()
+    run = open_results(out)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run"] == run.folder
+    res = run.results().to_pandas()
     assert res.groupby(S.QUERY_ID).size().max() == 5
     assert res[S.HEATMAP_URI].isna().all()  # --no-overlays
-    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    summary = run.summary()
     # the budget of 2 per query, plus the images past it whose homography verified (geometry.shortlist)
     assert res[S.SCORE].notna().sum() == 2 * collection.n_queries + summary["verified_past_rerank"]
     assert (res[res[S.RANK] <= 2][S.SCORE].notna()).all()
@@ -115,7 +118,7 @@ def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_pat
         )
         == 0
     )
-    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    summary = open_results(out).summary()
     assert summary["model"]["uri"] == ckpt
 
 
@@ -160,8 +163,9 @@ def test_demo_main(tmp_path, config_file, capsys):
     assert "random-init" in text and "UNTRAINED" in text and "mAP" in text
     metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
     assert metrics["index_images"] == 12 and 0 <= metrics["mAP"] <= 1
-    assert os.path.exists(os.path.join(out, "query", "results.parquet"))
-    assert any(f.endswith(".png") for _, _, fs in os.walk(os.path.join(out, "query", "heatmaps")) for f in fs)
+    run = open_results(os.path.join(out, "query"))
+    assert f"{run.folder}/results.parquet" in text and run.results().num_rows > 0
+    assert any(f.endswith(".png") for _, _, fs in os.walk(run.uri("heatmaps")) for f in fs)
 
 
 def test_model_resolution_and_the_shipped_checkpoint():

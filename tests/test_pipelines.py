@@ -22,6 +22,7 @@ from roiqa.embed import Decoder, Embedder
 from roiqa.ids import image_id
 from roiqa.imageio import encode_png
 from roiqa.metrics import evaluate
+from roiqa.query_output import open_results
 from roiqa.rerank import Reranker
 from roiqa.sources import read_files
 
@@ -201,7 +202,9 @@ def test_s3_index_and_query(collection, tiny_cfg, s3_server, tmp_path):
     res = read_results("s3://roiqa-test/out")
     assert set(res[S.QUERY_ID]) == {os.path.splitext(f)[0] for f in os.listdir(qdir)}
     heat = res[S.HEATMAP_URI].dropna()
-    assert len(heat) and all(u.startswith("s3://roiqa-test/out/heatmaps/") for u in heat)
+    run = open_results("s3://roiqa-test/out")
+    assert len(heat) and all(u.startswith(f"{run.folder}/heatmaps/") for u in heat)
+    assert run.folder.startswith("s3://roiqa-test/out/runs/")
     assert fs.exists(heat.iloc[0][len("s3://") :])
 
 
@@ -273,6 +276,51 @@ def test_rerun_publishes_new_version_and_keeps_old(collection, tiny_cfg, tmp_pat
     assert new.manifest["parent"] == first.version
 
 
+def _pngs(folder: str) -> dict[str, bytes]:
+    """{path under folder: bytes} of the PNGs below a local folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".png"):
+                with open(os.path.join(root, name), "rb") as f:
+                    out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return out
+
+
+def test_a_query_run_is_published_whole_and_never_mixed_with_the_previous_one(
+    collection, tiny_cfg, folder_index, tmp_path
+):
+    index, _ = folder_index
+    out = str(tmp_path / "out")
+    queries = pq.read_table(collection.queries_uri)
+    pq.write_table(queries.slice(2, 2), tmp_path / "first.parquet")
+    first = run_query(index, str(tmp_path / "first.parquet"), out, tiny_cfg)
+    earlier = open_results(out)  # a reader that resolved the first run before the second one started
+    earlier_results = earlier.results()
+    two = queries.slice(0, 2)  # other queries: none of the first run's overlays may show up in the second run
+    pq.write_table(two, tmp_path / "two.parquet")
+    second = run_query(index, str(tmp_path / "two.parquet"), out, tiny_cfg)
+
+    res = read_results(out)
+    assert set(res[S.QUERY_ID]) == set(two.column(S.QUERY_ID).to_pylist())
+    heat = res[S.HEATMAP_URI].dropna()
+    folders = {os.path.dirname(os.path.dirname(u)) for u in heat}
+    assert len(heat) and len(folders) == 1  # every overlay of the published results in one heatmaps folder...
+    drawn = {k.split(os.sep)[0] for k in _pngs(folders.pop())}
+    assert drawn == set(two.column(S.QUERY_ID).to_pylist())  # ...which holds no overlay of the first run
+
+    run = open_results(out)
+    assert run.folder == second.run != first.run and earlier.folder == first.run
+    summary, results, errors = run.summary(), run.results(), run.errors()
+    assert summary["run_id"] == run.run_id and summary["previous"] == earlier.run_id
+    for table in (results, errors):
+        assert table.schema.metadata[b"roiqa.run_id"].decode() == run.run_id
+    assert all(u.startswith(run.folder + os.sep) for u in heat)
+    # the first run stays readable, whole, for the reader that had resolved it
+    assert earlier.results().equals(earlier_results) and earlier.summary()["run_id"] == earlier.run_id
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted([earlier.run_id, run.run_id])
+
+
 def test_bad_query_is_recorded_and_the_rest_answered(collection, tiny_cfg, folder_index, tmp_path):
     index, _ = folder_index
     queries = pq.read_table(collection.queries_uri).to_pandas()
@@ -299,7 +347,7 @@ def test_bad_query_is_recorded_and_the_rest_answered(collection, tiny_cfg, folde
     report = run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "out"), cfg)
     res = read_results(str(tmp_path / "out"))
     assert set(res[S.QUERY_ID]) == {"good", "boxed"} and report.errors == 7
-    err = pq.read_table(tmp_path / "out" / "errors.parquet")
+    err = open_results(str(tmp_path / "out")).errors()
     assert err.schema.equals(S.QUERY_ERRORS_SCHEMA)
     err = err.to_pandas().set_index(S.QUERY_ID)
     assert sorted(err.index) == sorted(set(rows) - {"good", "boxed"})

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -142,7 +143,7 @@ def test_reindex_is_full_when_the_model_changes(ray_local, collection, tiny_cfg,
 _CRASH = """
 import os, sys
 from roiqa import index_store
-def crash(root, version):  # the process dies after the version is written, before CURRENT is replaced
+def crash(root, version, lock=None):  # the process dies after the version is written, before CURRENT is replaced
     print("CRASHING", version, flush=True)
     os._exit(137)
 index_store.publish = crash
@@ -202,6 +203,34 @@ def test_a_live_lock_refuses_an_overlapping_run_and_a_stale_one_is_taken_over(ti
         json.dump(live, f)
     with pytest.raises(store.IndexBusy, match="elsewhere:1:x"):
         store.IndexLock(index, ttl_s=60).__enter__()
+
+
+def test_a_run_whose_lock_was_taken_over_neither_publishes_nor_collects(ray_local, collection, tiny_cfg, tmp_path):
+    folder = str(tmp_path / "images")
+    _gallery(collection, folder)
+    index = str(tmp_path / "index")
+    lock_file = os.path.join(index, store.LOCK)
+    other = store.IndexLock(index, ttl_s=60, what="other run")
+
+    def take_over() -> None:  # as soon as the run locks the index, its LOCK is deleted and another run takes it
+        deadline = time.time() + 60
+        while not os.path.exists(lock_file) and time.time() < deadline:
+            time.sleep(0.002)
+        os.unlink(lock_file)
+        other.__enter__()
+
+    thief = threading.Thread(target=take_over)
+    thief.start()
+    try:
+        with pytest.raises(ValueError, match="no longer holds the index lock"):
+            run_index(folder, index, tiny_cfg)
+    finally:
+        thief.join()
+    assert store.current_version(index) is None  # nothing published
+    assert len(store.list_versions(index)) == 1  # its version stays for the lock's holder to collect
+    assert store.read_runs(index).column(S.RUN_STATUS).to_pylist() == ["failed"]
+    assert other.held()["owner"] == other.owner  # the other run's lock is left alone
+    other.__exit__(None, None, None)
 
 
 def test_garbage_collection_keeps_the_published_chain_and_removes_orphans(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
@@ -11,12 +10,12 @@ import pytest
 import yaml
 
 from pipelines.index import run_index
-from pipelines.query import SUMMARY, read_results, run_query
+from pipelines.query import read_results, run_query
 from roiqa import index_store as store
 from roiqa import schema as S
-from roiqa import uri as uri_mod
 from roiqa.config import ComplexityConfig, MaskConfig, RefineConfig, VerifyConfig, replace_section, to_dict
 from roiqa.embed import Decoder, Embedder
+from roiqa.query_output import open_results
 from roiqa.sources import read_files
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -148,7 +147,7 @@ def test_query_with_refinement_and_verification(collection, tiny_cfg, staged_ind
     reranked = res[res[S.REFINE_STEPS].notna()]
     assert len(reranked) == res[S.SCORE].notna().sum() > 0
     assert reranked[S.VERIFY_PROB].between(0, 1).all() and res.loc[res[S.SCORE].isna(), S.VERIFY_PROB].isna().all()
-    summary = json.loads(uri_mod.read_bytes(uri_mod.join(out, SUMMARY)))
+    summary = open_results(out).summary()
     assert set(summary["stages"]) == {"refine", "verify", "geometry"}
     # the same rows from the reranker called directly, without Ray
     row = reranked.iloc[0]

@@ -4,7 +4,9 @@ Injected: (1) the endpoint refuses every connection for 2 s while a re-index sta
 (2) the endpoint goes down at the moment the run uploads its new faiss index and stays down until the run gives
 up: `roiqa reindex` exits 3 with one line naming the object and the retries, CURRENT still names the old version,
 the half-written version has no manifest, the failure to record the run is logged, and once the endpoint is back
-the next run takes over the lock, completes with every input exactly once and removes the leftover.
+the next run takes over the lock, completes with every input exactly once and removes the leftover; (3) the
+endpoint goes down when a query run uploads its results: `roiqa query` exits 3, the published query run (CURRENT,
+its tables and overlays) is unchanged, and the failed run's overlays stay in an unpublished folder of their own.
 Throughout, a distinctive secret key is in the environment: it never appears in anything written to the store,
 printed, or logged by Ray's workers.
 """
@@ -25,6 +27,7 @@ import pytest
 from benchmarks.fault_relay import FlakyEndpoint
 from roiqa import index_store as store
 from roiqa import schema as S
+from roiqa.query_output import open_results
 from roiqa.redact import redact
 
 pytestmark = pytest.mark.slow
@@ -200,6 +203,59 @@ def test_a_query_whose_gallery_store_is_down_exits_3_and_writes_no_results(
     line = [x for x in err.splitlines() if x.startswith("roiqa query: error:")]
     assert len(line) == 1 and "object store unreachable" in line[0] and "/gallery-q/" in line[0]
     assert not glob.glob(os.path.join(out, "**", "*.parquet"), recursive=True)
+
+
+def _query(capsys, tmp_path, queries: str, overlay_size: int) -> tuple[int, str, str]:
+    from jobs.query import main
+
+    cfg = {
+        "model": {"fpn_channels": 32},
+        "preprocess": {"image_size": 128},
+        "query": {"top_k": 4, "rerank": 2, "query_sizes": [24, 40], "descriptor_size": 40, "peaks": 3},
+        "geometry": {"shortlist": 0},
+    }
+    cfg["query"]["overlay_size"] = overlay_size  # the overlays of two runs differ
+    path = tmp_path / f"query-{overlay_size}.yaml"
+    path.write_text(json.dumps(cfg))
+    pq.write_table(pq.read_table(queries).slice(0, 2), tmp_path / "queries.parquet")
+    argv = ["--index", f"s3://{BUCKET}/index", "--queries", str(tmp_path / "queries.parquet")]
+    rc = main([*argv, "--out", f"s3://{BUCKET}/query", "--config", str(path)])
+    out, err = capsys.readouterr()
+    _PRINTED.append(out + err)
+    return rc, out, err
+
+
+def test_an_outage_during_a_query_run_leaves_the_published_run_intact(flaky, collection, capsys, tmp_path):
+    relay, direct, _ = flaky
+    rc, out, err = _query(capsys, tmp_path, collection.queries_uri, overlay_size=96)
+    assert rc == 0, err[-2000:]
+    printed = json.loads(out.strip().splitlines()[-1])
+    published = open_results(f"s3://{BUCKET}/query")
+    prefix = f"{BUCKET}/query/"
+
+    def snapshot() -> dict[str, bytes]:
+        direct.invalidate_cache()
+        return {p: direct.cat_file(p) for p in direct.find(prefix)}
+
+    before = snapshot()
+    assert any(p.endswith(".png") for p in before)
+    # a second run (other overlays) loses the store once its overlays are written, when it uploads its results
+    relay.tripped.clear()
+    relay.trip, relay.trip_down_s = re.compile(rb"PUT /roiqa-faults/query/\S*results\.parquet"), 1e9
+    rc, out, err = _query(capsys, tmp_path, collection.queries_uri, overlay_size=64)
+    relay.up()
+    assert relay.tripped.is_set() and rc == 3, err[-2000:]
+    assert "object store unreachable" in err and "results.parquet" in err
+    after = snapshot()
+    assert {p: after[p] for p in before} == before  # nothing of the published run changed
+    run = open_results(f"s3://{BUCKET}/query")
+    assert run == published and run.summary()["run_id"] == run.run_id and printed["run"] == run.folder
+    heat = run.results().column(S.HEATMAP_URI).drop_null().to_pylist()
+    assert heat and all(before[u[len("s3://") :]] == direct.cat_file(u[len("s3://") :]) for u in heat)
+    # the failed run left only its overlays in a folder of its own, never published
+    left = sorted({p[len(prefix) :].split("/")[1] for p in after if p not in before})
+    assert len(left) == 1 and left[0] != run.run_id
+    assert not direct.exists(f"{prefix}runs/{left[0]}/summary.json")
 
 
 def test_credentials_never_leave_the_environment(flaky, tiny_yaml, capsys, tmp_path):
