@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-scale experiments clean
+.PHONY: demo test lint bench bench-scale soak experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 # The evaluation objects among 10,000 distractors (benchmarks/bench_scale.py): about an hour on 2 cores.
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.bench_scale --distractors 10000 --budgets 100 --out benchmarks/results
+
+# 20 back-to-back index / reindex / query runs on the S3 test server with outages injected (benchmarks/soak_faults.py).
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak_faults --runs 20 --out benchmarks/results
 
 # The experiments of the optional stages (README, "Optional stages": seeds 001, 004, then 000, 004, 002 in the pipelines): about an hour on 2 cores.
 experiments: $(STAMP)

@@ -4,7 +4,9 @@ A moto S3 server behind a TCP relay (benchmarks/fault_relay.py); the collection 
 between runs (an image added, one rewritten, one deleted). Each run is `roiqa index`, `roiqa reindex` or
 `roiqa query` through its command-line entry point; during about half of them the relay goes down at a random
 moment, either for less than the retry window (`ROIQA_STORAGE_RETRY_S`: the run must retry and publish) or until
-the run has given up (it must exit 3 and publish nothing). After every run:
+the run has given up (it must exit 3 and publish nothing), starting at the first request of a random kind
+(listing, image reads, version writes, the faiss upload, CURRENT, the lock; for queries index and gallery reads,
+results and overlay uploads, CURRENT). After every run:
 
 - `CURRENT` names a complete version: its manifest, its faiss index (checked against the manifest's sha256) and
   its tables open;
@@ -25,14 +27,33 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
-import threading
 
 from benchmarks.common import machine, markdown, write_report
 from benchmarks.fault_relay import FlakyEndpoint, start_moto
 
 BUCKET = "roiqa-soak"
+_WRITER_TRIPS = {
+    "listing": rb"GET /roiqa-soak\?list-type",
+    "image read": rb"GET /roiqa-soak/images/",
+    "version write": rb"PUT /roiqa-soak/index/versions/",
+    "faiss upload": rb"PUT /roiqa-soak/index/versions/\S+/faiss\.index",
+    "CURRENT": rb"PUT /roiqa-soak/index/CURRENT",
+    "lock": rb"/roiqa-soak/index/LOCK",
+}
+TRIPS = {  # the requests an outage starts at, per kind of run
+    "index": _WRITER_TRIPS,
+    "reindex": _WRITER_TRIPS,
+    "query": {
+        "index read": rb"GET /roiqa-soak/index/",
+        "gallery read": rb"GET /roiqa-soak/images/",
+        "results upload": rb"PUT /roiqa-soak/query-out/\S+results\.parquet",
+        "overlay upload": rb"PUT /roiqa-soak/query-out/\S+\.png",
+        "CURRENT": rb"PUT /roiqa-soak/query-out/CURRENT",
+    },
+}
 
 
 def _run_job(main, argv: list[str]) -> tuple[int, str, str]:
@@ -107,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         col = build_demo_collection(
             os.path.join(work, "collection"),
-            DemoConfig(n_gallery=args.images, instances_per_object=1, n_distractors=2, image_size=(96, 128), seed=5),
+            DemoConfig(
+                n_gallery=args.images,
+                instances_per_object=1,
+                n_distractors=2,
+                image_size=(96, 128),
+                scale_range=(28.0, 48.0),
+                seed=5,
+            ),
         )
         pool = sorted(glob.glob(os.path.join(col.gallery_dir, "*")))
         direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
@@ -145,14 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             before = store.current_version(index) if run else None
             results_before = current_run(out) if kind == "query" else None
             outage = None
-            if rng.random() < args.outage_share:
+            if rng.random() < args.outage_share:  # down from the first request of a random kind, short or long
                 long = rng.random() < 0.5
-                outage = {"after_s": round(rng.uniform(0.0, 6.0), 2), "long": long}
+                what = rng.choice(sorted(TRIPS[kind]))
                 down_s = 1e9 if long else rng.uniform(0.5, args.retry_s * 0.6)
-                outage["down_s"] = None if long else round(down_s, 2)
-                refused0 = relay.refused
-                timer = threading.Timer(outage["after_s"], relay.down, (down_s,))
-                timer.start()
+                outage = {"at": what, "long": long, "down_s": None if long else round(down_s, 2)}
+                relay.tripped.clear()
+                relay.trip, relay.trip_down_s = re.compile(TRIPS[kind][what]), down_s
                 totals["outages_injected"] += 1
             base = ["--config", cfg]
             if kind == "query":
@@ -164,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                     main_, ["--images", f"s3://{BUCKET}/images", "--index", index, "--model", "none", *base]
                 )
             if outage is not None:
-                timer.cancel()
+                relay.trip = None
                 relay.up()
-                outage["felt"] = relay.refused > refused0
+                outage["felt"] = relay.tripped.is_set()
                 totals["outages_felt"] += outage["felt"]
             version, inputs, lost = (None, 0, 0)
             if kind != "query" and rc == 0:
