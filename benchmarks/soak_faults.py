@@ -64,6 +64,9 @@ def _run_job(main, argv: list[str]) -> tuple[int, str, str]:
             rc = main(argv)
         except SystemExit as exc:
             rc = int(exc.code or 0)
+        except Exception as exc:  # noqa: BLE001 - an uncaught failure is a finding of the soak (exit 1), not its end
+            rc = 1
+            print(f"uncaught {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=err)
     return rc, out.getvalue(), err.getvalue()
 
 

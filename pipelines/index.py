@@ -246,9 +246,18 @@ def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None
     stages = stage_seconds(ds.stats())
 
     good = ds.map_batches(embeddings_table, fn_kwargs={"schema": p.schema}, batch_format="numpy", batch_size=1024)
-    fs, emb_path = uri_mod.filesystem(store.version_uri(p.index, p.version, store.EMBEDDINGS))
+    emb_uri = store.version_uri(p.index, p.version, store.EMBEDDINGS)
+    fs, emb_path = uri_mod.filesystem(emb_uri)
     tw = time.perf_counter()
-    good.write_parquet(emb_path, filesystem=fs)
+
+    def write() -> None:  # a write cut off by an outage is removed whole before it is retried (no repeated rows)
+        try:
+            good.write_parquet(emb_path, filesystem=fs)
+        except Exception:
+            uri_mod.delete(emb_uri, recursive=True)
+            raise
+
+    uri_mod.retrying(emb_uri, "write", write)
     stages["write"] = time.perf_counter() - tw
     bad = ds.map_batches(batch_errors, batch_format="numpy", batch_size=1024)
     errors = pa.concat_tables([S.ERRORS_SCHEMA.empty_table(), *[t for t in ray.get(bad.to_arrow_refs()) if t.num_rows]])

@@ -84,10 +84,13 @@ def _size(info: dict | None) -> int | None:
 def _manifest(uri: str, allowed_prefixes: tuple[str, ...] = ()) -> Listing:
     """A Parquet manifest with a `uri` column; relative URIs are resolved against the manifest's folder."""
     fs, path = uri_mod.filesystem(uri)
-    table = pq.read_table(path, filesystem=fs, columns=[S.URI]) if fs.isdir(path) else _read_one(fs, path)
+    folder = uri_mod.retrying(uri, "stat", fs.isdir, path)
+    table = uri_mod.retrying(
+        uri, "read", lambda: pq.read_table(path, filesystem=fs, columns=[S.URI]) if folder else _read_one(fs, path)
+    )
     if S.URI not in table.column_names:
         raise ValueError(f"{uri}: a manifest needs a {S.URI!r} column; has {table.column_names}")
-    base = uri_mod.normalize(uri) if fs.isdir(path) else uri_mod.normalize(uri).rsplit("/", 1)[0]
+    base = uri_mod.normalize(uri) if folder else uri_mod.normalize(uri).rsplit("/", 1)[0]
     allowed = tuple(allowed_prefixes) or (base,)
     seen: set[str] = set()
     uris, errors = [], []

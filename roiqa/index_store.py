@@ -66,12 +66,16 @@ def write_table(table: pa.Table, uri: str) -> bytes:
 
 
 def read_table(uri: str) -> pa.Table:
-    """Read one Parquet file or a folder of them through fsspec."""
-    fs, path = uri_mod.filesystem(uri)
-    if fs.isdir(path):
-        return pq.read_table(path, filesystem=fs)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+    """Read one Parquet file or a folder of them through fsspec (retried while the store is unreachable)."""
+
+    def read() -> pa.Table:
+        fs, path = uri_mod.filesystem(uri)
+        if fs.isdir(path):
+            return pq.read_table(path, filesystem=fs)
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f)
+
+    return uri_mod.retrying(uri, "read", read)
 
 
 def write_manifest(root: str, version: str, manifest: dict) -> None:
@@ -123,10 +127,11 @@ def open_index(root: str, version: str | None = None) -> IndexVersion:
 
 def list_versions(root: str) -> list[str]:
     """Version ids present under `root`/versions, oldest first."""
-    fs, path = uri_mod.filesystem(uri_mod.join(root, VERSIONS))
-    if not fs.exists(path):
+    uri = uri_mod.join(root, VERSIONS)
+    fs, path = uri_mod.filesystem(uri)
+    if not uri_mod.retrying(uri, "exists", fs.exists, path):
         return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in uri_mod.retrying(uri, "list", fs.ls, path, detail=False))
 
 
 def image_uris(version: IndexVersion) -> dict[int, str]:
@@ -172,6 +177,10 @@ def write_run(root: str, row: dict) -> None:
 
 def read_runs(root: str) -> pa.Table:
     """Every run recorded for the index at `root`, oldest first (an empty table when there is none)."""
+    return uri_mod.retrying(uri_mod.join(root, RUNS), "read", _read_runs, root)
+
+
+def _read_runs(root: str) -> pa.Table:
     fs, path = uri_mod.filesystem(uri_mod.join(root, RUNS))
     if not fs.exists(path):
         return S.RUNS_SCHEMA.empty_table()

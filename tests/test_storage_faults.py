@@ -176,6 +176,31 @@ def test_an_outage_during_the_workers_reads_exits_3(flaky, collection, tiny_yaml
     assert store.current_version(index) is None
 
 
+def test_an_outage_while_ray_data_writes_the_embeddings_exits_3(flaky, collection, tiny_yaml, capsys):
+    """The store goes down when Ray Data's write_parquet uploads the new version's embeddings (a write outside
+    roiqa's own storage calls): the write is retried, then the run exits 3 with one line, not a traceback."""
+    relay, direct, _ = flaky
+    for f in sorted(glob.glob(os.path.join(collection.gallery_dir, "*")))[:3]:
+        direct.put_file(f, f"{BUCKET}/emb-write/{os.path.basename(f)}")
+    relay.tripped.clear()
+    relay.trip, relay.trip_down_s = re.compile(rb"/roiqa-faults/emb-index/versions/\S+/embeddings/"), 1e9
+    from jobs.index import main
+
+    index = f"s3://{BUCKET}/emb-index"
+    argv = ["--images", f"s3://{BUCKET}/emb-write", "--index", index, "--model", "none", "--config", tiny_yaml]
+    try:
+        rc = main(argv)
+    finally:
+        relay.up()
+    out, err = capsys.readouterr()
+    _PRINTED.append(out + err)
+    assert relay.tripped.is_set()
+    assert rc == 3, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("roiqa index: error:")]
+    assert len(line) == 1 and "object store unreachable" in line[0] and "embeddings" in line[0]
+    assert store.current_version(index) is None
+
+
 def test_a_query_whose_gallery_store_is_down_exits_3_and_writes_no_results(
     flaky, collection, tiny_yaml, capsys, tmp_path
 ):
