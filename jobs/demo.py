@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.query import read_results, run_query
         from roiqa import index_store as store
         from roiqa.demo_data import build_demo_collection
-        from roiqa.metrics import evaluate
+        from roiqa.metrics import MAP, N_QUERIES, evaluate, positives_found_key, recall_key
         from roiqa.weights import resolve_model
 
         out = os.path.abspath(args.out)
@@ -95,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         if model["weights"].startswith("random-init"):
             print("  note              no trained model was given: these figures are those of an UNTRAINED network")
             print("                    (random weights); pass --model CHECKPOINT for a trained one")
+        ks = (1, 5, 10)
+        print(f"  retrieval         mAP {m[MAP]:.3f} (chance {report['chance_mAP']:.3f}) over {m[N_QUERIES]} queries")
         print(
-            f"  retrieval         mAP {m['mAP']:.3f} (chance {report['chance_mAP']:.3f}), Recall@1 "
-            f"{m['recall@1']:.3f}, Recall@5 {m['recall@5']:.3f}, Recall@10 {m['recall@10']:.3f} "
-            f"over {m['n_queries']} queries"
+            f"                    Recall@1/5/10 {' / '.join(f'{m[recall_key(k)]:.3f}' for k in ks)} "
+            "(share of queries with a positive in the top K)"
+        )
+        print(
+            f"                    positives found@1/5/10 {' / '.join(f'{m[positives_found_key(k)]:.3f}' for k in ks)} "
+            "(share of each query's positives in its top K)"
         )
         print(
             f"  localization      AP@0.5 {m['loc_ap50']:.3f}; positives in top 10 with IoU>=0.5: {m['top10_iou50']:.3f}"

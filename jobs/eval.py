@@ -1,5 +1,8 @@
 """`roiqa eval`: retrieval (mAP, Recall@K) and localization (AP at IoU 0.5) of results against ground truth.
 
+Recall@K is the share of queries with a positive in their top K; positives found@K, reported beside it, the share
+of each query's positives in its top K, averaged over queries.
+
 Two modes. With --results and --ground-truth: the metrics of one results table (--out: a metrics.json URI).
 Without them: the full evaluation under --out DIR: build the evaluation collection (photographs disjoint from
 training), index and query it with the matcher (--model, default the shipped checkpoint), run the classical
