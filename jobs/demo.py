@@ -9,16 +9,18 @@ import time
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, config_from, job_parser, run
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa demo", description=__doc__)
+    p = job_parser("demo", __doc__)
     p.add_argument("--out", default="demo-out", help="output folder (collection, index, results, overlays)")
     p.add_argument("--n-gallery", type=int, default=48, help="gallery images to build")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample collection")
     p.add_argument("--top-k", type=int, default=None, help="images per query (default: the whole gallery)")
-    p.add_argument("--rerank", type=int, default=24, help="of those, how many are reranked densely")
+    p.add_argument(
+        "--rerank", type=int, default=24, help="of those, how many are reranked densely (dense matching, slower)"
+    )
     add_model_arg(p)
     add_config_arg(p)
     return p

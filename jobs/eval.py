@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
+from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, job_parser, run, stage_overrides
 
 STAGES = ("complexity", "masks", "refine", "verify", "geometry")
 
@@ -38,7 +38,7 @@ TIMING = "timing"  # per method: the other timings (seconds), kept out of the ta
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = job_parser("eval", __doc__)
     p.add_argument("--results", default=None, help="results.parquet, or a query output (its published run is read)")
     p.add_argument("--ground-truth", default=None, help="Parquet of query_id, uri, x0, y0, x1, y1")
     p.add_argument(
@@ -47,12 +47,18 @@ def parser() -> argparse.ArgumentParser:
         help="with --results: write metrics.json here (a file URI); otherwise the full evaluation's output folder",
     )
     add_model_arg(p, "full mode: ")
-    p.add_argument("--seed", type=int, default=None, help="full mode: seed of the evaluation collection (1000)")
-    p.add_argument("--n-gallery", type=int, default=None, help="full mode: gallery images to build (64)")
     p.add_argument(
-        "--baselines", default=None, help="full mode: comma-separated classical baselines (template,sift); '' for none"
+        "--seed", type=int, default=None, help="full mode: random seed of the evaluation collection (default: 1000)"
     )
-    p.add_argument("--rerank", type=int, default=None, help="full mode: images reranked per query (the whole gallery)")
+    p.add_argument("--n-gallery", type=int, default=None, help="full mode: gallery images to build (default: 64)")
+    p.add_argument(
+        "--baselines",
+        default=None,
+        help="full mode: comma-separated classical baselines; '' for none (default: template,sift)",
+    )
+    p.add_argument(
+        "--rerank", type=int, default=None, help="full mode: images reranked per query (default: the whole gallery)"
+    )
     add_stage_flags(p, *STAGES)
     add_config_arg(p)
     return p

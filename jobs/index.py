@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_index_args, config_from, run, stage_overrides
+from jobs.common import add_index_args, config_from, job_parser, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa index", description=__doc__)
+    p = job_parser("index", __doc__)
     add_index_args(p, "index URI (local path, file:// or s3://)")
     return p
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import cli, demo
+from jobs import demo
 from jobs import eval as eval_job
 from jobs import index as index_job
 from jobs import query as query_job
@@ -148,12 +148,6 @@ def test_bad_arguments_give_clear_errors(tmp_path, config_file, capsys):
     bad_cfg.write_text("query:\n  top_kk: 3\n")
     assert index_job.main(["--images", str(tmp_path), "--index", str(tmp_path / "i"), "--config", str(bad_cfg)]) == 2
     assert "top_kk" in capsys.readouterr().err
-
-
-def test_cli_dispatch(capsys):
-    assert cli.main([]) == 0
-    assert "index" in capsys.readouterr().out
-    assert cli.main(["nope"]) == 2
 
 
 def test_demo_main(tmp_path, config_file, capsys):
