@@ -1,4 +1,4 @@
-"""The `roiqa` command line: version, usage, every verb's --help."""
+"""The `roiqa` command line: version, usage, every verb's --help, and errors caught before Ray starts."""
 
 from __future__ import annotations
 
@@ -61,3 +61,22 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: the config's query.top_k)" in text
     assert "(default: the config's geometry.enabled)" in text
+
+
+def test_query_on_a_missing_index_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import ray
+
+    import pipelines.query
+    from jobs import query as query_job
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a query whose index does not exist")
+
+    monkeypatch.setattr(pipelines.query, "init_ray", no_ray)
+    missing = str(tmp_path / "no-index")
+    argv = ["--index", missing, "--queries", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert query_job.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("roiqa query: error: ") and missing in err[0]
+    assert not ray.is_initialized()
+    assert not os.path.exists(tmp_path / "out")  # nothing written either
