@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from jobs.common import add_config_arg, add_stage_flags, config_from, job_parser, run, stage_overrides
 
@@ -48,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             **stage_overrides(args, "refine", "verify", "geometry"),
         )
         r = run_query(args.index, args.queries, args.out, cfg)
+        # a line for people on stderr; stdout's last line stays the JSON report scripts read
+        print(
+            f"roiqa query: {r.queries} queries, {r.results} results, {r.errors} errors -> {r.run} in {r.seconds:.1f} s",
+            file=sys.stderr,
+        )
         print(
             json.dumps(
                 {
