@@ -21,16 +21,35 @@ VERBS = {
 
 
 def usage() -> str:
-    lines = ["usage: roiqa <verb> [options]", "", "verbs:"]
+    lines = ["usage: roiqa [--version] <verb> [options]", "", "verbs:"]
     lines += [f"  {v:<9} {doc}" for v, (_, doc) in VERBS.items()]
+    lines += ["", "options:", "  -h, --help  show this message", "  --version   print roiqa's version"]
     lines += ["", "`roiqa <verb> --help` for a verb's options."]
     return "\n".join(lines)
 
 
+def version() -> str:
+    """The installed package's version (importlib.metadata), else roiqa.__version__ (a source tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("roiqa")
+    except metadata.PackageNotFoundError:
+        import roiqa
+
+        return getattr(roiqa, "__version__", "unknown")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"roiqa {version()}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

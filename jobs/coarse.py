@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.common import add_config_arg, config_from, run
+from jobs.common import add_config_arg, config_from, job_parser, run
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa coarse", description=__doc__)
+    p = job_parser("coarse", __doc__)
     p.add_argument("--out", required=True, help="checkpoint to write (.safetensors URI)")
     p.add_argument(
         "--photos",
         default="bundled",
         help="'bundled' (roiqa.demo_data.TRAINING_PHOTOS, disjoint from the evaluation photographs) or a folder/prefix",
     )
-    p.add_argument("--shrink", type=float, default=0.1, help="eigenvalue shrinkage of the whitening (0.1)")
+    p.add_argument("--shrink", type=float, default=0.1, help="eigenvalue shrinkage of the whitening")
     p.add_argument("--with-body", action="store_true", help="store the body's weights too (default: from the package)")
     add_config_arg(p)
     return p

@@ -9,8 +9,34 @@ import sys
 from roiqa.config import RoiqaConfig, load_config
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help of a job: the description as written, and "(default: X)" after each option's help unless the help
+    already names its default or there is none to show (None, an off flag, an empty list). Options whose default is
+    None say in words where the value then comes from, e.g. "(default: the config's query.top_k)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        nothing = d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d)
+        if nothing or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def job_parser(verb: str, description: str | None, **kwargs) -> argparse.ArgumentParser:
+    """The argument parser of `roiqa <verb>` (prog "roiqa <verb>", defaults shown in --help)."""
+    return argparse.ArgumentParser(
+        prog=f"roiqa {verb}", description=description, formatter_class=HelpFormatter, **kwargs
+    )
+
+
 def add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config (sections model, preprocess, index, query)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML config, one section per component (model, preprocess, index, query, ...); unknown keys are an "
+        "error (default: the built-in settings, roiqa/config.py)",
+    )
 
 
 def add_model_arg(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -34,24 +60,31 @@ def add_index_args(p: argparse.ArgumentParser, index_help: str) -> None:
     p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
     p.add_argument("--index", required=True, help=index_help)
     add_model_arg(p)
-    p.add_argument("--actors", type=int, default=None, help="embedding actors (overrides index.actors)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (overrides index.batch_size)")
+    p.add_argument("--actors", type=int, default=None, help="embedding actors (default: the config's index.actors)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per batch (default: the config's index.batch_size)"
+    )
     add_stage_flags(p, "complexity", "masks")
     add_config_arg(p)
 
 
 def add_stage_flags(p: argparse.ArgumentParser, *stages: str) -> None:
-    """--<stage> / --no-<stage> switches for the optional seed stages (override <stage>.enabled of the config)."""
+    """--<stage> / --no-<stage> switches for the optional stages (override <stage>.enabled of the config)."""
     helps = {
-        "complexity": "seed 001: complexity map, quadtree patch layout (and patch embedding with complexity.model)",
-        "masks": "seed 002: confidence masks per task profile (masks.profiles)",
-        "refine": "seed 000: iterative refinement of every reranked box",
-        "verify": "seed 004: ROI-mask verification of every reranked region (verify_prob column)",
-        "geometry": "SIFT + RANSAC homography verification of every reranked pair (inliers column)",
+        "complexity": "index: store each image's complexity map and quadtree patch layout (and a patch embedding "
+        "with complexity.model)",
+        "masks": "index: store a per-pixel confidence mask of each image for every task profile in masks.profiles",
+        "refine": "query: refine every reranked box by adjusting its size against the query, step by step",
+        "verify": "query: check every reranked region with the ROI-mask classifier (verify_prob column, mixed into "
+        "the score)",
+        "geometry": "query: check every reranked pair with SIFT + RANSAC homography (inliers column)",
     }
     for stage in stages:
         p.add_argument(
-            f"--{stage}", action=argparse.BooleanOptionalAction, default=None, help=f"{helps[stage]} (default: config)"
+            f"--{stage}",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"{helps[stage]} (default: the config's {stage}.enabled)",
         )
 
 

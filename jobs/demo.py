@@ -9,16 +9,18 @@ import time
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, config_from, run
+from jobs.common import add_config_arg, add_model_arg, config_from, job_parser, run
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa demo", description=__doc__)
+    p = job_parser("demo", __doc__)
     p.add_argument("--out", default="demo-out", help="output folder (collection, index, results, overlays)")
     p.add_argument("--n-gallery", type=int, default=48, help="gallery images to build")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample collection")
     p.add_argument("--top-k", type=int, default=None, help="images per query (default: the whole gallery)")
-    p.add_argument("--rerank", type=int, default=24, help="of those, how many are reranked densely")
+    p.add_argument(
+        "--rerank", type=int, default=24, help="of those, how many are reranked densely (dense matching, slower)"
+    )
     add_model_arg(p)
     add_config_arg(p)
     return p
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.query import read_results, run_query
         from roiqa import index_store as store
         from roiqa.demo_data import build_demo_collection
-        from roiqa.metrics import evaluate
+        from roiqa.metrics import MAP, N_QUERIES, evaluate, positives_found_key, recall_key
         from roiqa.weights import resolve_model
 
         out = os.path.abspath(args.out)
@@ -95,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         if model["weights"].startswith("random-init"):
             print("  note              no trained model was given: these figures are those of an UNTRAINED network")
             print("                    (random weights); pass --model CHECKPOINT for a trained one")
+        ks = (1, 5, 10)
+        print(f"  retrieval         mAP {m[MAP]:.3f} (chance {report['chance_mAP']:.3f}) over {m[N_QUERIES]} queries")
         print(
-            f"  retrieval         mAP {m['mAP']:.3f} (chance {report['chance_mAP']:.3f}), Recall@1 "
-            f"{m['recall@1']:.3f}, Recall@5 {m['recall@5']:.3f}, Recall@10 {m['recall@10']:.3f} "
-            f"over {m['n_queries']} queries"
+            f"                    Recall@1/5/10 {' / '.join(f'{m[recall_key(k)]:.3f}' for k in ks)} "
+            "(share of queries with a positive in the top K)"
+        )
+        print(
+            f"                    positives found@1/5/10 {' / '.join(f'{m[positives_found_key(k)]:.3f}' for k in ks)} "
+            "(share of each query's positives in its top K)"
         )
         print(
             f"  localization      AP@0.5 {m['loc_ap50']:.3f}; positives in top 10 with IoU>=0.5: {m['top10_iou50']:.3f}"

@@ -1,5 +1,8 @@
 """`roiqa eval`: retrieval (mAP, Recall@K) and localization (AP at IoU 0.5) of results against ground truth.
 
+Recall@K is the share of queries with a positive in their top K; positives found@K, reported beside it, the share
+of each query's positives in its top K, averaged over queries.
+
 Two modes. With --results and --ground-truth: the metrics of one results table (--out: a metrics.json URI).
 Without them: the full evaluation under --out DIR: build the evaluation collection (photographs disjoint from
 training), index and query it with the matcher (--model, default the shipped checkpoint), run the classical
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, run, stage_overrides
+from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, job_parser, run, stage_overrides
 
 STAGES = ("complexity", "masks", "refine", "verify", "geometry")
 
@@ -35,7 +38,7 @@ TIMING = "timing"  # per method: the other timings (seconds), kept out of the ta
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa eval", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = job_parser("eval", __doc__)
     p.add_argument("--results", default=None, help="results.parquet, or a query output (its published run is read)")
     p.add_argument("--ground-truth", default=None, help="Parquet of query_id, uri, x0, y0, x1, y1")
     p.add_argument(
@@ -44,12 +47,18 @@ def parser() -> argparse.ArgumentParser:
         help="with --results: write metrics.json here (a file URI); otherwise the full evaluation's output folder",
     )
     add_model_arg(p, "full mode: ")
-    p.add_argument("--seed", type=int, default=None, help="full mode: seed of the evaluation collection (1000)")
-    p.add_argument("--n-gallery", type=int, default=None, help="full mode: gallery images to build (64)")
     p.add_argument(
-        "--baselines", default=None, help="full mode: comma-separated classical baselines (template,sift); '' for none"
+        "--seed", type=int, default=None, help="full mode: random seed of the evaluation collection (default: 1000)"
     )
-    p.add_argument("--rerank", type=int, default=None, help="full mode: images reranked per query (the whole gallery)")
+    p.add_argument("--n-gallery", type=int, default=None, help="full mode: gallery images to build (default: 64)")
+    p.add_argument(
+        "--baselines",
+        default=None,
+        help="full mode: comma-separated classical baselines; '' for none (default: template,sift)",
+    )
+    p.add_argument(
+        "--rerank", type=int, default=None, help="full mode: images reranked per query (default: the whole gallery)"
+    )
     add_stage_flags(p, *STAGES)
     add_config_arg(p)
     return p

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from jobs.common import add_index_args, config_from, run, stage_overrides
+from jobs.common import add_index_args, config_from, job_parser, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa index", description=__doc__)
+    p = job_parser("index", __doc__)
     add_index_args(p, "index URI (local path, file:// or s3://)")
     return p
 
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
             **stage_overrides(args, "complexity", "masks"),
         )
         r = run_index(args.images, args.index, cfg, resolve_model(args.model))
+        # a line for people on stderr; stdout's last line stays the JSON report scripts read
+        print(
+            f"roiqa index: indexed {r.indexed} of {r.inputs} images ({r.errors} errors) into {r.index} "
+            f"version {r.version} in {r.seconds:.1f} s",
+            file=sys.stderr,
+        )
         print(
             json.dumps(
                 {

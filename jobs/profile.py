@@ -1,4 +1,4 @@
-"""`python -m jobs.profile`: train a seed 002 task profile (confidence estimator + thresholds) from box supervision."""
+"""`roiqa profile`: train a task profile for the masks stage (confidence estimator + thresholds) from object boxes."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import json
 import time
 from collections.abc import Iterator
 
-from jobs.common import run
+from jobs.common import job_parser, run
 
 DEFAULT_HOLDOUT = "camera,retina"  # bundled photographs kept out of training for the held-out curve
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa profile", description=__doc__)
+    p = job_parser("profile", __doc__)
     p.add_argument("--out", required=True, help="profile URI (.safetensors); the log goes to <stem>.train_log.json")
     p.add_argument(
         "--images",
@@ -33,17 +33,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=1, help="profile version")
     p.add_argument("--description", default=None, help="profile description")
     p.add_argument("--steps", type=int, default=600, help="optimiser steps")
-    p.add_argument("--max-seconds", type=float, default=None, help="training time budget (ends early, fully decayed)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="training time budget in seconds: ends early, fully decayed (default: no budget)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine-decayed to 5%%)")
     p.add_argument("--image-size", type=int, default=320, help="side of the square training images")
     p.add_argument("--eval-samples", type=int, default=96, help="samples per curve split")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling and initialisation")
+    p.add_argument("--seed", type=int, default=0, help="random seed of sampling and initialisation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--max-pixels", type=int, default=100_000_000, help="larger images are refused")
-    p.add_argument("--init-recall", type=float, default=0.8, help="initial threshold: held-out recall >= this")
-    p.add_argument("--max-recall", type=float, default=0.5, help="max threshold: held-out recall >= this")
-    p.add_argument("--step", type=float, default=0.01, help="controller step")
+    p.add_argument("--max-pixels", type=int, default=100_000_000, help="images with more pixels are refused")
+    p.add_argument(
+        "--init-recall",
+        type=float,
+        default=0.8,
+        help="initial threshold: the largest keeping this share of held-out box pixels",
+    )
+    p.add_argument(
+        "--max-recall",
+        type=float,
+        default=0.5,
+        help="max threshold: the largest keeping this share of held-out box pixels",
+    )
+    p.add_argument("--step", type=float, default=0.01, help="threshold controller step")
     return p
 
 

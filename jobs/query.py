@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from jobs.common import add_config_arg, add_stage_flags, config_from, run, stage_overrides
+from jobs.common import add_config_arg, add_stage_flags, config_from, job_parser, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa query", description=__doc__)
+    p = job_parser("query", __doc__)
     p.add_argument("--index", required=True, help="index URI written by `roiqa index`")
     p.add_argument("--queries", required=True, help="Parquet of query_id, uri[, x0, y0, x1, y1] or a folder of crops")
     p.add_argument(
@@ -18,8 +19,18 @@ def parser() -> argparse.ArgumentParser:
         help="output URI: each run writes runs/<run_id>/{results.parquet, errors.parquet, summary.json, heatmaps/}, "
         "then CURRENT names it",
     )
-    p.add_argument("--top-k", type=int, default=None, help="images per query from the coarse search")
-    p.add_argument("--rerank", type=int, default=None, help="of those, how many to rerank densely")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="images per query from the coarse search (default: the config's query.top_k)",
+    )
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=None,
+        help="of those, how many to rerank densely (default: the config's query.rerank)",
+    )
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
     add_stage_flags(p, "refine", "verify", "geometry")
     add_config_arg(p)
@@ -38,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
             **stage_overrides(args, "refine", "verify", "geometry"),
         )
         r = run_query(args.index, args.queries, args.out, cfg)
+        # a line for people on stderr; stdout's last line stays the JSON report scripts read
+        print(
+            f"roiqa query: {r.queries} queries, {r.results} results, {r.errors} errors -> {r.run} in {r.seconds:.1f} s",
+            file=sys.stderr,
+        )
         print(
             json.dumps(
                 {

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_index_args, config_from, run, stage_overrides
+from jobs.common import add_index_args, config_from, job_parser, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa reindex", description=__doc__)
+    p = job_parser("reindex", __doc__)
     add_index_args(p, "index URI; its published version is the one compared against")
-    p.add_argument("--keep", type=int, default=None, help="published versions to keep (overrides index.keep_versions)")
+    p.add_argument(
+        "--keep", type=int, default=None, help="published versions to keep (default: the config's index.keep_versions)"
+    )
     return p
 
 

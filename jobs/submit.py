@@ -10,6 +10,7 @@ import sys
 import time
 
 from jobs.cli import VERBS
+from jobs.common import job_parser
 
 # Never uploaded with --working-dir (on top of what .gitignore already keeps out).
 EXCLUDES = [".venv", "out", "demo-out", ".git", "**/__pycache__"]
@@ -97,19 +98,21 @@ def wait(client_or_address, submission_id: str, timeout_s: float = 3600.0, poll_
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="roiqa submit",
-        description=__doc__,
+    p = job_parser(
+        "submit",
+        __doc__,
         usage="roiqa submit [--address URL] [--wait] [options] -- <verb> [verb options]",
     )
     p.add_argument("--address", default=None, help="the cluster's dashboard URL (default: RAY_ADDRESS)")
     p.add_argument("--wait", action="store_true", help="wait for the job; print its status and the end of its logs")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits (default 3600)")
-    p.add_argument("--submission-id", default=None, help="job id; Ray refuses one already used on the cluster")
-    p.add_argument("--python", default="python", help="interpreter the job runs on the cluster (default: python)")
-    p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory (default: .)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds --wait waits")
+    p.add_argument(
+        "--submission-id", default=None, help="job id; Ray refuses one already used on the cluster (default: a new one)"
+    )
+    p.add_argument("--python", default="python", help="interpreter the job runs on the cluster")
+    p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working directory")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra non-secret variable")
-    p.add_argument("--tail", type=int, default=40, help="log lines printed with --wait (default 40)")
+    p.add_argument("--tail", type=int, default=40, help="log lines printed with --wait")
     p.add_argument("verb", help=f"one of: {', '.join(v for v in VERBS if v != 'submit')}")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the verb's own options")
     return p

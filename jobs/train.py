@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_config_arg, add_data_args, data_source, run
+from jobs.common import add_config_arg, add_data_args, data_source, job_parser, run
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa train", description=__doc__)
+    p = job_parser("train", __doc__)
     add_data_args(p)
     p.add_argument("--out", required=True, help="output URI: checkpoints, model.safetensors, train_history.json")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (data-parallel)")
@@ -17,11 +17,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="never use GPUs, even when the cluster has them")
     p.add_argument("--resume", action="store_true", help="continue the run of the same --out and --name")
     p.add_argument("--name", default="train", help="run name: checkpoints go to <out>/<name>/")
-    p.add_argument("--init", default=None, help="start from this matcher checkpoint instead of random weights")
-    p.add_argument("--epochs", type=int, default=None, help="overrides train.epochs")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="overrides train.steps_per_epoch")
-    p.add_argument("--batch-size", type=int, default=None, help="overrides train.batch_size")
-    p.add_argument("--lr", type=float, default=None, help="overrides train.lr")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from this matcher checkpoint (default: a new matcher built from the config's model section)",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's train.epochs)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="optimiser steps per epoch (default: the config's train.steps_per_epoch)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training triples per step and worker (default: the config's train.batch_size)",
+    )
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the config's train.lr)")
     p.add_argument("--half", action="store_true", help="store the final model.safetensors in float16 (half size)")
     p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed (FailureConfig)")
     add_config_arg(p)

@@ -7,13 +7,13 @@ import json
 import os
 import sys
 
-from jobs.common import add_config_arg, add_data_args, data_source, run
+from jobs.common import add_config_arg, add_data_args, data_source, job_parser, run
 
 DEFAULT_SPACE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tune-space.yaml")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="roiqa tune", description=__doc__)
+    p = job_parser("tune", __doc__)
     add_data_args(p)
     p.add_argument("--out", required=True, help="output URI: trials.parquet, best.yaml, best/, plots, ray/<name>/")
     p.add_argument("--samples", type=int, default=4, help="trials (the population of PBT / PB2)")
@@ -21,15 +21,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="random", help="random | optuna (optuna goes with asha)")
     p.add_argument("--space", default=DEFAULT_SPACE, help="search space YAML (default: jobs/configs/tune-space.yaml)")
     p.add_argument("--interval", type=int, default=1, help="PBT / PB2 perturbation interval in epochs")
-    p.add_argument("--epochs", type=int, default=None, help="overrides train.epochs (reports per trial)")
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="overrides train.steps_per_epoch")
-    p.add_argument("--batch-size", type=int, default=None, help="overrides train.batch_size")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per trial, one report each (default: the config's train.epochs)",
+    )
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="optimiser steps per epoch (default: the config's train.steps_per_epoch)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="training triples per step (default: the config's train.batch_size)",
+    )
     p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial (its torch threads)")
     p.add_argument("--val-triples", type=int, default=8, help="validation triples per report")
     p.add_argument("--name", default="tune", help="experiment name: Tune's state goes to <out>/ray/<name>/")
     p.add_argument("--resume", action="store_true", help="restore the interrupted sweep of --out / --name")
     p.add_argument("--no-default", action="store_true", help="do not start one trial from the config's own values")
-    p.add_argument("--init", default=None, help="start every trial from this matcher checkpoint ('default': shipped)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start every trial from this matcher checkpoint ('default': the shipped one; default: a new matcher "
+        "built from the config's model section)",
+    )
     p.add_argument("--max-failures", type=int, default=1, help="restarts per trial from its last checkpoint")
     add_config_arg(p)
     return p

@@ -1,4 +1,4 @@
-"""`python -m jobs.verifier`: train one ROI-mask verifier variant (seed 004) and write its checkpoint and JSON log."""
+"""`roiqa verifier`: train one variant of the ROI-mask verifier (the query's verify stage); write checkpoint and log."""
 
 from __future__ import annotations
 
@@ -6,28 +6,35 @@ import argparse
 import json
 import sys
 
-from jobs.common import run
+from jobs.common import job_parser, run
 
 
 def parser() -> argparse.ArgumentParser:
     from roiqa.models.roimask import MERGE_OPS, MERGES
 
-    p = argparse.ArgumentParser(prog="python -m jobs.verifier", description=__doc__)
+    p = job_parser("verifier", __doc__)
     p.add_argument(
         "--out",
         required=True,
         help="checkpoint URI (.safetensors); the log goes to <out minus .safetensors>.train_log.json",
     )
-    p.add_argument("--merge", default="first", choices=sorted(MERGES), help="where the mask enters (default first)")
+    p.add_argument("--merge", default="first", choices=sorted(MERGES), help="where the mask enters the classifier")
     p.add_argument("--op", default="add", choices=MERGE_OPS, help="merge of the attention map (side variants)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default 800)")
-    p.add_argument("--pool", type=int, default=None, help="views drawn once, then resampled (default 12288; 0: fresh)")
-    p.add_argument("--batch-size", type=int, default=None, help="views per step (default 32)")
-    p.add_argument("--instances", type=int, default=None, help="training instances = classes (default 100)")
-    p.add_argument("--holdout-instances", type=int, default=None, help="held-out crops for calibration (default 48)")
-    p.add_argument("--eval-views", type=int, default=None, help="held-out views for accuracy (default 512)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 800)")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=None,
+        help="views drawn once, then resampled; 0: fresh views every step (default: 12288)",
+    )
+    p.add_argument("--batch-size", type=int, default=None, help="views per step (default: 32)")
+    p.add_argument("--instances", type=int, default=None, help="training instances = classes (default: 100)")
+    p.add_argument("--holdout-instances", type=int, default=None, help="held-out crops for calibration (default: 48)")
+    p.add_argument("--eval-views", type=int, default=None, help="held-out views for accuracy (default: 512)")
     p.add_argument("--input-size", type=int, default=96, help="side of the net's square input (pixels)")
-    p.add_argument("--seed", type=int, default=None, help="seed of instances, views and initialisation (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="random seed of instances, views and initialisation (default: 0)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p

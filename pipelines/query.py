@@ -135,16 +135,16 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     """Search the published version of `index` for every query; write results, errors and overlays to a new run
     folder under `out` and publish it (roiqa.query_output)."""
     t0 = time.perf_counter()
-    init_ray()
-    out = uri_mod.normalize(out)
-    run = query_output.new_run(out)
-    version = store.open_index(index)
+    version = store.open_index(index)  # a missing index or queries table fails here, before Ray starts
     cfg = index_config(version, cfg)
     model_uri = version.manifest["model"]["uri"]
     qc = cfg.query
     qtable = load_queries(queries, qc.allowed_prefixes)
     if qtable.num_rows == 0:
         raise ValueError(f"{queries}: no queries")
+    out = uri_mod.normalize(out)
+    run = query_output.new_run(out)
+    init_ray()
     res = actor_resources(qc.actor_cpus)
 
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)

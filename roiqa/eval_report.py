@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from roiqa import schema as S
 from roiqa import uri as uri_mod
-from roiqa.metrics import LOC_AP50, MAP, MEAN_IOU, N_POSITIVES, TOP10_IOU50, recall_key
+from roiqa.metrics import LOC_AP50, MAP, MEAN_IOU, N_POSITIVES, TOP10_IOU50, positives_found_key, recall_key
 
 # Keys of a `heatmap_gallery_png` row besides the result columns query_id, rank, score, uri, heatmap_uri.
 IOU = "iou"  # float or None: IoU of the predicted box with the best-matching true box
@@ -25,11 +25,15 @@ INDEX_BYTES_PER_IMAGE = "index_bytes_per_image"  # float
 PRED_COLOUR, TRUE_COLOUR = (230, 20, 20), (20, 200, 20)  # red prediction, green truth
 # Line colours of successive curves (tab10-like), cycled when there are more methods.
 _PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+# R@K: share of queries with a positive in the top K; found@K: share of a query's positives in its top K.
 _METRIC_COLUMNS = [
     (MAP, "mAP"),
     (recall_key(1), "R@1"),
     (recall_key(5), "R@5"),
     (recall_key(10), "R@10"),
+    (positives_found_key(1), "found@1"),
+    (positives_found_key(5), "found@5"),
+    (positives_found_key(10), "found@10"),
     (LOC_AP50, "loc AP@0.5"),
     (TOP10_IOU50, "top-10 IoU>=0.5"),
     (MEAN_IOU, "mean IoU"),
@@ -178,9 +182,10 @@ def markdown_table(metrics: Mapping[str, Mapping]) -> str:
     """One Markdown row per method x bucket of `metrics` = {method: {bucket: {metric: value}, ...}}.
 
     Buckets are the method's entries holding "mAP", in their order. Columns: method, bucket, positives, mAP,
-    R@1, R@5, R@10, loc AP@0.5, top-10 IoU>=0.5, mean IoU, then one column per latency key (seconds) found under any
-    method's "latency" and "index bytes/image" when some method has it; those per-method figures fill the
-    method's "all" row (its first bucket when it has no "all") and are "-" elsewhere. nan and missing are "-".
+    R@1, R@5, R@10 (Recall@K), found@1, found@5, found@10 (positives found@K), loc AP@0.5, top-10 IoU>=0.5,
+    mean IoU, then one column per latency key (seconds) found under any method's "latency" and "index bytes/image"
+    when some method has it; those per-method figures fill the method's "all" row (its first bucket when it has no
+    "all") and are "-" elsewhere. nan and missing are "-".
     """
     latency_keys: list[str] = []
     has_bytes = False

@@ -1,4 +1,5 @@
-"""Evaluation metrics: retrieval mAP and Recall@K by (query, image); localization AP and hit rate at IoU >= t."""
+"""Evaluation metrics: retrieval mAP, Recall@K and positives found@K by (query, image); localization AP and hit rate
+at IoU >= t."""
 
 from __future__ import annotations
 
@@ -35,8 +36,13 @@ GROUND_TRUTH_COLUMNS = [QUERY_ID, URI, *BOX]
 
 
 def recall_key(k: int) -> str:
-    """Name of the Recall@k metric in the dicts returned here, e.g. "recall@5"."""
+    """Name of Recall@k (the share of queries with a positive in their top k) in the dicts returned here: "recall@5"."""
     return f"recall@{k}"
+
+
+def positives_found_key(k: int) -> str:
+    """Name of the share of a query's positives found in its top k, averaged over queries: "positives_found@5"."""
+    return f"positives_found@{k}"
 
 
 # --- pure functions on arrays ------------------------------------------------------------------------------
@@ -61,15 +67,30 @@ def average_precision(relevant: np.ndarray, n_relevant: int) -> float:
 
 
 def recall_at_k(relevant: np.ndarray, n_relevant: int, k: int) -> float:
-    """Fraction of the `n_relevant` relevant items found in the top `k` of `relevant` (rank order); nan if 0."""
+    """Recall@k of one query: 1.0 when the top `k` of `relevant` (rank order) hold a relevant item, else 0.0; nan when
+    the query has no relevant item (`n_relevant` == 0). Averaged over queries it is the hit rate, the standard
+    Recall@K of instance retrieval."""
+    found = _found_in_top(relevant, n_relevant, k)
+    return math.nan if n_relevant <= 0 else float(found > 0)
+
+
+def positives_found_at_k(relevant: np.ndarray, n_relevant: int, k: int) -> float:
+    """Fraction of the `n_relevant` relevant items found in the top `k` of `relevant` (rank order); nan if 0.
+
+    At most k / n_relevant: a query with 4 positives scores 0.25 at k = 1 even when its first result is right.
+    """
+    found = _found_in_top(relevant, n_relevant, k)
+    return math.nan if n_relevant <= 0 else found / n_relevant
+
+
+def _found_in_top(relevant: np.ndarray, n_relevant: int, k: int) -> int:
+    """Relevant items among the first `k` of `relevant`, checked against `n_relevant`."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if n_relevant <= 0:
-        return math.nan
     found = int(np.asarray(relevant, dtype=bool).ravel()[:k].sum())
-    if found > n_relevant:
+    if n_relevant > 0 and found > n_relevant:
         raise ValueError(f"{found} relevant items in the top {k} but n_relevant={n_relevant}")
-    return found / n_relevant
+    return found
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -213,11 +234,14 @@ def _match_results(
 def retrieval_metrics(
     results: pd.DataFrame, ground_truth: pd.DataFrame, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """mAP and Recall@k over the queries with >= 1 relevant image; relevance is by (query_id, uri).
+    """mAP, Recall@k and positives found@k over the queries with >= 1 relevant image; relevance is by (query_id, uri).
 
-    Results are put in rank order per query (ranks only order rows) and a repeated (query_id, uri) keeps only its
-    best-ranked row. A query with ground truth but no results has AP 0 and recall 0; queries without ground truth
-    are ignored. Returns {"mAP", "recall@k" for each k, "n_queries"}; metrics are nan when no query has ground truth.
+    Recall@k ("recall@k") is the share of queries with a relevant image in their top k (`recall_at_k`); positives
+    found@k ("positives_found@k") the share of a query's relevant images in its top k, averaged over queries
+    (`positives_found_at_k`). Results are put in rank order per query (ranks only order rows) and a repeated
+    (query_id, uri) keeps only its best-ranked row. A query with ground truth but no results has AP 0 and both
+    figures 0; queries without ground truth are ignored. Returns {"mAP", "recall@k" and "positives_found@k" for each
+    k, "n_queries"}; metrics are nan when no query has ground truth.
     """
     _require(results, RESULTS, [QUERY_ID, RANK, URI])
     _require(ground_truth, GROUND_TRUTH, [QUERY_ID, URI])
@@ -236,14 +260,17 @@ def retrieval_metrics(
         is_relevant, positions = np.zeros(len(ranked), dtype=bool), {}
     aps: list[float] = []
     recalls: dict[int, list[float]] = {k: [] for k in ks}
+    found: dict[int, list[float]] = {k: [] for k in ks}
     for query, n in n_relevant.items():
         pos = positions.get(query)
         relevant = is_relevant[pos] if pos is not None else np.zeros(0, dtype=bool)
         aps.append(average_precision(relevant, int(n)))
         for k in ks:
             recalls[k].append(recall_at_k(relevant, int(n), k))
+            found[k].append(positives_found_at_k(relevant, int(n), k))
     out: dict[str, float] = {MAP: _mean(aps)}
     out.update({recall_key(k): _mean(recalls[k]) for k in ks})
+    out.update({positives_found_key(k): _mean(found[k]) for k in ks})
     out[N_QUERIES] = len(n_relevant)
     return out
 

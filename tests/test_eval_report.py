@@ -94,8 +94,9 @@ def test_heatmap_gallery_png(tmp_path):
 def test_markdown_table_rows_and_numbers():
     metrics = {
         "roiqa": {
-            "all": {"mAP": 0.5, "recall@1": 0.25, "recall@5": 1.0, "recall@10": 1.0, "loc_ap50": 0.125,
-                    "top10_iou50": 0.75, "mean_iou": 0.6, "n_positives": 8},
+            "all": {"mAP": 0.5, "recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "positives_found@1": 0.25,
+                    "positives_found@5": 0.875, "positives_found@10": 1.0, "loc_ap50": 0.125, "top10_iou50": 0.75,
+                    "mean_iou": 0.6, "n_positives": 8},
             "small": {"mAP": math.nan, "recall@1": math.nan, "recall@5": math.nan, "recall@10": math.nan,
                       "loc_ap50": math.nan, "top10_iou50": math.nan, "n_positives": 0},
             LATENCY: {"coarse_seconds_per_query_run_mean": 0.01234, "rerank_seconds_per_query_run_mean": 1.5},
@@ -113,14 +114,15 @@ def test_markdown_table_rows_and_numbers():
     assert len(lines) == 2 + 4  # header, rule, one row per method x bucket
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
     assert cells[0] == [
-        "method", "bucket", "positives", "mAP", "R@1", "R@5", "R@10", "loc AP@0.5", "top-10 IoU>=0.5", "mean IoU",
-        "coarse_seconds_per_query_run_mean (s)", "rerank_seconds_per_query_run_mean (s)",
+        "method", "bucket", "positives", "mAP", "R@1", "R@5", "R@10", "found@1", "found@5", "found@10", "loc AP@0.5",
+        "top-10 IoU>=0.5", "mean IoU", "coarse_seconds_per_query_run_mean (s)", "rerank_seconds_per_query_run_mean (s)",
         "seconds_per_query_median (s)", "index bytes/image",
     ]  # fmt: skip
     assert all(len(c) == len(cells[0]) for c in cells)
-    assert cells[2] == ["roiqa", "all", "8", "0.500", "0.250", "1.000", "1.000", "0.125", "0.750", "0.600",
-                        "0.0123", "1.5000", "-", "1536"]  # fmt: skip
-    assert cells[3] == ["roiqa", "small", "0", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"]
-    assert cells[4] == ["sift", "all", "8", "0.333", "0.000", "0.500", "0.500", "0.200", "0.500", "-",
+    assert cells[2] == ["roiqa", "all", "8", "0.500", "0.500", "1.000", "1.000", "0.250", "0.875", "1.000", "0.125",
+                        "0.750", "0.600", "0.0123", "1.5000", "-", "1536"]  # fmt: skip
+    assert cells[3] == ["roiqa", "small", "0"] + ["-"] * 14
+    # no positives_found figures: "-"
+    assert cells[4] == ["sift", "all", "8", "0.333", "0.000", "0.500", "0.500", "-", "-", "-", "0.200", "0.500", "-",
                         "-", "-", "0.2000", "-"]  # fmt: skip
-    assert cells[5][:4] == ["sift", "small", "0", "1.000"] and cells[5][9:] == ["-"] * 5
+    assert cells[5][:4] == ["sift", "small", "0", "1.000"] and cells[5][12:] == ["-"] * 5

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import cli, demo
+from jobs import demo
 from jobs import eval as eval_job
 from jobs import index as index_job
 from jobs import query as query_job
@@ -36,8 +36,12 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
         )
         == 0
     )
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
     assert printed["indexed"] == collection.n_gallery and printed["errors"] == 0
+    n = collection.n_gallery
+    where = f"into {printed['index']} version {printed['version']} in "
+    assert f"roiqa index: indexed {n} of {n} images (0 errors) {where}" in captured.err
     argv = [
         "--index",
         index,
@@ -55,7 +59,11 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     ]
     assert query_job.main(argv) == 0
     run = open_results(out)
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["run"] == run.folder
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert printed["run"] == run.folder
+    q, rows = collection.n_queries, printed["results"]
+    assert f"roiqa query: {q} queries, {rows} results, {printed['errors']} errors -> {run.folder} in " in captured.err
     res = run.results().to_pandas()
     assert res.groupby(S.QUERY_ID).size().max() == 5
     assert res[S.HEATMAP_URI].isna().all()  # --no-overlays
@@ -148,12 +156,6 @@ def test_bad_arguments_give_clear_errors(tmp_path, config_file, capsys):
     bad_cfg.write_text("query:\n  top_kk: 3\n")
     assert index_job.main(["--images", str(tmp_path), "--index", str(tmp_path / "i"), "--config", str(bad_cfg)]) == 2
     assert "top_kk" in capsys.readouterr().err
-
-
-def test_cli_dispatch(capsys):
-    assert cli.main([]) == 0
-    assert "index" in capsys.readouterr().out
-    assert cli.main(["nope"]) == 2
 
 
 def test_demo_main(tmp_path, config_file, capsys):

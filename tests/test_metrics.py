@@ -21,6 +21,8 @@ from roiqa.metrics import (
     localization_ap,
     match_detections,
     mean_iou,
+    positives_found_at_k,
+    positives_found_key,
     precision_recall_curve,
     recall_at_k,
     recall_key,
@@ -63,15 +65,30 @@ def test_average_precision_rejects_more_hits_than_relevant():
         average_precision(np.ones(3, bool), 2)
 
 
-def test_recall_at_k():
+def test_recall_at_k_is_a_hit():
     rel = np.array([0, 1, 0, 1, 1], bool)
     assert recall_at_k(rel, 4, 1) == 0.0
-    assert recall_at_k(rel, 4, 2) == 0.25  # one of four in the top 2
-    assert recall_at_k(rel, 4, 5) == 0.75  # the fourth relevant item was never retrieved
+    assert recall_at_k(rel, 4, 2) == 1.0  # one relevant item in the top 2 is a hit, whatever the other three do
+    assert recall_at_k(rel, 4, 5) == 1.0
     assert recall_at_k(rel, 3, 10) == 1.0  # k beyond the list
+    assert recall_at_k(np.zeros(5, bool), 2, 5) == 0.0  # nothing relevant retrieved
     assert math.isnan(recall_at_k(rel[:0], 0, 5))
     with pytest.raises(ValueError):
         recall_at_k(rel, 3, 0)
+    with pytest.raises(ValueError):
+        recall_at_k(rel, 1, 5)  # 3 relevant items found but only 1 exists
+
+
+def test_positives_found_at_k():
+    rel = np.array([0, 1, 0, 1, 1], bool)
+    assert positives_found_at_k(rel, 4, 1) == 0.0
+    assert positives_found_at_k(rel, 4, 2) == 0.25  # one of four in the top 2
+    assert positives_found_at_k(rel, 4, 5) == 0.75  # the fourth relevant item was never retrieved
+    assert positives_found_at_k(rel, 3, 10) == 1.0  # k beyond the list
+    assert positives_found_at_k(np.array([1, 0], bool), 4, 1) == 0.25  # a right first result: at most 1/4 at k = 1
+    assert math.isnan(positives_found_at_k(rel[:0], 0, 5))
+    with pytest.raises(ValueError):
+        positives_found_at_k(rel, 3, 0)
 
 
 # --- retrieval: DataFrame level ---------------------------------------------------------------------------
@@ -111,21 +128,63 @@ def test_retrieval_metrics_two_queries():
     m = retrieval_metrics(results, gt, ks=(1, 5))
     # AP(q1) = (1/1 + 2/3) / 3 = 5/9; AP(q2) = (1/2) / 1 = 1/2; mAP = (5/9 + 1/2) / 2 = 19/36
     assert m[MAP] == pytest.approx(19 / 36)
-    # recall@1: q1 1/3, q2 0 -> 1/6; recall@5: q1 2/3, q2 1 -> 5/6
-    assert m[recall_key(1)] == pytest.approx(1 / 6)
-    assert m[recall_key(5)] == pytest.approx(5 / 6)
+    # recall@1: q1 hit (a), q2 miss -> 1/2; recall@5: both hit -> 1
+    assert m[recall_key(1)] == pytest.approx(1 / 2)
+    assert m[recall_key(5)] == pytest.approx(1.0)
+    # positives found@1: q1 1/3, q2 0 -> 1/6; @5: q1 2/3, q2 1 -> 5/6
+    assert m[positives_found_key(1)] == pytest.approx(1 / 6)
+    assert m[positives_found_key(5)] == pytest.approx(5 / 6)
     assert m[N_QUERIES] == 2
-    assert set(m) == {MAP, recall_key(1), recall_key(5), N_QUERIES}
+    assert set(m) == {MAP, recall_key(1), recall_key(5), positives_found_key(1), positives_found_key(5), N_QUERIES}
+
+
+def test_recall_is_the_share_of_queries_with_a_hit():
+    """Four queries, hand-counted: Recall@K counts queries, positives found@K counts positives."""
+    box = [0.0, 0.0, 1.0, 1.0]
+    results = results_df(
+        [
+            # q1 (4 positives a-d) retrieves a, x, b: right at rank 1
+            ("q1", 1, "a", 0.9, box),
+            ("q1", 2, "x", 0.8, box),
+            ("q1", 3, "b", 0.7, box),
+            # q2 (2 positives e, f) retrieves x, e, y: first positive at rank 2
+            ("q2", 1, "x", 0.9, box),
+            ("q2", 2, "e", 0.8, box),
+            ("q2", 3, "y", 0.7, box),
+            # q3 (1 positive g) retrieves x, y, z: never found
+            ("q3", 1, "x", 0.9, box),
+            ("q3", 2, "y", 0.8, box),
+            ("q3", 3, "z", 0.7, box),
+            # q4 (4 positives h-k) retrieves h, i, j: right at ranks 1-3
+            ("q4", 1, "h", 0.9, box),
+            ("q4", 2, "i", 0.8, box),
+            ("q4", 3, "j", 0.7, box),
+        ]
+    )
+    positives = {"q1": "abcd", "q2": "ef", "q3": "g", "q4": "hijk"}
+    gt = gt_df([(q, u, box) for q, uris in positives.items() for u in uris])
+    m = retrieval_metrics(results, gt, ks=(1, 2, 3))
+    # queries with a positive in the top 1: q1, q4 -> 2/4; top 2 and top 3: q1, q2, q4 -> 3/4
+    assert m[recall_key(1)] == pytest.approx(2 / 4)
+    assert m[recall_key(2)] == pytest.approx(3 / 4)
+    assert m[recall_key(3)] == pytest.approx(3 / 4)
+    # positives found: @1 (1/4 + 0 + 0 + 1/4) / 4 = 1/8 although half the queries are right at rank 1;
+    # @2 (1/4 + 1/2 + 0 + 2/4) / 4 = 5/16; @3 (2/4 + 1/2 + 0 + 3/4) / 4 = 7/16
+    assert m[positives_found_key(1)] == pytest.approx(1 / 8)
+    assert m[positives_found_key(2)] == pytest.approx(5 / 16)
+    assert m[positives_found_key(3)] == pytest.approx(7 / 16)
 
 
 def test_retrieval_metrics_query_without_results_counts_as_zero():
     results, gt = _retrieval_example()
     gt = pd.concat([gt, gt_df([("q3", "y", [0.0, 0.0, 1.0, 1.0])])], ignore_index=True)
     m = retrieval_metrics(results, gt, ks=(1, 5))
-    # q3 has AP 0 and recall 0: mAP = (5/9 + 1/2 + 0) / 3 = 19/54
+    # q3 has AP 0, no hit and no positive found: mAP = (5/9 + 1/2 + 0) / 3 = 19/54
     assert m[MAP] == pytest.approx(19 / 54)
-    assert m[recall_key(1)] == pytest.approx((1 / 3) / 3)
-    assert m[recall_key(5)] == pytest.approx((2 / 3 + 1) / 3)
+    assert m[recall_key(1)] == pytest.approx(1 / 3)
+    assert m[recall_key(5)] == pytest.approx(2 / 3)
+    assert m[positives_found_key(1)] == pytest.approx((1 / 3) / 3)
+    assert m[positives_found_key(5)] == pytest.approx((2 / 3 + 1) / 3)
     assert m[N_QUERIES] == 3
 
 
@@ -136,14 +195,16 @@ def test_retrieval_metrics_repeated_image_counts_once():
     gt = gt_df([("q", "a", box), ("q", "b", box)])
     assert retrieval_metrics(results, gt, ks=(2,))[MAP] == 1.0
     assert retrieval_metrics(results, gt, ks=(2,))[recall_key(2)] == 1.0
+    assert retrieval_metrics(results, gt, ks=(2,))[positives_found_key(2)] == 1.0
 
 
 def test_retrieval_metrics_empty_inputs():
     results, gt = _retrieval_example()
     m = retrieval_metrics(results, gt.iloc[:0])
-    assert math.isnan(m[MAP]) and math.isnan(m[recall_key(10)]) and m[N_QUERIES] == 0
+    assert math.isnan(m[MAP]) and math.isnan(m[recall_key(10)]) and math.isnan(m[positives_found_key(10)])
+    assert m[N_QUERIES] == 0
     m = retrieval_metrics(results.iloc[:0], gt)
-    assert m[MAP] == 0.0 and m[recall_key(1)] == 0.0 and m[N_QUERIES] == 2
+    assert m[MAP] == 0.0 and m[recall_key(1)] == 0.0 and m[positives_found_key(1)] == 0.0 and m[N_QUERIES] == 2
 
 
 # --- localization -----------------------------------------------------------------------------------------
@@ -352,7 +413,8 @@ def test_evaluate_combines_metrics():
     assert m[LOC_AP50] == pytest.approx(localization_ap(results, gt, 0.5))
     assert m[MAP] == pytest.approx(retrieval_metrics(results, gt, ks=(1, 5))[MAP])
     assert m[MEAN_IOU] == pytest.approx(mean_iou(results, gt))
-    assert set(m) == {MAP, recall_key(1), recall_key(5), N_QUERIES, LOC_AP50, TOP10_IOU50, MEAN_IOU}
+    retrieval = {MAP, recall_key(1), recall_key(5), positives_found_key(1), positives_found_key(5), N_QUERIES}
+    assert set(m) == {*retrieval, LOC_AP50, TOP10_IOU50, MEAN_IOU}
 
 
 def test_mean_iou_worked_example():
@@ -464,6 +526,7 @@ def test_evaluate_buckets_hand_example():
     got = evaluate_buckets(results, gt)
     assert set(got) == {"all", *STRESS_BUCKETS}
     r1, r5 = recall_key(1), recall_key(5)
+    f1, f5 = positives_found_key(1), positives_found_key(5)
     # Per bucket, by hand (rows of the other buckets' positives removed from each query's list):
     want = {
         # q1: x, a -> AP 1/2; q2: y, d -> AP 1/2. Localization: x FP .9, a TP .8, y FP .5, d TP .4 over 2 positives
@@ -477,12 +540,14 @@ def test_evaluate_buckets_hand_example():
         "occluded": {MAP: 0.5, r1: 0.0, r5: 1.0, LOC_AP50: 0.5, TOP10_IOU50: 1.0, N_QUERIES: 2, N_POSITIVES: 2},
         # q1: x, b, c -> relevant [0, 1, 1] -> AP (1/2 + 2/3) / 2 = 7/12. Loc: x FP, b TP (1/2), c FP, y FP -> .25
         "rotated": {MAP: 7 / 12, r1: 0.0, r5: 1.0, LOC_AP50: 0.25, TOP10_IOU50: 0.5, N_QUERIES: 1, N_POSITIVES: 2},
-        # q2: e, y, d -> [1, 0, 1] -> AP (1 + 2/3) / 2 = 5/6. Loc: e TP (1), x FP, y FP, d TP (2/4) -> .5 + .25
-        "cluttered": {MAP: 5 / 6, r1: 0.5, r5: 1.0, LOC_AP50: 0.75, TOP10_IOU50: 1.0, N_QUERIES: 1, N_POSITIVES: 2},
+        # q2: e, y, d -> [1, 0, 1] -> AP (1 + 2/3) / 2 = 5/6; right at rank 1 (recall@1 1), one of its two positives
+        # in the top 1 (positives found@1 1/2). Loc: e TP (1), x FP, y FP, d TP (2/4) -> .5 + .25
+        "cluttered": {MAP: 5 / 6, r1: 1.0, f1: 0.5, r5: 1.0, f5: 1.0, LOC_AP50: 0.75, TOP10_IOU50: 1.0, N_QUERIES: 1},
     }
     for bucket, metrics in want.items():
         for key, value in metrics.items():
             assert got[bucket][key] == pytest.approx(value), (bucket, key)
+    assert got["cluttered"][N_POSITIVES] == 2
     assert got["all"] == {**evaluate(results, gt), N_POSITIVES: 5}
     # Without removing the other positives' rows the small bucket would score lower: q2 would read e, y, d.
     plain = evaluate(results, gt[[True, False, False, True, False]])

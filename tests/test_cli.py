@@ -1,0 +1,82 @@
+"""The `roiqa` command line: version, usage, every verb's --help, and errors caught before Ray starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from jobs import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def roiqa(*args: str) -> subprocess.CompletedProcess:
+    """`roiqa ARGS` as a separate process (this checkout first on the path)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "jobs.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
+
+
+def test_version_is_the_installed_package_version():
+    p = roiqa("--version")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"roiqa {metadata.version('roiqa')}"
+
+
+def test_bare_command_prints_usage_on_stderr_and_exits_2():
+    p = roiqa()
+    assert p.returncode == 2
+    assert p.stderr.startswith("usage: roiqa") and p.stdout == ""
+    assert all(verb in p.stderr for verb in cli.VERBS)
+
+
+def test_dispatch(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "index" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    assert "unknown verb 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", list(cli.VERBS))
+def test_every_verb_help_names_itself_and_reads_plainly(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([verb, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: roiqa {verb} ")
+    assert "seed 0" not in text  # no references to the design's source documents
+    assert "default: None" not in text  # an option without a fixed default says where its value comes from
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    assert "(default: 48)" in capsys.readouterr().out  # --n-gallery
+    with pytest.raises(SystemExit):
+        cli.main(["query", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: the config's query.top_k)" in text
+    assert "(default: the config's geometry.enabled)" in text
+
+
+def test_query_on_a_missing_index_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import ray
+
+    import pipelines.query
+    from jobs import query as query_job
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a query whose index does not exist")
+
+    monkeypatch.setattr(pipelines.query, "init_ray", no_ray)
+    missing = str(tmp_path / "no-index")
+    argv = ["--index", missing, "--queries", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert query_job.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("roiqa query: error: ") and missing in err[0]
+    assert not ray.is_initialized()
+    assert not os.path.exists(tmp_path / "out")  # nothing written either
