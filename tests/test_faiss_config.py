@@ -393,7 +393,7 @@ def test_read_bytes_tar_member(tmp_path) -> None:
     assert uri.read_bytes(f"{shard}#x/a.jpg") == a
     assert uri.read_bytes(f"{shard}#b.png") == b
     assert uri.read_bytes(f"{shard}#x/a.json") == b"{}"
-    with pytest.raises(KeyError):
+    with pytest.raises(FileNotFoundError):  # neither a member of the shard nor a file of that name
         uri.read_bytes(f"{shard}#nope.jpg")
 
 

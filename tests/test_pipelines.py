@@ -294,6 +294,8 @@ def test_a_query_run_is_published_whole_and_never_mixed_with_the_previous_one(
     out = str(tmp_path / "out")
     queries = pq.read_table(collection.queries_uri)
     pq.write_table(queries.slice(2, 2), tmp_path / "first.parquet")
+    allowed = (os.path.dirname(collection.queries_uri),)  # the query images stay beside the collection
+    tiny_cfg = dataclasses.replace(tiny_cfg, query=dataclasses.replace(tiny_cfg.query, allowed_prefixes=allowed))
     first = run_query(index, str(tmp_path / "first.parquet"), out, tiny_cfg)
     earlier = open_results(out)  # a reader that resolved the first run before the second one started
     earlier_results = earlier.results()

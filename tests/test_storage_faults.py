@@ -240,6 +240,7 @@ def _query(capsys, tmp_path, queries: str, overlay_size: int) -> tuple[int, str,
         "geometry": {"shortlist": 0},
     }
     cfg["query"]["overlay_size"] = overlay_size  # the overlays of two runs differ
+    cfg["query"]["allowed_prefixes"] = [os.path.dirname(queries)]  # the query images stay beside the collection
     path = tmp_path / f"query-{overlay_size}.yaml"
     path.write_text(json.dumps(cfg))
     pq.write_table(pq.read_table(queries).slice(0, 2), tmp_path / "queries.parquet")
