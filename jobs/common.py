@@ -48,6 +48,22 @@ def add_model_arg(p: argparse.ArgumentParser, prefix: str = "") -> None:
     )
 
 
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    """--quiet: no progress lines on stderr (they are printed when stderr is a terminal, or with ROIQA_PROGRESS=1)."""
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print no progress lines on stderr (shown on a terminal, or with ROIQA_PROGRESS=1, one line per stage)",
+    )
+
+
+def progress_for(verb: str, args: argparse.Namespace):
+    """The `roiqa.progress.Progress` of a job: on as `--quiet`, ROIQA_PROGRESS and stderr being a terminal say."""
+    from roiqa.progress import Progress, wanted
+
+    return Progress(f"roiqa {verb}", wanted(getattr(args, "quiet", False)))
+
+
 def config_from(args: argparse.Namespace, **sections: dict | None) -> RoiqaConfig:
     """The YAML config with command-line overrides per section (only the options that were given)."""
     over = {name: {k: v for k, v in (values or {}).items() if v is not None} for name, values in sections.items()}
@@ -66,6 +82,7 @@ def add_index_args(p: argparse.ArgumentParser, index_help: str) -> None:
     )
     add_stage_flags(p, "complexity", "masks")
     add_config_arg(p)
+    add_quiet_arg(p)
 
 
 def add_stage_flags(p: argparse.ArgumentParser, *stages: str) -> None:

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, config_from, job_parser, run
+from jobs.common import add_config_arg, add_model_arg, add_quiet_arg, config_from, job_parser, progress_for, run
 
 
 def parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_model_arg(p)
     add_config_arg(p)
+    add_quiet_arg(p)
     return p
 
 
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t0:.1f} s)"
         )
         index_uri, query_out = os.path.join(out, "index"), os.path.join(out, "query")
-        ir = run_index(col.gallery_dir, index_uri, cfg, resolve_model(args.model))
-        qr = run_query(index_uri, col.queries_uri, query_out, cfg)
+        progress = progress_for("demo", args)
+        ir = run_index(col.gallery_dir, index_uri, cfg, resolve_model(args.model), progress)
+        qr = run_query(index_uri, col.queries_uri, query_out, cfg, progress)
         results, gt = read_results(query_out), store.read_table(col.ground_truth_uri).to_pandas()
         m = evaluate(results, gt)
         model = store.open_index(index_uri).manifest["model"]

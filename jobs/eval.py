@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jobs.common import add_config_arg, add_model_arg, add_stage_flags, config_from, job_parser, run, stage_overrides
+from jobs.common import (
+    add_config_arg,
+    add_model_arg,
+    add_quiet_arg,
+    add_stage_flags,
+    config_from,
+    job_parser,
+    progress_for,
+    run,
+    stage_overrides,
+)
 
 STAGES = ("complexity", "masks", "refine", "verify", "geometry")
 
@@ -61,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add_stage_flags(p, *STAGES)
     add_config_arg(p)
+    add_quiet_arg(p)
     return p
 
 
@@ -175,8 +186,9 @@ def run_full(args: argparse.Namespace) -> int:
         args, query={"top_k": n_gallery, "rerank": min(rerank, n_gallery)}, **stage_overrides(args, *STAGES)
     )
     index = os.path.join(out, "index")
-    ir = run_index(col.gallery_dir, index, cfg, resolve_model(args.model))
-    qr = run_query(index, col.queries_uri, os.path.join(out, ROIQA), cfg)
+    progress = progress_for("eval", args)
+    ir = run_index(col.gallery_dir, index, cfg, resolve_model(args.model), progress)
+    qr = run_query(index, col.queries_uri, os.path.join(out, ROIQA), cfg, progress)
     version = store.open_index(index)
     weights = version.manifest["model"]["weights"]
     results = {ROIQA: read_results(os.path.join(out, ROIQA))}

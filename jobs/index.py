@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_index_args, config_from, job_parser, run, stage_overrides
+from jobs.common import add_index_args, config_from, job_parser, progress_for, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
             index={"actors": args.actors, "batch_size": args.batch_size},
             **stage_overrides(args, "complexity", "masks"),
         )
-        r = run_index(args.images, args.index, cfg, resolve_model(args.model))
+        r = run_index(args.images, args.index, cfg, resolve_model(args.model), progress_for("index", args))
         # a line for people on stderr; stdout's last line stays the JSON report scripts read
         print(
             f"roiqa index: indexed {r.indexed} of {r.inputs} images ({r.errors} errors) into {r.index} "

@@ -6,7 +6,16 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_config_arg, add_stage_flags, config_from, job_parser, run, stage_overrides
+from jobs.common import (
+    add_config_arg,
+    add_quiet_arg,
+    add_stage_flags,
+    config_from,
+    job_parser,
+    progress_for,
+    run,
+    stage_overrides,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
     add_stage_flags(p, "refine", "verify", "geometry")
     add_config_arg(p)
+    add_quiet_arg(p)
     return p
 
 
@@ -48,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             query={"top_k": args.top_k, "rerank": args.rerank, "overlays": False if args.no_overlays else None},
             **stage_overrides(args, "refine", "verify", "geometry"),
         )
-        r = run_query(args.index, args.queries, args.out, cfg)
+        r = run_query(args.index, args.queries, args.out, cfg, progress_for("query", args))
         # a line for people on stderr; stdout's last line stays the JSON report scripts read
         print(
             f"roiqa query: {r.queries} queries, {r.results} results, {r.errors} errors -> {r.run} in {r.seconds:.1f} s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.common import add_index_args, config_from, job_parser, run, stage_overrides
+from jobs.common import add_index_args, config_from, job_parser, progress_for, run, stage_overrides
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             index={"actors": args.actors, "batch_size": args.batch_size, "keep_versions": args.keep},
             **stage_overrides(args, "complexity", "masks"),
         )
-        r = run_reindex(args.images, args.index, cfg, resolve_model(args.model))
+        r = run_reindex(args.images, args.index, cfg, resolve_model(args.model), progress_for("reindex", args))
         out = {
             "index": r.index,
             "run_id": r.run_id,

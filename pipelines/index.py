@@ -26,6 +26,7 @@ from roiqa.config import RoiqaConfig, to_dict
 from roiqa.embed import Decoder, Embedder
 from roiqa.models.backbone import descriptor_dim
 from roiqa.models.checkpoint import describe, model_config
+from roiqa.progress import Progress
 from roiqa.redact import redact
 from roiqa.sources import account_inputs, errors_table, expand_tar, parse_error, read_files
 
@@ -204,13 +205,17 @@ def plan(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None) -> Pl
     )
 
 
-def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None) -> Embedded:
+def embed_uris(
+    p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None, progress: Progress | None = None
+) -> Embedded:
     """Read, decode and embed `uris` with Ray Data actors; write the good rows under the version's embeddings/."""
     t1 = time.perf_counter()
+    progress = progress or Progress()
     if not uris:
         return Embedded(S.ERRORS_SCHEMA.empty_table(), {}, 0.0, None)
-    init_ray()
+    init_ray(progress_bars=progress.enabled)
     ic = cfg.index
+    progress.say(f"embedding {len(uris):,} inputs ({ic.actors} actors, batches of {ic.batch_size})")
     masks = cfg.masks if cfg.masks.enabled else None
     pool = {"compute": ray.data.ActorPoolStrategy(size=ic.actors)}
     # With the complexity stage on, its actors and the embedding actors take half a GPU each: halves always pack
@@ -269,11 +274,20 @@ def embed_uris(p: Plan, uris: list[str], cfg: RoiqaConfig, model_uri: str | None
         keys = [S.ACTOR, S.BATCH, S.PROFILE]  # a batch split over blocks appears once per block: merge (max skips nan)
         df = parts.to_pandas().groupby(keys, as_index=False).max().sort_values(keys)
         hist = pa.Table.from_pandas(df, schema=S.MASKS_CONTROLLER_SCHEMA, preserve_index=False)
-    return Embedded(errors.cast(S.ERRORS_SCHEMA), stages, time.perf_counter() - t1, hist)
+    seconds, n = time.perf_counter() - t1, ds.count()  # rows: shards count as their members
+    progress.done(
+        f"embedded {n:,} images ({n - errors.num_rows:,} indexed, {errors.num_rows:,} errors)", seconds, n, "images"
+    )
+    return Embedded(errors.cast(S.ERRORS_SCHEMA), stages, seconds, hist)
 
 
 def write_version(
-    p: Plan, cfg: RoiqaConfig, done: Embedded, carried: Carried | None = None, lock: store.IndexLock | None = None
+    p: Plan,
+    cfg: RoiqaConfig,
+    done: Embedded,
+    carried: Carried | None = None,
+    lock: store.IndexLock | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Write errors, sources, faiss and manifest of the new version (its new embeddings are already written; the
     carried rows are added), then publish it by replacing CURRENT last. Returns the manifest."""
@@ -297,6 +311,7 @@ def write_version(
     )
     errors = pa.concat_tables([listing_errors, read_errors]).cast(S.ERRORS_SCHEMA)
     mode = cfg.index.coarse
+    tf = time.perf_counter()
     n_vectors = faiss_index.coarse_count(emb, p.dim, mode)
     factory = faiss_index.choose_factory(cfg.index.faiss_factory, n_vectors, p.dim)
     index = None
@@ -308,9 +323,13 @@ def write_version(
         )
         if index is not None and index.ntotal != n_vectors:
             index = None  # the parent's index did not hold exactly the carried rows: rebuild
+    how = "updated" if index is not None else "built"
     if index is None:
         index = faiss_index.build_index(*faiss_index.coarse_vectors(emb, p.dim, mode), factory)
     faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
+    (progress or Progress()).done(
+        f"{how} faiss index ({int(index.ntotal):,} vectors, {factory})", time.perf_counter() - tf
+    )
     errors_bytes = store.write_table(errors, store.version_uri(p.index, p.version, store.ERRORS))
     sig = p.listing.signatures
     sources = pa.table({S.URI: list(sig), S.SIGNATURE: list(sig.values())}, schema=S.SOURCES_SCHEMA)
@@ -339,7 +358,16 @@ def write_version(
         manifest["reindex"] = carried.info
     store.write_manifest(p.index, p.version, manifest)
     store.publish(p.index, p.version, lock)
+    (progress or Progress()).say(
+        f"published version {p.version} ({counts['indexed']:,} indexed, {counts['errors']:,} errors)"
+    )
     return manifest
+
+
+def listed(p: Plan, progress: Progress | None, seconds: float) -> None:
+    """The progress line of a finished listing: inputs found (shards count once) and listing errors."""
+    errs = f" and {len(p.listing.errors):,} unreadable" if p.listing.errors else ""
+    (progress or Progress()).done(f"listed {len(p.listing.uris):,} inputs{errs} under {redact(p.images)}", seconds)
 
 
 def run_row(kind: str, run_id: str, started: datetime.datetime, p: Plan | None, **values) -> dict:
@@ -366,13 +394,16 @@ def record_failure(index: str, row: dict) -> None:
         logging.getLogger(__name__).warning("could not record the failed run in %s: %s", index, redact(str(exc)))
 
 
-def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> IndexReport:
+def run_index(
+    images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None, progress: Progress | None = None
+) -> IndexReport:
     """Index every image under `images` into a new version of `index` and publish it.
 
     The new version is written under versions/<id>/ and CURRENT is replaced only after everything (embeddings,
     errors, sources, faiss index, manifest) is written, so readers keep the old version until the new one is whole.
     Every input ends up in exactly one of the embeddings and errors tables. The index's LOCK is held throughout;
-    afterwards only the newest `index.keep_versions` published versions are kept.
+    afterwards only the newest `index.keep_versions` published versions are kept. `progress`: where the stages
+    report (listed, embedded, faiss written, published); default none.
     """
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -382,8 +413,9 @@ def run_index(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None =
     with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa index") as lock:
         try:
             p = plan(images, index, cfg, model_uri)
-            done = embed_uris(p, p.listing.uris, cfg, model_uri)
-            manifest = write_version(p, cfg, done, lock=lock)
+            listed(p, progress, time.perf_counter() - t0)
+            done = embed_uris(p, p.listing.uris, cfg, model_uri, progress)
+            manifest = write_version(p, cfg, done, lock=lock, progress=progress)
             gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
         except BaseException as exc:
             record_failure(index, run_row("index", run_id, started, p, status="failed", message=f"{exc}"))

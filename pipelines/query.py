@@ -18,6 +18,7 @@ from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
+from roiqa.progress import Progress
 from roiqa.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
 from roiqa.sources import errors_table, parse_error
 
@@ -131,10 +132,11 @@ def rank_results(reranked: pd.DataFrame, coarse: pd.DataFrame) -> pd.DataFrame:
     return both.drop(columns=["_tier", "_key"])
 
 
-def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryReport:
+def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Progress | None = None) -> QueryReport:
     """Search the published version of `index` for every query; write results, errors and overlays to a new run
-    folder under `out` and publish it (roiqa.query_output)."""
+    folder under `out` and publish it (roiqa.query_output). `progress`: where the stages report; default none."""
     t0 = time.perf_counter()
+    progress = progress or Progress()
     version = store.open_index(index)  # a missing index or queries table fails here, before Ray starts
     cfg = index_config(version, cfg)
     model_uri = version.manifest["model"]["uri"]
@@ -144,8 +146,10 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         raise ValueError(f"{queries}: no queries")
     out = uri_mod.normalize(out)
     run = query_output.new_run(out)
-    init_ray()
+    init_ray(progress_bars=progress.enabled)
     res = actor_resources(qc.actor_cpus)
+    te = time.perf_counter()
+    progress.say(f"read {qtable.num_rows:,} queries; index version {version.version}")
 
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
     regions = version.manifest.get("coarse", "global") == "regions"  # versions before region indexes: global
@@ -161,6 +165,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
     qids = enc.column(S.QUERY_ID).to_pylist()
     qerr = [str(e) for e in enc.column(S.ERROR).to_pylist()]
     good = [i for i, e in enumerate(qerr) if not e]
+    tc = time.perf_counter()
+    progress.done(f"encoded {len(good):,} queries ({len(qerr) - len(good):,} errors)", tc - te, len(qerr), "queries")
     uris = store.image_uris(version)
     column = S.COARSE_QUERY if regions else S.EMBEDDING
     emb = np.stack(enc.column(column).to_numpy(zero_copy_only=False))
@@ -185,6 +191,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         columns=[S.QUERY_ID, S.IMAGE_ID, S.URI, S.COARSE_SCORE],
     )
     t1 = time.perf_counter()
+    searched = f"top {qc.top_k} of {len(uris):,} images for {len(good):,} queries"
+    progress.done(f"coarse search: {searched}, {len(coarse):,} candidates", t1 - tc)
 
     # geometric verification of the coarse shortlist past the rerank budget: verified images join the rerank
     gc = cfg.geometry
@@ -208,11 +216,18 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         ok_rows = checked[checked[S.INLIERS] >= gc.min_inliers]
         verified = set(zip(ok_rows[S.QUERY_ID], ok_rows[S.IMAGE_ID].astype(int)))
         geo_errors = checked[checked[S.ERROR].astype(str) != ""]
+        n = len(checked)
+        progress.done(
+            f"geometric check of {n:,} pairs ({len(verified):,} verified)", time.perf_counter() - t1, n, "pairs"
+        )
 
     # rerank: one row per candidate image, with every query that shortlisted it
     cand = shortlist(np.asarray(scores), np.asarray(ids), good_ids, qc.rerank, extra=verified) if good else None
     reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + [S.ERROR])
     if cand is not None and cand.num_rows:
+        tr = time.perf_counter()
+        pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
+        progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {qc.actors} actors)")
         cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
         rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * qc.actors)))
         rds = rds.map_batches(
@@ -232,6 +247,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         reranked = pa.concat_tables(ray.get(rds.to_arrow_refs())).to_pandas()
         for c in (S.REFINE_STEPS, S.INLIERS):  # -1: not refined / not verified
             reranked[c] = reranked[c].where(reranked[c] >= 0)
+        progress.done(f"reranked {pairs:,} pairs", time.perf_counter() - tr, pairs, "pairs")
     t2 = time.perf_counter()
 
     rerr = reranked[reranked[S.ERROR].astype(str) != ""] if len(reranked) else reranked
@@ -258,6 +274,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig) -> QueryRepo
         },
     }
     query_output.publish(run, table, errors, summary, qc.keep_runs)
+    progress.say(f"published run {run.folder} ({table.num_rows:,} results, {errors.num_rows:,} errors)")
     return QueryReport(
         out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1, run.folder
     )

@@ -19,13 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.index import Carried, Plan, embed_uris, plan, record_failure, run_row, write_version
+from pipelines.index import Carried, Plan, embed_uris, listed, plan, record_failure, run_row, write_version
 from pipelines.sources import listing_made
 from roiqa import faiss_index
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.config import RoiqaConfig, to_dict
+from roiqa.progress import Progress
 
 # Config sections whose change makes every stored embedding stale.
 EMBEDDING_SECTIONS = ("model", "preprocess", "complexity", "masks")
@@ -116,9 +117,13 @@ def _listing_errors_unchanged(p: Plan) -> bool:
     return old == sorted((u, e.split(":", 2)[1]) for u, e in p.listing.errors)
 
 
-def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None) -> ReindexReport:
-    """Bring `index` up to date with `images`, embedding only what changed (see the module docstring)."""
+def run_reindex(
+    images: str, index: str, cfg: RoiqaConfig, model_uri: str | None = None, progress: Progress | None = None
+) -> ReindexReport:
+    """Bring `index` up to date with `images`, embedding only what changed (see the module docstring).
+    `progress`: where the stages report; default none."""
     t0 = time.perf_counter()
+    progress = progress or Progress()
     started = datetime.datetime.now(datetime.timezone.utc)
     run_id = uri_mod.new_version_id()
     index = uri_mod.normalize(index)
@@ -126,6 +131,7 @@ def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None
     with store.IndexLock(index, cfg.index.lock_ttl_s, "roiqa reindex") as lock:
         try:
             p = plan(images, index, cfg, model_uri)
+            listed(p, progress, time.perf_counter() - t0)
             reason = full_reason(p, cfg)
             old = {}
             if not reason:
@@ -134,20 +140,23 @@ def run_reindex(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None
             d = diff(old, p.listing.signatures)
             counts = {"listed": len(p.listing.uris), **{k: len(v) for k, v in d.items()}}
             mode = "full" if reason else "incremental"
+            changes = ", ".join(f"{len(d[k]):,} {k}" for k in ("new", "changed", "deleted", "unchanged"))
+            progress.say(f"{mode} against version {p.parent}: {changes}" + (f" ({reason})" if reason else ""))
             nothing = not reason and not (d["new"] or d["changed"] or d["deleted"]) and _listing_errors_unchanged(p)
             if nothing:
                 gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
                 m = store.read_manifest(index, p.parent)["counts"]
                 counts.update(indexed=m["indexed"], errors=m["errors"], gc_deleted=len(gone))
                 status, version, pipeline_s = "unchanged", None, 0.0
+                progress.say(f"nothing changed; version {p.parent} stays published")
             else:
                 info = {"run_id": run_id, "mode": mode, "reason": reason, **counts}
                 todo = d["new"] + d["changed"]
-                done = embed_uris(p, [u for u in p.listing.uris if u in set(todo)], cfg, model_uri)
+                done = embed_uris(p, [u for u in p.listing.uris if u in set(todo)], cfg, model_uri, progress)
                 carried = carry(p, cfg, d, info) if not reason else None
                 if carried is None:
                     carried = Carried(p.schema.empty_table(), S.ERRORS_SCHEMA.empty_table(), None, np.zeros(0), info)
-                manifest = write_version(p, cfg, done, carried, lock)
+                manifest = write_version(p, cfg, done, carried, lock, progress)
                 gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
                 counts.update(
                     indexed=manifest["counts"]["indexed"], errors=manifest["counts"]["errors"], gc_deleted=len(gone)

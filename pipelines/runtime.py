@@ -12,11 +12,13 @@ import ray
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, dashboard: bool = False, progress_bars: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (or the job's), else start Ray in this process; quiet logs.
 
     `dashboard`: start the dashboard (and with it the State API) in an embedded Ray; Ray Train and Tune query
     actor state through it and otherwise log a warning every second and may leak placement groups.
+    `progress_bars`: Ray Data's own progress bars (the jobs turn them on with their progress lines). Ray draws
+    them only when stdout is a terminal; otherwise it logs progress at INFO, which the ray.data level below hides.
     """
     if not ray.is_initialized():
         # Joining a cluster from a client: the workers get the endpoint through the runtime environment. Under
@@ -33,7 +35,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
             runtime_env={"env_vars": env} if env else None,
         )
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = progress_bars
     ctx.enable_auto_log_stats = False
     ctx.verbose_stats_logs = False
     # a stage's own exception (StorageUnavailable, ...) reaches the driver as itself, not as a UserCodeException

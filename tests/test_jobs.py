@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ from jobs import index as index_job
 from jobs import query as query_job
 from roiqa import schema as S
 from roiqa.config import to_dict
+from roiqa.index_store import open_index
 from roiqa.metrics import evaluate
 from roiqa.query_output import open_results
 
@@ -28,8 +30,9 @@ def config_file(tiny_cfg, tmp_path) -> str:
     return str(path)
 
 
-def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
+def test_index_query_eval_mains(collection, config_file, tmp_path, capsys, monkeypatch):
     index, out = str(tmp_path / "index"), str(tmp_path / "out")
+    monkeypatch.setenv("ROIQA_PROGRESS", "1")  # progress lines although stderr is not a terminal
     assert (
         index_job.main(
             ["--images", collection.gallery_dir, "--index", index, "--model", "none", "--config", config_file]
@@ -42,6 +45,15 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     n = collection.n_gallery
     where = f"into {printed['index']} version {printed['version']} in "
     assert f"roiqa index: indexed {n} of {n} images (0 errors) {where}" in captured.err
+    # one progress line per stage, with the collection's counts, before the summary; stdout keeps the JSON last
+    lines = [ln for ln in captured.err.splitlines() if ln.startswith("roiqa index: ")]
+    assert lines[0].startswith(f"roiqa index: listed {n} inputs under ")
+    assert f"roiqa index: embedded {n} images ({n} indexed, 0 errors) in " in captured.err
+    assert re.search(rf"roiqa index: embedded {n} images .* in [\d.]+ s, [\d.]+ images/s", captured.err)
+    vectors = open_index(index).manifest["faiss_vectors"]
+    assert f"roiqa index: built faiss index ({vectors:,} vectors, " in captured.err
+    assert f"roiqa index: published version {printed['version']} ({n} indexed, 0 errors)" in captured.err
+    assert lines[-1].startswith("roiqa index: indexed ")
     argv = [
         "--index",
         index,
@@ -64,6 +76,12 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     assert printed["run"] == run.folder
     q, rows = collection.n_queries, printed["results"]
     assert f"roiqa query: {q} queries, {rows} results, {printed['errors']} errors -> {run.folder} in " in captured.err
+    assert f"roiqa query: read {q} queries; index version " in captured.err
+    assert re.search(rf"roiqa query: encoded {q} queries \(0 errors\) in [\d.]+ s, [\d.]+ queries/s", captured.err)
+    assert f"roiqa query: coarse search: top 5 of {n} images for {q} queries, {5 * q} candidates in " in captured.err
+    reranked = 2 * q + run.summary()["verified_past_rerank"]
+    assert re.search(rf"roiqa query: reranked {reranked} pairs in [\d.]+ s, [\d.]+ pairs/s", captured.err)
+    assert f"roiqa query: published run {run.folder} ({rows} results, {printed['errors']} errors)" in captured.err
     res = run.results().to_pandas()
     assert res.groupby(S.QUERY_ID).size().max() == 5
     assert res[S.HEATMAP_URI].isna().all()  # --no-overlays
@@ -79,7 +97,7 @@ def test_index_query_eval_mains(collection, config_file, tmp_path, capsys):
     assert got == pytest.approx(want, nan_ok=True)
 
 
-def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_path, capsys):
+def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_path, capsys, monkeypatch):
     """--model: the index records the checkpoint, its embeddings are that model's, and the query reuses it."""
     import dataclasses
 
@@ -90,6 +108,7 @@ def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_pat
     from roiqa.models.matcher import Matcher
     from roiqa.sources import read_files
 
+    monkeypatch.delenv("ROIQA_PROGRESS", raising=False)
     model_cfg = dataclasses.replace(tiny_cfg.model, seed=7, fpn_channels=24)
     ckpt = str(tmp_path / "model.safetensors")
     save_matcher(Matcher(model_cfg), ckpt)
@@ -104,12 +123,14 @@ def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_pat
     )
     from roiqa import index_store as store
 
+    assert "roiqa index: listed" not in capsys.readouterr().err  # stderr is no terminal here: no progress lines
     v = store.open_index(index)
     assert v.manifest["model"]["uri"] == ckpt and v.manifest["embedding_dim"] == 24
     emb = v.embeddings().to_pandas().sort_values(S.URI)
     batch = Decoder(tiny_cfg.preprocess)(read_files({S.URI: np.array(emb[S.URI].tolist(), dtype=object)}))
     ref = Embedder(tiny_cfg.model, ckpt)(batch)[S.EMBEDDING]  # the checkpoint's own config wins (24 channels)
     np.testing.assert_allclose(np.stack(emb[S.EMBEDDING].to_numpy()), ref, atol=1e-5)
+    monkeypatch.setenv("ROIQA_PROGRESS", "1")
     assert (
         query_job.main(
             [
@@ -122,10 +143,12 @@ def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_pat
                 "--config",
                 str(cfg_path),
                 "--no-overlays",
+                "--quiet",
             ]
         )
         == 0
     )
+    assert "roiqa query: encoded" not in capsys.readouterr().err  # --quiet wins over ROIQA_PROGRESS=1
     summary = open_results(out).summary()
     assert summary["model"]["uri"] == ckpt
 
