@@ -215,7 +215,9 @@ def embed_uris(
         return Embedded(S.ERRORS_SCHEMA.empty_table(), {}, 0.0, None)
     init_ray(progress_bars=progress.enabled)
     ic = cfg.index
-    progress.say(f"embedding {len(uris):,} inputs ({ic.actors} actors, batches of {ic.batch_size})")
+    progress.say(
+        f"embedding {len(uris):,} inputs ({ic.actors} actor{'s' * (ic.actors != 1)}, batches of {ic.batch_size})"
+    )
     masks = cfg.masks if cfg.masks.enabled else None
     pool = {"compute": ray.data.ActorPoolStrategy(size=ic.actors)}
     # With the complexity stage on, its actors and the embedding actors take half a GPU each: halves always pack

@@ -227,7 +227,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     if cand is not None and cand.num_rows:
         tr = time.perf_counter()
         pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
-        progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {qc.actors} actors)")
+        progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {qc.actors} actor{'s' * (qc.actors != 1)})")
         cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
         rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * qc.actors)))
         rds = rds.map_batches(
