@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
 
 from roiqa import uri as uri_mod
 
@@ -46,19 +45,6 @@ def _local_read(path: str) -> bytes | None:
             return f.read()
     except FileNotFoundError:
         return None
-
-
-def _local_replace(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _local_tag(data: bytes) -> str:
@@ -138,7 +124,7 @@ def create(uri: str, data: bytes) -> str | None:
         with _guarded(path):
             if os.path.exists(path):
                 return None
-            _local_replace(path, data)
+            uri_mod.write_atomic(path, data)
         return _local_tag(data)
     if _is_s3(uri):
         out = _s3_call(uri, "create", "put_object", Body=data, IfNoneMatch="*")
@@ -157,7 +143,7 @@ def replace(uri: str, data: bytes, tag: str) -> str | None:
             current = _local_read(path)
             if current is None or _local_tag(current) != tag:
                 return None
-            _local_replace(path, data)
+            uri_mod.write_atomic(path, data)
         return _local_tag(data)
     if _is_s3(uri):
         out = _s3_call(uri, "replace", "put_object", Body=data, IfMatch=tag)
