@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(score: {cfg.query.score}); {qr.seconds:.1f} s, of which rerank {qr.rerank_seconds:.1f} s"
         )
         print(f"  results           {qr.run}/results.parquet")
-        print(f"  overlays          {qr.run}/heatmaps/<query_id>/<image_id>.png")
+        print(f"  overlays          {qr.run}/heatmaps/<query_id>/<rank>-<image_id>.png")
+        if qr.report:
+            print(f"  report            {qr.report} (open it in a browser)")
         print(f"  metrics           {out}/metrics.json")
         return 0
 

@@ -64,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             f"roiqa query: {r.queries} queries, {r.results} results, {r.errors} errors -> {r.run} in {r.seconds:.1f} s",
             file=sys.stderr,
         )
+        if r.report:
+            print(f"roiqa query: open {r.report} to look at the results", file=sys.stderr)
         print(
             json.dumps(
                 {
                     "out": r.out,
                     "run": r.run,
+                    "report": r.report,
                     "queries": r.queries,
                     "results": r.results,
                     "errors": r.errors,

@@ -13,7 +13,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.runtime import actor_resources, init_ray
-from roiqa import faiss_index, query_output
+from roiqa import faiss_index, query_output, report
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
@@ -35,6 +35,7 @@ class QueryReport:
     coarse_seconds: float  # query descriptors + faiss search
     rerank_seconds: float  # dense reranking of the shortlists
     run: str  # the run's folder, out/runs/<run_id>, which out/CURRENT names
+    report: str | None = None  # the run's report.html (None with query.report off)
 
 
 def load_queries(queries: str, allowed_prefixes: tuple[str, ...] = ()) -> pa.Table:
@@ -130,6 +131,36 @@ def rank_results(reranked: pd.DataFrame, coarse: pd.DataFrame) -> pd.DataFrame:
     both = pd.concat([reranked, rest], ignore_index=True).sort_values([S.QUERY_ID, "_tier", "_key", S.IMAGE_ID])
     both[S.RANK] = both.groupby(S.QUERY_ID).cumcount().astype(np.int32) + 1
     return both.drop(columns=["_tier", "_key"])
+
+
+def report_stage(
+    results: pd.DataFrame, qmap: dict[str, tuple[str, list[float] | None]], run: query_output.QueryRun, cfg: RoiqaConfig
+) -> tuple[pd.DataFrame, dict[tuple[str, str, int], bytes]]:
+    """Rename the overlays by rank and draw report.html's thumbnails (Ray tasks); returns the results with the
+    renamed heatmap_uri and {(kind, query_id, rank): JPEG bytes}."""
+    qc = cfg.query
+    work = report.plan(
+        results, qmap, run.folder, qc.report_top if qc.report else 0, qc.report_queries if qc.report else 0
+    )
+    if not len(work):
+        return results, {}
+    ds = ray.data.from_arrow(pa.Table.from_pandas(work, preserve_index=False), override_num_blocks=min(len(work), 16))
+    ds = ds.map_batches(
+        report.draw,
+        fn_kwargs={"long_side": qc.report_thumb, "max_pixels": cfg.preprocess.max_pixels},
+        batch_size=8,
+        batch_format="numpy",
+    )
+    done = pa.concat_tables(ray.get(ds.to_arrow_refs())).to_pandas()
+    moved = done[done[report.KIND] == "overlay"]
+    renamed = {(q, int(r)): t for q, r, t in zip(moved[S.QUERY_ID], moved[S.RANK], moved[report.TARGET])}
+    if renamed:
+        keys = zip(results[S.QUERY_ID], results[S.RANK].astype(int))
+        results = results.assign(**{S.HEATMAP_URI: [renamed.get(k, h) for k, h in zip(keys, results[S.HEATMAP_URI])]})
+    drawn = done[done[report.KIND] != "overlay"]
+    keys = zip(drawn[report.KIND], drawn[S.QUERY_ID], drawn[S.RANK].astype(int))
+    thumbs = {k: bytes(t) for k, t in zip(keys, drawn[report.THUMB])}
+    return results, thumbs
 
 
 def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Progress | None = None) -> QueryReport:
@@ -253,6 +284,10 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     rerr = reranked[reranked[S.ERROR].astype(str) != ""] if len(reranked) else reranked
     ok = reranked[reranked[S.ERROR].astype(str) == ""].drop(columns=[S.ERROR]) if len(reranked) else reranked
     results = rank_results(ok.drop(columns=[S.ERROR], errors="ignore"), coarse)
+    tp = time.perf_counter()
+    results, thumbs = report_stage(results, qmap, run, cfg)
+    shown = len(report.shown_queries(list(qmap), qc.report_queries)) if qc.report else 0
+    progress.done(f"named overlays by rank, drew the report's thumbnails ({shown:,} queries)", time.perf_counter() - tp)
     table = S.check_columns(pa.Table.from_pandas(results, preserve_index=False), S.RESULTS_SCHEMA, "results")
     query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
     err_rows = [(query_uri[q], *parse_error(e), q) for q, e in zip(qids, qerr) if e]
@@ -273,10 +308,31 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
             name: to_dict(getattr(cfg, name)) for name in ("refine", "verify", "geometry") if getattr(cfg, name).enabled
         },
     }
-    query_output.publish(run, table, errors, summary, qc.keep_runs)
+    page = None
+    if qc.report:
+        summary["report"] = query_output.REPORT
+        page = report.render(
+            run.folder,
+            {**summary, "run_id": run.run_id},
+            qmap,
+            results,
+            errors.to_pandas(),
+            thumbs,
+            qc.report_top,
+            qc.report_queries,
+        )
+    query_output.publish(run, table, errors, summary, qc.keep_runs, page)
     progress.say(f"published run {run.folder} ({table.num_rows:,} results, {errors.num_rows:,} errors)")
     return QueryReport(
-        out, qtable.num_rows, table.num_rows, errors.num_rows, time.perf_counter() - t0, t1 - t0, t2 - t1, run.folder
+        out,
+        qtable.num_rows,
+        table.num_rows,
+        errors.num_rows,
+        time.perf_counter() - t0,
+        t1 - t0,
+        t2 - t1,
+        run.folder,
+        run.uri(query_output.REPORT) if qc.report else None,
     )
 
 

@@ -66,6 +66,10 @@ class QueryConfig:
     torch_threads: int = 0  # torch threads per rerank actor; 0: every core of its node
     overlays: bool = True  # write a heatmap overlay PNG for every reranked pair
     overlay_size: int = 384  # long side of overlay PNGs
+    report: bool = True  # write report.html: per query its patch and top results, linked to the overlays
+    report_top: int = 10  # results per query shown in report.html
+    report_queries: int = 100  # queries shown in report.html (the first ones of the queries table)
+    report_thumb: int = 200  # long side (pixels) of the report's thumbnails
     # URIs query images may be read from; empty: the folder of the queries Parquet (or the folder of crops)
     allowed_prefixes: tuple[str, ...] = ()
     keep_runs: int = 3  # published runs kept under a query output (older run folders are removed); >= 1

@@ -314,10 +314,12 @@ def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
-def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
-    """(H, W, 3) RGB or (H, W) grey uint8 -> JPEG bytes; `quality` in 1..100 (PIL's default subsampling)."""
+def encode_jpeg(image: np.ndarray, quality: int = 90, subsample: bool = True) -> bytes:
+    """(H, W, 3) RGB or (H, W) grey uint8 -> JPEG bytes; `quality` in 1..100; `subsample`: PIL's default chroma
+    subsampling (False: full-resolution colour, which keeps thin coloured lines sharp)."""
     if int(quality) != quality or not 1 <= quality <= 100:
         raise ValueError(f"encode_jpeg: quality must be an integer in 1..100, got {quality!r}")
     buf = io.BytesIO()
-    _encodable(image, "encode_jpeg").save(buf, format="JPEG", quality=int(quality))
+    extra = {} if subsample else {"subsampling": 0}
+    _encodable(image, "encode_jpeg").save(buf, format="JPEG", quality=int(quality), **extra)
     return buf.getvalue()

@@ -1,5 +1,6 @@
 """A query run's output, published like an index version: runs/<run_id>/{results.parquet, errors.parquet,
-summary.json, heatmaps/} under the output URI, then CURRENT (naming the run) replaced last and atomically."""
+summary.json, report.html, heatmaps/} under the output URI, then CURRENT (naming the run) replaced last and
+atomically."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ RUNS = "runs"  # runs/<run_id>/: one folder per query run
 RESULTS = "results.parquet"
 ERRORS = "errors.parquet"
 SUMMARY = "summary.json"
-HEATMAPS = "heatmaps"  # heatmaps/<query_id>/<image_id>.png
+HEATMAPS = "heatmaps"  # heatmaps/<query_id>/<rank>-<image_id>.png (roiqa.report.overlay_name)
+REPORT = "report.html"  # the run's page (roiqa.report)
 RUN_ID_KEY = b"roiqa.run_id"  # Parquet schema metadata: the run a results / errors table belongs to
 
 log = logging.getLogger(__name__)
@@ -126,8 +128,11 @@ def _tagged(table: pa.Table, run_id: str) -> pa.Table:
     return table.replace_schema_metadata({**(table.schema.metadata or {}), RUN_ID_KEY: run_id.encode()})
 
 
-def publish(run: QueryRun, results: pa.Table, errors: pa.Table, summary: dict, keep: int) -> dict:
-    """Write the run's results, errors and summary (its heatmaps are already in its folder), then replace CURRENT
+def publish(
+    run: QueryRun, results: pa.Table, errors: pa.Table, summary: dict, keep: int, page: str | None = None
+) -> dict:
+    """Write the run's results, errors, report page (`page`, when given) and summary (its heatmaps are already in
+    its folder), then replace CURRENT
     with its id: readers of `open_results` see this run whole, or the previous one. Then remove old runs (best
     effort: the run is published). Returns the summary as written (with `run_id` and `previous`)."""
     if keep < 1:
@@ -135,6 +140,8 @@ def publish(run: QueryRun, results: pa.Table, errors: pa.Table, summary: dict, k
     summary = {"run_id": run.run_id, "previous": current_run(run.out), **summary}
     store.write_table(_tagged(results, run.run_id), run.uri(RESULTS))
     store.write_table(_tagged(errors, run.run_id), run.uri(ERRORS))
+    if page is not None:
+        uri_mod.write_bytes(run.uri(REPORT), page.encode("utf-8"))
     uri_mod.write_bytes(run.uri(SUMMARY), json.dumps(summary, indent=2).encode())
     uri_mod.write_atomic(uri_mod.join(run.out, CURRENT), (run.run_id + "\n").encode("utf-8"))
     try:

@@ -469,6 +469,7 @@ class Reranker:
     def write_overlay(self, qid: str, iid: int, img: np.ndarray, heat: torch.Tensor, valid, box: np.ndarray) -> str:
         """Save the heatmap over the original image as PNG; returns its URI."""
         from roiqa.overlay import overlay
+        from roiqa.report import safe_name
 
         h = heat.float().cpu().numpy()
         # The finest-level map covers ceil(valid / stride) cells: trim the part past the image before stretching.
@@ -478,9 +479,3 @@ class Reranker:
         target = uri_mod.join(self.overlay_dir, safe_name(qid), f"{iid}.png")
         uri_mod.write_bytes(target, png)
         return target
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe version of a query id."""
-    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-    return keep.strip(".") or "query"

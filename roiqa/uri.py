@@ -309,6 +309,18 @@ def delete(uri: str, recursive: bool = False) -> None:
         retrying(uri, "delete", fs.rm, path, recursive=recursive)
 
 
+def move(src: str, dst: str) -> None:
+    """Rename `src` to `dst` (same filesystem): os.replace for local files, a copy then delete on object stores."""
+    if is_local(src) and is_local(dst):
+        target = normalize(dst)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(normalize(src), target)
+        return
+    fs, path = filesystem(src)
+    _, target = filesystem(dst)
+    retrying(src, "move", fs.mv, path, target)
+
+
 def write_atomic(uri: str, data: bytes) -> None:
     """Replace `uri` so readers see the old or the new content, never a mix.
 
