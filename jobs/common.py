@@ -23,11 +23,50 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class JobParser(argparse.ArgumentParser):
+    """A job's parser: after parsing, relative values of its URI options resolve under --root (`add_root_arg`)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        return under_root(parsed), rest
+
+
 def job_parser(verb: str, description: str | None, **kwargs) -> argparse.ArgumentParser:
     """The argument parser of `roiqa <verb>` (prog "roiqa <verb>", defaults shown in --help)."""
-    return argparse.ArgumentParser(
-        prog=f"roiqa {verb}", description=description, formatter_class=HelpFormatter, **kwargs
+    return JobParser(prog=f"roiqa {verb}", description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+# Values of URI options that name something other than a location, left as they are under --root.
+NOT_LOCATIONS = {"bundled", "none"}
+
+
+def add_root_arg(p: argparse.ArgumentParser, *names: str) -> None:
+    """--root URI: the relative values of the options `names` (dest names) resolve under it, so a deployment sets
+    its bucket once (cluster/kuberay writes it into every entrypoint) and names the rest relative to it."""
+    flags = ", ".join("--" + n.replace("_", "-") for n in names)
+    p.add_argument(
+        "--root",
+        default=None,
+        help=f"a bucket or folder URI that relative values of {flags} resolve under (default: none; a relative "
+        "value is a local path)",
     )
+    p.set_defaults(uri_options=names)
+
+
+def under_root(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with every relative value of its URI options joined onto --root (absolute paths and URIs with a
+    scheme stay as given)."""
+    from roiqa import uri as uri_mod
+
+    root = getattr(args, "root", None)
+    if not root:
+        return args
+    for name in getattr(args, "uri_options", ()):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value and value not in NOT_LOCATIONS:
+            if "://" not in value and not value.startswith("/"):
+                setattr(args, name, uri_mod.join(root, value))
+    return args
 
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
@@ -75,6 +114,7 @@ def add_index_args(p: argparse.ArgumentParser, index_help: str) -> None:
     config."""
     p.add_argument("--images", required=True, help="folder/prefix of images or .tar shards, or a Parquet manifest")
     p.add_argument("--index", required=True, help=index_help)
+    add_root_arg(p, "images", "index", "model")
     add_model_arg(p)
     p.add_argument("--actors", type=int, default=None, help="embedding actors (default: the config's index.actors)")
     p.add_argument(
@@ -163,6 +203,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1 (roiqa.train_data.import_coco makes one)"
     )
     src.add_argument("--data", help="either of the above: a .parquet URI is a manifest, anything else images")
+    add_root_arg(p, "images", "manifest", "data", "out")
 
 
 def data_source(args: argparse.Namespace) -> tuple[str | None, str | None]:

@@ -9,6 +9,7 @@ import sys
 from jobs.common import (
     add_config_arg,
     add_quiet_arg,
+    add_root_arg,
     add_stage_flags,
     config_from,
     job_parser,
@@ -40,6 +41,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="of those, how many to rerank densely (default: the config's query.rerank)",
     )
+    add_root_arg(p, "index", "queries", "out")
     p.add_argument("--no-overlays", action="store_true", help="do not write heatmap overlay PNGs")
     add_stage_flags(p, "refine", "verify", "geometry")
     add_config_arg(p)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines.runtime import actor_resources, init_ray
+from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size
 from pipelines.sources import Listing, list_images, uri_dataset
 from roiqa import faiss_index
 from roiqa import index_store as store
@@ -215,11 +215,9 @@ def embed_uris(
         return Embedded(S.ERRORS_SCHEMA.empty_table(), {}, 0.0, None)
     init_ray(progress_bars=progress.enabled)
     ic = cfg.index
-    progress.say(
-        f"embedding {len(uris):,} inputs ({ic.actors} actor{'s' * (ic.actors != 1)}, batches of {ic.batch_size})"
-    )
+    progress.say(f"embedding {len(uris):,} inputs ({pool_size(ic.actors, ic.max_actors)}, batches of {ic.batch_size})")
     masks = cfg.masks if cfg.masks.enabled else None
-    pool = {"compute": ray.data.ActorPoolStrategy(size=ic.actors)}
+    pool = {"compute": actor_pool(ic.actors, ic.max_actors)}
     # With the complexity stage on, its actors and the embedding actors take half a GPU each: halves always pack
     # N + N actors onto N GPUs (a 0.25 / 0.75 split can strand a 0.75 actor when two quarters share one GPU).
     share = 0.5 if cfg.complexity.enabled else 0.0

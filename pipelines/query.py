@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from pipelines.runtime import actor_resources, init_ray
+from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size
 from roiqa import faiss_index, query_output, report
 from roiqa import index_store as store
 from roiqa import schema as S
@@ -228,17 +228,18 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     # geometric verification of the coarse shortlist past the rerank budget: verified images join the rerank
     gc = cfg.geometry
     qmap = query_map(qtable)
+    most = max(qc.actors, qc.max_actors)  # the rerank pools' largest size: blocks enough to keep them busy
     verified: set[tuple[str, int]] = set()
     geo_errors = pd.DataFrame(columns=[S.QUERY_ID, S.IMAGE_ID, S.ERROR])
     n_geo = min(gc.shortlist, qc.top_k) if gc.enabled else 0
     past = shortlist(np.asarray(scores), np.asarray(ids), good_ids, n_geo, start=qc.rerank) if good else None
     if past is not None and past.num_rows:
         past = past.append_column(S.URI, pa.array([uris[i] for i in past.column(S.IMAGE_ID).to_pylist()]))
-        gds = ray.data.from_arrow(past, override_num_blocks=max(1, min(past.num_rows, 4 * qc.actors)))
+        gds = ray.data.from_arrow(past, override_num_blocks=max(1, min(past.num_rows, 4 * most)))
         gds = gds.map_batches(
             GeometryCheck,
             fn_constructor_kwargs={"cfg": cfg, "queries": qmap},
-            compute=ray.data.ActorPoolStrategy(size=qc.actors),
+            compute=actor_pool(qc.actors, qc.max_actors),
             batch_size=16,
             batch_format="numpy",
             **res,
@@ -258,9 +259,9 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     if cand is not None and cand.num_rows:
         tr = time.perf_counter()
         pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
-        progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {qc.actors} actor{'s' * (qc.actors != 1)})")
+        progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {pool_size(qc.actors, qc.max_actors)})")
         cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
-        rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * qc.actors)))
+        rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * most)))
         rds = rds.map_batches(
             Reranker,
             fn_constructor_kwargs={
@@ -270,7 +271,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
                 "overlay_dir": run.uri(query_output.HEATMAPS) if qc.overlays else None,
                 "threads": qc.torch_threads,
             },
-            compute=ray.data.ActorPoolStrategy(size=qc.actors),
+            compute=actor_pool(qc.actors, qc.max_actors),
             batch_size=qc.batch_size,
             batch_format="numpy",
             **res,

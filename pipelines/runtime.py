@@ -49,6 +49,26 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def actor_pool(actors: int, max_actors: int = 0) -> ray.data.ActorPoolStrategy:
+    """The compute strategy of a model stage: `actors` fixed, or (max_actors > actors) an autoscaling pool from
+    `actors` to `max_actors` that Ray Data grows while work waits; on a cluster with an autoscaler, the actors
+    it cannot place bring up more nodes of their kind (the GPU group of cluster/kuberay)."""
+    if actors < 1:
+        raise ValueError(f"actors must be >= 1, got {actors}")
+    if max_actors and max_actors < actors:
+        raise ValueError(f"max_actors must be 0 (a fixed pool) or >= actors ({actors}), got {max_actors}")
+    if max_actors > actors:
+        return ray.data.ActorPoolStrategy(min_size=actors, max_size=max_actors)
+    return ray.data.ActorPoolStrategy(size=actors)
+
+
+def pool_size(actors: int, max_actors: int = 0) -> str:
+    """The pool in words for progress lines: "1 actor", "4 actors", "1-8 actors"."""
+    if max_actors > actors:
+        return f"{actors}-{max_actors} actors"
+    return f"{actors} actor{'s' * (actors != 1)}"
+
+
 def actor_resources(cpus: float, gpu_share: float = 1.0) -> dict:
     """Resources per model actor: `gpu_share` of a GPU each when the cluster has GPUs (1: a whole one; two stages
     sharing the GPUs take 0.5 each), else a fraction of a CPU."""

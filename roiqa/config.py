@@ -35,6 +35,7 @@ class PreprocessConfig:
 class IndexConfig:
     batch_size: int = 16  # images per embedding batch
     actors: int = 1  # embedding actors (one GPU each when the cluster has GPUs)
+    max_actors: int = 0  # 0: a fixed pool of `actors`; larger: the pool grows to this while batches wait (autoscaling)
     actor_cpus: float = 0.5  # CPUs per CPU actor: fractional so reading and decoding are never starved
     read_batch_size: int = 32  # URIs per read/decode task batch
     torch_threads: int = 0  # torch threads per model actor; 0: every core of its node (Ray pins a 0.5-CPU actor to 1)
@@ -62,6 +63,7 @@ class QueryConfig:
     nms_iou: float = 0.3  # IoU above which a weaker peak's box is suppressed
     batch_size: int = 4  # candidate images per rerank batch
     actors: int = 1  # rerank actors
+    max_actors: int = 0  # 0: a fixed pool of `actors`; larger: the pool grows to this while pairs wait (autoscaling)
     actor_cpus: float = 0.5  # CPUs per CPU rerank actor
     torch_threads: int = 0  # torch threads per rerank actor; 0: every core of its node
     overlays: bool = True  # write a heatmap overlay PNG for every reranked pair

