@@ -1,4 +1,5 @@
 # `make demo` and `make test` create the virtual environment when it is missing, install, and run.
+# `make demo TORCH=cpu` / `TORCH=pypi` picks the torch build (see TORCH below).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,9 +7,28 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench bench-scale soak experiments clean
 
+# TORCH: which torch build goes into the venv. auto: PyTorch's CPU build on an x86_64 machine without an NVIDIA
+# driver (no CUDA libraries: about 3 GB of nvidia-* packages and triton less), the package registry's standard
+# build otherwise; cpu / pypi force one. The CPU build comes from PyTorch's CPU wheel index at the versions
+# pyproject.toml pins (its torchvision carries the CPU build of the compiled ops); when that index cannot be
+# reached, auto falls back to the registry's build and says so.
+TORCH ?= auto
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_CPU_PINS := torch==2.14.1+cpu torchvision==0.29.1+cpu
+
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@build="$(TORCH)"; \
+	if [ "$$build" = auto ]; then \
+	  if [ "$$(uname -m)" != x86_64 ] || command -v nvidia-smi >/dev/null 2>&1; then build=pypi; else build=cpu; fi; \
+	fi; \
+	if [ "$$build" = cpu ]; then \
+	  echo "installing torch's CPU build from $(TORCH_CPU_INDEX) (TORCH=pypi for the registry's CUDA build)"; \
+	  $(PY) -m pip install --quiet --retries 1 --timeout 20 --extra-index-url $(TORCH_CPU_INDEX) $(TORCH_CPU_PINS) \
+	  || { if [ "$(TORCH)" = cpu ]; then exit 1; fi; \
+	       echo "$(TORCH_CPU_INDEX) is unreachable: installing the registry's standard torch build instead"; }; \
+	fi
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -20,3 +20,17 @@ def test_every_shipped_config_loads():
     assert paths
     for p in paths:
         assert isinstance(load_config(p), RoiqaConfig)
+
+
+def test_the_cpu_torch_build_has_the_versions_pyproject_pins():
+    """`make demo` on a machine without a GPU installs torch's CPU build (Makefile TORCH_CPU_PINS); it must be the
+    torch and torchvision pyproject.toml pins, or `pip install -e .` would swap the build under torchvision."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "Makefile")) as f:
+        line = re.search(r"^TORCH_CPU_PINS := (.*)$", f.read(), re.M).group(1)
+    cpu = dict(re.findall(r"\b(torch|torchvision)==([\d.]+)\+cpu\b", line))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        pinned = dict(re.findall(r'"(torch|torchvision)==([\d.]+); platform_machine != \'aarch64\'"', f.read()))
+    assert set(cpu) == {"torch", "torchvision"} and cpu == pinned, (cpu, pinned)
