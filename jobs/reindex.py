@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from jobs.common import add_index_args, config_from, job_parser, progress_for, run, stage_overrides
 
@@ -15,6 +16,21 @@ def parser() -> argparse.ArgumentParser:
         "--keep", type=int, default=None, help="published versions to keep (default: the config's index.keep_versions)"
     )
     return p
+
+
+def summary_line(r) -> str:
+    """One line for people: what changed and what was published (a pipelines.reindex.ReindexReport)."""
+    c = r.counts
+    how = f"{r.mode}" + (f" ({r.reason})" if r.reason else "") + (f" against version {r.parent}" if r.parent else "")
+    seen = (
+        f"{c.get('new', 0)} new, {c.get('changed', 0)} changed, {c.get('deleted', 0)} deleted, "
+        f"{c.get('unchanged', 0)} unchanged"
+    )
+    if r.status == "unchanged":
+        done = f"nothing changed; version {r.parent} stays published"
+    else:
+        done = f"published version {r.version}: {c.get('indexed', 0)} images indexed, {c.get('errors', 0)} errors"
+    return f"roiqa reindex: {how}: {seen}; {done} in {r.seconds:.1f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             **r.counts,
             "seconds": round(r.seconds, 2),
         }
+        print(summary_line(r), file=sys.stderr)  # for people; stdout's last line stays the JSON report
         print(json.dumps(out))
         return 0
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size
+from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size, table_dataset
 from roiqa import faiss_index, query_output, report
 from roiqa import index_store as store
 from roiqa import schema as S
@@ -144,7 +144,7 @@ def report_stage(
     )
     if not len(work):
         return results, {}
-    ds = ray.data.from_arrow(pa.Table.from_pandas(work, preserve_index=False), override_num_blocks=min(len(work), 16))
+    ds = table_dataset(pa.Table.from_pandas(work, preserve_index=False), 16)
     ds = ds.map_batches(
         report.draw,
         fn_kwargs={"long_side": qc.report_thumb, "max_pixels": cfg.preprocess.max_pixels},
@@ -184,7 +184,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
 
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
     regions = version.manifest.get("coarse", "global") == "regions"  # versions before region indexes: global
-    qds = ray.data.from_arrow(qtable).map_batches(
+    qds = table_dataset(qtable).map_batches(
         QueryEncoder,
         fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "threads": qc.torch_threads, "regions": regions},
         compute=ray.data.ActorPoolStrategy(size=1),
@@ -235,7 +235,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     past = shortlist(np.asarray(scores), np.asarray(ids), good_ids, n_geo, start=qc.rerank) if good else None
     if past is not None and past.num_rows:
         past = past.append_column(S.URI, pa.array([uris[i] for i in past.column(S.IMAGE_ID).to_pylist()]))
-        gds = ray.data.from_arrow(past, override_num_blocks=max(1, min(past.num_rows, 4 * most)))
+        gds = table_dataset(past, 4 * most)
         gds = gds.map_batches(
             GeometryCheck,
             fn_constructor_kwargs={"cfg": cfg, "queries": qmap},
@@ -261,7 +261,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
         pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
         progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {pool_size(qc.actors, qc.max_actors)})")
         cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
-        rds = ray.data.from_arrow(cand, override_num_blocks=max(1, min(cand.num_rows, 4 * most)))
+        rds = table_dataset(cand, 4 * most)
         rds = rds.map_batches(
             Reranker,
             fn_constructor_kwargs={

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import pyarrow as pa
 import ray
 
 # Non-secret variables the workers need to reach the same object store (credentials come from the nodes' own
@@ -42,11 +43,26 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False, progress_bars
     # whose cause Ray drops on the way: the job's exit status depends on it (3: the store is down)
     ctx.raise_original_map_exception = True
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "Progress bars disabled. To enable, set ...": the job chose that (--quiet, or stderr not a terminal)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def cluster_gpus() -> int:
     """Number of GPUs the cluster reports (0 on CPU-only clusters such as CI)."""
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def table_dataset(table: pa.Table, blocks: int = 1) -> ray.data.Dataset:
+    """A dataset of `table`'s rows in `blocks` nearly equal blocks, built in the driver.
+
+    `ray.data.from_arrow` computes each block's metadata in a remote task; the CPUs those tasks held still count as
+    busy in `ray.available_resources()` a moment later, when the next dataset starts, and Ray Data then logs that
+    "the Dataset job will hang unless more CPUs are freed up" though nothing waits. `from_blocks` reads the
+    metadata in the driver."""
+    blocks = max(1, min(blocks, table.num_rows))
+    step = -(-table.num_rows // blocks) if table.num_rows else 1
+    parts = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    return ray.data.from_blocks(parts)
 
 
 def actor_pool(actors: int, max_actors: int = 0) -> ray.data.ActorPoolStrategy:

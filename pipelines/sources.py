@@ -137,4 +137,5 @@ def uri_dataset(uris: list[str], rows_per_block: int, sizes: list[int | None] | 
     def table(i: int, j: int) -> pa.Table:
         return pa.table({S.URI: pa.array(uris[i:j], pa.string()), S.SIZE_BYTES: pa.array(sizes[i:j], pa.int64())})
 
-    return ray.data.from_arrow([table(i, i + step) for i in range(0, len(uris), step)] or [table(0, 0)])
+    # from_blocks: the metadata is read in the driver (see pipelines.runtime.table_dataset)
+    return ray.data.from_blocks([table(i, i + step) for i in range(0, len(uris), step)] or [table(0, 0)])

@@ -96,3 +96,19 @@ def test_root_resolves_relative_locations_and_leaves_the_rest():
     assert (args.images, args.out, args.config) == ("bundled", "/data/runs", None)  # not a location; not under root
     args = query.parser().parse_args(["--index", "index", "--queries", "q", "--out", "o"])
     assert (args.index, args.queries, args.out) == ("index", "q", "o")  # without --root: as given
+
+
+def test_reindex_ends_with_a_line_for_people():
+    from jobs.reindex import summary_line
+    from pipelines.reindex import ReindexReport
+
+    counts = {"listed": 64, "new": 3, "changed": 1, "deleted": 0, "unchanged": 60, "indexed": 64, "errors": 0}
+    r = ReindexReport("/i", "run", "published", "incremental", "", "v1", "v2", counts, 12.34, 10.0)
+    assert summary_line(r) == (
+        "roiqa reindex: incremental against version v1: 3 new, 1 changed, 0 deleted, 60 unchanged; "
+        "published version v2: 64 images indexed, 0 errors in 12.3 s"
+    )
+    same = ReindexReport("/i", "run", "unchanged", "incremental", "", "v2", None, {**counts, "new": 0}, 1.0, 0.0)
+    assert summary_line(same).endswith("nothing changed; version v2 stays published in 1.0 s")
+    full = ReindexReport("/i", "run", "published", "full", "no published version", None, "v1", counts, 2.0, 1.0)
+    assert summary_line(full).startswith("roiqa reindex: full (no published version): 3 new")

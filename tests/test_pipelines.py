@@ -119,6 +119,23 @@ def test_an_autoscaling_actor_pool_embeds_the_same_as_a_fixed_one(collection, ti
         np.testing.assert_allclose(np.asarray(grown.loc[u, S.EMBEDDING]), fixed.loc[u, S.EMBEDDING], atol=1e-5)
 
 
+def test_table_dataset_keeps_the_rows_in_order_in_the_blocks_asked_for():
+    from pipelines.runtime import table_dataset
+
+    t = pa.table({"a": list(range(10)), "b": [str(i) for i in range(10)]})
+    for blocks, expected in ((4, 4), (1, 1), (30, 10)):
+        ds = table_dataset(t, blocks)
+        assert ds.num_blocks() == expected
+        assert pa.concat_tables(ray_get_tables(ds)).equals(t)
+    assert pa.concat_tables(ray_get_tables(table_dataset(t.slice(0, 0), 3))).num_rows == 0
+
+
+def ray_get_tables(ds) -> list[pa.Table]:
+    import ray
+
+    return ray.get(ds.to_arrow_refs())
+
+
 def test_query_box_equals_the_cropped_patch(collection, tiny_cfg, folder_index, tmp_path):
     """A query given as (photo, box) gives the same results as the crop of that box given as its own image."""
     index, _ = folder_index
