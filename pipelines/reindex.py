@@ -98,7 +98,7 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
     """The parent's rows of unchanged sources, and its faiss index minus the changed and deleted images."""
     parent = store.open_index(p.index, p.parent)
     keep = set(d["unchanged"])
-    emb = parent.embeddings().cast(p.schema)
+    emb = faiss_index.with_current_regions(parent.embeddings(), p.dim).cast(p.schema)
     errors = parent.errors()
     kept = emb.filter(_rows_of(emb, keep))
     removed = emb.filter(pc.invert(_rows_of(emb, keep))).column(S.IMAGE_ID).to_numpy()

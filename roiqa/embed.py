@@ -13,6 +13,7 @@ from roiqa import schema as S
 from roiqa.config import MaskConfig, ModelConfig, PreprocessConfig
 from roiqa.ids import image_id
 from roiqa.imageio import DecodeError, decode_image, pad_to_square, resize_long_side
+from roiqa.models.regions import encode_regions
 from roiqa.sources import content_hash, error_string, object_array
 
 
@@ -153,17 +154,15 @@ class Embedder:
         self, images: np.ndarray, valid_hw: np.ndarray, regions: bool = True
     ) -> tuple[np.ndarray, list[bytes]]:
         """`embed`'s global descriptors and, from the same forward pass, each image's regional descriptors as
-        float16 bytes (S.REGIONS; empty list when `regions` is False)."""
+        stored bytes (S.REGIONS_Q8, roiqa.models.regions.encode_regions; empty list when `regions` is False)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             feats = self.model.pyramid(x)
             g = self.model.global_descriptor(feats, torch.from_numpy(valid_hw))
         blobs = []
         if regions:
-            blobs = [
-                d.cpu().numpy().astype(np.float16).tobytes()
-                for d, _ in self.model.regional_descriptors(feats, valid_hw)
-            ]
+            pairs = self.model.regional_descriptors(feats, valid_hw)
+            blobs = [encode_regions(d.float().cpu().numpy()) for d, _ in pairs]
         return g.float().cpu().numpy(), blobs
 
     def controller_state(self) -> dict[str, dict]:
@@ -231,6 +230,6 @@ class Embedder:
                 regions = [b""] * len(ok)
         out = {k: v for k, v in batch.items() if k not in (S.IMAGE, S.VALID_HW, S.SCALE)}
         out[S.EMBEDDING] = emb
-        out[S.REGIONS] = object_array(regions)
+        out[S.REGIONS_Q8] = object_array(regions)
         out.update(cols)
         return out

@@ -114,13 +114,41 @@ def check_coarse(mode: str) -> None:
         raise ValueError(f"index.coarse must be one of {COARSE_MODES}, got {mode!r}")
 
 
+def region_arrays(table, dim: int) -> list[np.ndarray]:
+    """Each row's (R, D) regional descriptors: from S.REGIONS_Q8, or S.REGIONS (float16) in older versions."""
+    from roiqa import schema as S
+    from roiqa.models.regions import decode_regions
+
+    if S.REGIONS_Q8 in table.column_names:
+        return [decode_regions(b, dim) for b in table.column(S.REGIONS_Q8).to_pylist()]
+    return [np.frombuffer(b or b"", np.float16).reshape(-1, dim) for b in table.column(S.REGIONS).to_pylist()]
+
+
+def with_current_regions(table, dim: int):
+    """An embeddings table of an older version (S.REGIONS, float16) with its regions in the stored form of new
+    versions (S.REGIONS_Q8), so the re-index carries its rows over beside new ones; other tables as they are."""
+    import pyarrow as pa
+
+    from roiqa import schema as S
+    from roiqa.models.regions import encode_regions
+
+    if S.REGIONS_Q8 in table.column_names or S.REGIONS not in table.column_names:
+        return table
+    blobs = [encode_regions(a) for a in region_arrays(table, dim)]
+    i = table.schema.get_field_index(S.REGIONS)
+    return table.set_column(i, S.REGIONS_Q8, pa.array(blobs, pa.binary()))
+
+
 def coarse_count(table, dim: int, mode: str) -> int:
     """How many vectors `coarse_vectors(table, dim, mode)` gives, without decoding them."""
     from roiqa import schema as S
+    from roiqa.models.regions import region_count
 
     check_coarse(mode)
     if mode == "global":
         return table.num_rows
+    if S.REGIONS_Q8 in table.column_names:
+        return sum(region_count(b, dim) for b in table.column(S.REGIONS_Q8).to_pylist())
     return sum(len(b or b"") for b in table.column(S.REGIONS).to_pylist()) // (2 * dim)  # float16: 2 bytes
 
 
@@ -138,8 +166,7 @@ def coarse_vectors(table, dim: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     keys = image_key(ids)
     if len(np.unique(keys)) != len(keys):
         raise ValueError("two images share a region key (51-bit image id prefix); index them in separate indexes")
-    blobs = table.column(S.REGIONS).to_pylist()
-    arrs = [np.frombuffer(b or b"", np.float16).reshape(-1, dim) for b in blobs]
+    arrs = region_arrays(table, dim)
     counts = np.array([len(a) for a in arrs], np.int64)
     vectors = np.concatenate(arrs).astype(np.float32) if arrs else np.zeros((0, dim), np.float32)
     return vectors, region_keys(ids, counts)

@@ -13,7 +13,9 @@ SIZE_BYTES = "size_bytes"  # int64, encoded size
 CONTENT_HASH = "content_hash"  # string, BLAKE2b-128 hex of the encoded bytes
 EMBEDDING = "embedding"  # fixed_size_list<float32, D>, L2-normalised global descriptor
 COARSE_QUERY = "coarse_query"  # float32 (S * D): a query's whitened descriptors, one per coarse view (transient)
-REGIONS = "regions"  # binary, float16 (R, D) row-major: whitened regional descriptors (roiqa.models.regions grid)
+REGIONS_Q8 = "regions_q8"  # binary: whitened regional descriptors (roiqa.models.regions grid), R float16 row scales
+# then R x D int8 (roiqa.models.regions.encode_regions)
+REGIONS = "regions"  # binary, float16 (R, D) row-major: the same descriptors in versions written before regions_q8
 STAGE = "stage"  # string, pipeline stage that failed: read | decode | embed
 REASON = "reason"  # string, short machine-readable code (empty_file, truncated, not_an_image, too_large, ...)
 MESSAGE = "message"  # string, human-readable detail
@@ -87,7 +89,7 @@ def embeddings_schema(dim: int, extra: list | None = None) -> pa.Schema:
             pa.field(SIZE_BYTES, pa.int64()),
             pa.field(CONTENT_HASH, pa.string()),
             pa.field(EMBEDDING, pa.list_(pa.float32(), dim)),
-            pa.field(REGIONS, pa.binary()),
+            pa.field(REGIONS_Q8, pa.binary()),
             *(extra or []),
         ]
     )

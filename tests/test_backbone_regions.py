@@ -174,3 +174,22 @@ def test_regional_coarse_finds_a_small_pasted_object() -> None:
     d, boxes = regions[2]
     x0, y0, x1, y1 = boxes[int((d @ z).argmax())].tolist()
     assert x0 < 60 + obj.shape[1] and x1 > 60 and y0 < 100 + obj.shape[0] and y1 > 100  # the region overlaps it
+
+
+def test_stored_regions_are_within_half_an_int8_step_of_the_descriptors():
+    from roiqa.models.regions import decode_regions, encode_regions, region_count
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 112)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[3] = 0.0  # an all-zero row stays zero
+    blob = encode_regions(x)
+    assert len(blob) == 50 * (112 + 2) and region_count(blob, 112) == 50
+    y = decode_regions(blob, 112)
+    step = np.abs(x).max(axis=1, keepdims=True) / 127  # each row's int8 step
+    assert np.all(np.abs(y - x) <= step / 2 + 1e-3 * step + 1e-7) and not y[3].any()
+    q = x[::7]
+    np.testing.assert_allclose(y @ q.T, x @ q.T, atol=5e-3)  # inner products, as faiss scores them
+    assert decode_regions(b"", 112).shape == (0, 112) and decode_regions(encode_regions(x[:0]), 112).shape == (0, 112)
+    with pytest.raises(ValueError, match="whole 112-d regions"):
+        decode_regions(blob[:-1], 112)

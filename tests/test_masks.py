@@ -270,7 +270,7 @@ def embedder_off():
 
 def test_embedder_masks_off_unchanged(embedder_off):
     batch = batch_of()
-    ref_keys = {S.URI, S.ERROR, S.EMBEDDING, S.REGIONS}
+    ref_keys = {S.URI, S.ERROR, S.EMBEDDING, S.REGIONS_Q8}
     out = embedder_off(dict(batch))
     assert set(out) == ref_keys
     np.testing.assert_array_equal(out[S.EMBEDDING], embedder_off.embed(batch[S.IMAGE], batch[S.VALID_HW]))
@@ -286,7 +286,7 @@ def test_embedder_mask_columns(tmp_path, embedder_off):
     batch = batch_of()
     out = e(dict(batch))
     cov_c, thr_c, rle_c = S.mask_columns("test-profile")
-    assert set(out) == {S.URI, S.ERROR, S.EMBEDDING, S.REGIONS, cov_c, thr_c, rle_c, S.MASK_PROBE, S.ACTOR, S.BATCH}
+    assert set(out) == {S.URI, S.ERROR, S.EMBEDDING, S.REGIONS_Q8, cov_c, thr_c, rle_c, S.MASK_PROBE, S.ACTOR, S.BATCH}
     assert out[cov_c].dtype == np.float32 and out[thr_c].dtype == np.float32 and out[rle_c].dtype == object
     np.testing.assert_array_equal(out[S.EMBEDDING], embedder_off(dict(batch))[S.EMBEDDING])  # apply is off
     assert np.isnan(out[S.MASK_PROBE]).all() and (out[thr_c] == np.float32(0.12)).all()

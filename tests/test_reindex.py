@@ -360,3 +360,41 @@ def test_odd_inputs_are_indexed_or_recorded_and_a_reindex_keeps_their_rows(ray_l
     r = run_reindex(str(folder), index, cfg)
     assert (r.status, r.mode, r.counts["changed"], r.counts["unchanged"]) == ("published", "incremental", 1, 7)
     check(store.open_index(index))
+
+
+def test_a_version_with_float16_regions_is_carried_over_in_the_stored_form_of_new_ones(
+    ray_local, collection, tiny_cfg, tmp_path
+):
+    """Versions written before regions_q8 hold float16 regions (S.REGIONS): their faiss index is still read, and a
+    re-index carries their rows over converted to regions_q8, equal to a fresh index's within the int8 step."""
+    from roiqa.models.regions import decode_regions
+
+    folder = str(tmp_path / "images")
+    shutil.copytree(collection.gallery_dir, folder)
+    index = str(tmp_path / "index")
+    run_index(folder, index, tiny_cfg)
+    v1 = store.open_index(index)
+    dim = v1.manifest["embedding_dim"]
+    # rewrite v1 as an older version: float16 regions under S.REGIONS
+    for path in glob.glob(os.path.join(store.version_uri(index, v1.version, store.EMBEDDINGS), "*.parquet")):
+        t = pq.read_table(path)
+        old = [decode_regions(b, dim).astype(np.float16).tobytes() for b in t.column(S.REGIONS_Q8).to_pylist()]
+        i = t.schema.get_field_index(S.REGIONS_Q8)
+        pq.write_table(t.set_column(i, S.REGIONS, pa.array(old, pa.binary())), path)
+    old_table = store.open_index(index).embeddings()
+    assert S.REGIONS in old_table.column_names and S.REGIONS_Q8 not in old_table.column_names
+    n_old = faiss_index.coarse_count(old_table, dim, "regions")
+    assert n_old == store.open_index(index).faiss().ntotal  # the older version is read as it is
+
+    shutil.copyfile(sorted(glob.glob(os.path.join(folder, "*")))[0], os.path.join(folder, "new.png"))
+    r = run_reindex(folder, index, tiny_cfg)
+    assert (r.status, r.mode, r.counts["new"]) == ("published", "incremental", 1)
+    v2 = store.open_index(index)
+    table = v2.embeddings()
+    assert S.REGIONS_Q8 in table.column_names and S.REGIONS not in table.column_names
+    got = dict(zip(table.column(S.URI).to_pylist(), faiss_index.region_arrays(table, dim)))
+    want = dict(zip(old_table.column(S.URI).to_pylist(), faiss_index.region_arrays(old_table, dim)))
+    for u, regions in want.items():  # carried rows: the float16 values, now in int8 steps of their row's scale
+        step = np.abs(regions).max(axis=1, keepdims=True) / 127
+        assert np.all(np.abs(got[u] - regions) <= step / 2 + 1e-3 * step + 1e-7), u
+    assert v2.faiss().ntotal == faiss_index.coarse_count(table, dim, "regions") > n_old

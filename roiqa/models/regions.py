@@ -102,3 +102,35 @@ def split_key(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """region keys -> (image key, region number)."""
     keys = np.asarray(keys, np.int64)
     return keys >> REGION_BITS, keys & ((1 << REGION_BITS) - 1)
+
+
+def encode_regions(x: np.ndarray) -> bytes:
+    """(R, D) float descriptors -> the stored form (S.REGIONS_Q8): R float16 scales, then R x D int8, row-major.
+
+    Each row is scaled by its own largest magnitude / 127, so every component is off by at most half a step of its
+    row (scale / 2): the whitened, L2-normalised descriptors lose about nothing in inner products, at (D + 2) bytes
+    per region against 2 D for float16."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"encode_regions: expected (R, D) descriptors, got shape {x.shape}")
+    peak = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+    scales = (peak / 127.0).astype(np.float16)
+    safe = np.where(scales > 0, scales.astype(np.float32), 1.0)[:, None]
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return scales.tobytes() + q.tobytes()
+
+
+def decode_regions(blob: bytes | None, dim: int) -> np.ndarray:
+    """The stored form of `encode_regions` -> (R, D) float32."""
+    blob = blob or b""
+    if len(blob) % (dim + 2):
+        raise ValueError(f"decode_regions: {len(blob)} bytes are not whole {dim}-d regions ({dim + 2} bytes each)")
+    r = len(blob) // (dim + 2)
+    scales = np.frombuffer(blob, np.float16, count=r).astype(np.float32)
+    q = np.frombuffer(blob, np.int8, offset=2 * r).reshape(r, dim).astype(np.float32)
+    return q * scales[:, None]
+
+
+def region_count(blob: bytes | None, dim: int) -> int:
+    """Regions in a stored blob, without decoding it."""
+    return len(blob or b"") // (dim + 2)
