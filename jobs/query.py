@@ -26,8 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        help="output URI: each run writes runs/<run_id>/{results.parquet, errors.parquet, summary.json, heatmaps/}, "
-        "then CURRENT names it",
+        help="output URI: each run writes runs/<run_id>/{results.parquet, errors.parquet, summary.json, report.html, "
+        "heatmaps/}, then CURRENT names it",
     )
     p.add_argument(
         "--top-k",
