@@ -119,8 +119,9 @@ def draw(batch: dict[str, np.ndarray], long_side: int, max_pixels: int) -> dict[
     for i, kind in enumerate(batch[KIND]):
         thumb, target = b"", ""
         if kind == "overlay":
-            uri_mod.move(str(batch[SOURCE][i]), str(batch[TARGET][i]))
-            target = str(batch[TARGET][i])
+            source, target = str(batch[SOURCE][i]), str(batch[TARGET][i])
+            if uri_mod.exists(source) or not uri_mod.exists(target):  # a retried task finds its moves done
+                uri_mod.move(source, target)
         else:
             u = str(batch[S.URI][i])
             box = np.array([batch[c][i] for c in S.BOX], np.float32)

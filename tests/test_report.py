@@ -179,3 +179,22 @@ def test_a_query_run_writes_a_report_that_a_browser_shows_whole(collection, tiny
         links = [re.sub("^file://", "", u) for u in s["links"]]
         assert links == list(expected.sort_values(S.RANK)[S.HEATMAP_URI])  # each thumbnail opens its overlay
     assert len(page["images"]) == 5 * (1 + top) and all(ok and w > 0 for ok, w in page["images"])
+
+
+def test_draw_renames_overlays_once_and_a_retried_batch_finds_them_done(tmp_path):
+    src, dst = tmp_path / "heatmaps" / "q" / "7.png", tmp_path / "heatmaps" / "q" / "0001-7.png"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"png")
+    batch = {
+        report.KIND: np.array(["overlay"], dtype=object),
+        S.QUERY_ID: np.array(["q"], dtype=object),
+        S.RANK: np.array([1], np.int32),
+        S.URI: np.array([""], dtype=object),
+        **{c: np.array([np.nan], np.float32) for c in S.BOX},
+        report.SOURCE: np.array([str(src)], dtype=object),
+        report.TARGET: np.array([str(dst)], dtype=object),
+    }
+    for _ in range(2):  # the second call is a task retried after its moves were done
+        out = report.draw(batch, long_side=64, max_pixels=10**8)
+        assert list(out[report.TARGET]) == [str(dst)] and out[report.THUMB][0] == b""
+        assert not src.exists() and dst.read_bytes() == b"png"
