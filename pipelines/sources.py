@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipelines.runtime import table_dataset
 from roiqa import schema as S
 from roiqa import uri as uri_mod
 from roiqa.redact import has_credentials, redact
@@ -134,8 +135,5 @@ def uri_dataset(uris: list[str], rows_per_block: int, sizes: list[int | None] | 
     step = max(1, rows_per_block)
     sizes = [-1 if s is None else s for s in (sizes or [None] * len(uris))]
 
-    def table(i: int, j: int) -> pa.Table:
-        return pa.table({S.URI: pa.array(uris[i:j], pa.string()), S.SIZE_BYTES: pa.array(sizes[i:j], pa.int64())})
-
-    # from_blocks: the metadata is read in the driver (see pipelines.runtime.table_dataset)
-    return ray.data.from_blocks([table(i, i + step) for i in range(0, len(uris), step)] or [table(0, 0)])
+    table = pa.table({S.URI: pa.array(uris, pa.string()), S.SIZE_BYTES: pa.array(sizes, pa.int64())})
+    return table_dataset(table, -(-len(uris) // step))

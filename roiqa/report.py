@@ -120,8 +120,12 @@ def draw(batch: dict[str, np.ndarray], long_side: int, max_pixels: int) -> dict[
         thumb, target = b"", ""
         if kind == "overlay":
             source, target = str(batch[SOURCE][i]), str(batch[TARGET][i])
-            if uri_mod.exists(source) or not uri_mod.exists(target):  # a retried task finds its moves done
+            try:
                 uri_mod.move(source, target)
+            except FileNotFoundError:
+                if not uri_mod.exists(target):
+                    raise
+                # a retried task finds this move done
         else:
             u = str(batch[S.URI][i])
             box = np.array([batch[c][i] for c in S.BOX], np.float32)
