@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size
@@ -177,6 +176,7 @@ class Carried:
     faiss: object | None  # the parent's faiss index (None: rebuild from every vector)
     removed_ids: np.ndarray  # image ids to remove from it (changed and deleted images)
     info: dict  # what the manifest records under "reindex"
+    hubness: pa.Table | None = None  # the parent's hubness reference (roiqa.hubness), when it has one
 
 
 def describe_model(model_uri: str | None, cfg: RoiqaConfig) -> dict:
@@ -310,25 +310,22 @@ def write_version(
         list(zip(read_errors.column(S.URI).to_pylist(), read_errors.column(S.REASON).to_pylist())),
     )
     errors = pa.concat_tables([listing_errors, read_errors]).cast(S.ERRORS_SCHEMA)
-    mode = cfg.index.coarse
+    mode, ic = cfg.index.coarse, cfg.index
     tf = time.perf_counter()
-    n_vectors = faiss_index.coarse_count(emb, p.dim, mode)
-    factory = faiss_index.choose_factory(cfg.index.faiss_factory, n_vectors, p.dim)
-    index = None
+    factory = faiss_index.choose_factory(ic.faiss_factory, faiss_index.coarse_count(emb, p.dim, mode), p.dim)
+    parent = None
     if carried is not None and carried.faiss is not None:
-        new = pc.is_in(emb.column(S.IMAGE_ID), value_set=carried.embeddings.column(S.IMAGE_ID))
-        add_vectors, add_ids = faiss_index.coarse_vectors(emb.filter(pc.invert(new)), p.dim, mode)
-        index = faiss_index.update_index(
-            carried.faiss, carried.removed_ids, add_vectors, add_ids, regions=mode == "regions"
-        )
-        if index is not None and index.ntotal != n_vectors:
-            index = None  # the parent's index did not hold exactly the carried rows: rebuild
-    how = "updated" if index is not None else "built"
-    if index is None:
-        index = faiss_index.build_index(*faiss_index.coarse_vectors(emb, p.dim, mode), factory)
+        kept = np.asarray(carried.embeddings.column(S.IMAGE_ID).to_numpy(), np.int64)
+        parent = faiss_index.Parent(carried.faiss, carried.removed_ids, kept, carried.hubness)
+    coarse = faiss_index.build_coarse(emb, p.dim, mode, ic.faiss_factory, ic.hubness_k, ic.hubness_reference, parent)
+    index = coarse.index
     faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
+    checksums = {store.FAISS: store.sha256(faiss_bytes)}
+    if coarse.reference is not None:
+        ref_bytes = store.write_table(coarse.reference, store.version_uri(p.index, p.version, store.HUBNESS))
+        checksums[store.HUBNESS] = store.sha256(ref_bytes)
     (progress or Progress()).done(
-        f"{how} faiss index ({int(index.ntotal):,} vectors, {factory})", time.perf_counter() - tf
+        f"{coarse.how} faiss index ({int(index.ntotal):,} vectors, {factory})", time.perf_counter() - tf
     )
     errors_bytes = store.write_table(errors, store.version_uri(p.index, p.version, store.ERRORS))
     sig = p.listing.signatures
@@ -351,8 +348,13 @@ def write_version(
         "stages": stages_on,
         "faiss_factory": factory,
         "coarse": mode,
+        **(
+            {"hubness": {"k": ic.hubness_k, "reference": coarse.reference.num_rows}}
+            if coarse.reference is not None
+            else {}
+        ),
         "faiss_vectors": int(index.ntotal),
-        "checksums": {store.FAISS: store.sha256(faiss_bytes), store.ERRORS: store.sha256(errors_bytes)},
+        "checksums": {**checksums, store.ERRORS: store.sha256(errors_bytes)},
     }
     if carried is not None:
         manifest["reindex"] = carried.info

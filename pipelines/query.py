@@ -13,7 +13,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size, table_dataset
-from roiqa import faiss_index, query_output, report
+from roiqa import faiss_index, hubness, query_output, report
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa import uri as uri_mod
@@ -203,6 +203,8 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     emb = np.stack(enc.column(column).to_numpy(zero_copy_only=False))
     if regions:
         emb = emb.reshape(len(emb), len(coarse_views(qc)), -1)  # (Q, S, D)
+        if version.manifest.get("hubness"):  # regions indexed as [r, h(r)]: score <q, r> - weight * h(r)
+            emb = hubness.augment_queries(emb, qc.hubness)
     image_ids = np.fromiter(uris, np.int64, len(uris)) if regions else None
     scores, ids = (
         faiss_index.search_images(

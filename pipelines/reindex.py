@@ -105,10 +105,21 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
     errors = errors.filter(pc.and_(_rows_of(errors, keep), pc.invert(_listing_made(errors))))
     n_after = kept.num_rows + len(d["new"]) + len(d["changed"])  # an upper bound of the new row count
     per_image = parent.manifest.get("faiss_vectors", emb.num_rows) / max(1, emb.num_rows)  # regions per image
-    same_kind = parent.manifest.get("coarse", "global") == cfg.index.coarse and parent.manifest.get(
-        "faiss_factory"
-    ) == faiss_index.choose_factory(cfg.index.faiss_factory, round(n_after * per_image), p.dim)
-    return Carried(kept, errors, parent.faiss() if same_kind else None, np.asarray(removed, np.int64), info)
+    hub_k = cfg.index.hubness_k if cfg.index.coarse == "regions" else 0
+    same_kind = (
+        parent.manifest.get("coarse", "global") == cfg.index.coarse
+        and parent.manifest.get("faiss_factory")
+        == faiss_index.choose_factory(cfg.index.faiss_factory, round(n_after * per_image), p.dim)
+        and (parent.manifest.get("hubness") or {}).get("k", 0) == hub_k
+    )
+    return Carried(
+        kept,
+        errors,
+        parent.faiss() if same_kind else None,
+        np.asarray(removed, np.int64),
+        info,
+        parent.hubness_reference() if same_kind else None,
+    )
 
 
 def _listing_errors_unchanged(p: Plan) -> bool:

@@ -42,6 +42,8 @@ class IndexConfig:
     coarse: str = "regions"  # what faiss indexes: "regions" (every image's regional descriptors) | "global" (one each)
     faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k vectors, IVF,SQ8 above
     faiss_nprobe: int = 256  # IVF cells visited per query (32 of 8192 lost 0.225 coarse recall@100 on 3.1M regions)
+    hubness_k: int = 10  # regions: h(r) = mean similarity to the k nearest other images' regions (roiqa.hubness); 0 off
+    hubness_reference: int = 20000  # regions sampled from the collection, when faiss is built whole, to measure it
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
     lock_ttl_s: float = 21600.0  # the writer's lease on LOCK, renewed every ttl/3 while it runs; unrenewed: stale; 6 h
     allowed_prefixes: tuple[str, ...] = ()  # URIs a Parquet manifest may point into; empty: the manifest's own folder
@@ -55,6 +57,7 @@ class QueryConfig:
     coarse_sizes: tuple[int, ...] = (64, 96, 128)  # query long sides (pixels) whose descriptors search the regions
     coarse_rotations: tuple[float, ...] = (0.0, -30.0, 30.0)  # query rotations (degrees) searched at each coarse size
     coarse_regions: int = 4096  # regions fetched per query descriptor before they are grouped into images
+    hubness: float = 0.5  # a region scores <q, r> - hubness * h(r) in a region index built with index.hubness_k
     query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
     descriptor_size: int = 112  # query long side for the global and region descriptors
     context_pad: int = 32  # mirror padding (pixels, a multiple of the coarsest stride) around query patches

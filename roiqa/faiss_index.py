@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 
@@ -228,3 +230,60 @@ def search_images(
         for j, (key, v) in enumerate(ranked):
             out_s[i, j], out_i[i, j] = v, lookup[key]
     return out_s, out_i
+
+
+@dataclass
+class Coarse:
+    """The coarse stage's faiss index of a version, how it was made, and its hubness reference (roiqa.hubness)."""
+
+    index: faiss.Index
+    how: str  # "built" (from every vector) or "updated" (the parent's, in place)
+    reference: object | None  # pa.Table of roiqa.hubness.REFERENCE_SCHEMA; None: no hubness column
+
+
+@dataclass
+class Parent:
+    """What a re-index can update instead of rebuilding: the parent version's faiss index and hubness reference."""
+
+    index: faiss.Index
+    removed_ids: np.ndarray  # image ids to take out of it (changed and deleted images)
+    kept_ids: np.ndarray  # image ids of the rows it keeps
+    reference: object | None  # the parent's hubness reference (None: it has none)
+
+
+def build_coarse(
+    emb, dim: int, mode: str, factory: str, hubness_k: int, reference_size: int, parent: Parent | None = None
+) -> Coarse:
+    """faiss over the coarse vectors of embeddings table `emb`: the parent's index updated in place when it can be
+    (same kind, same hubness), else built from every vector. In a region index with `hubness_k` > 0, every region
+    is indexed as [r, h(r)] (roiqa.hubness); a build draws a new reference of `reference_size` regions, an update
+    measures the new regions against the parent's."""
+    from roiqa import hubness
+    from roiqa import schema as S
+
+    hub = mode == "regions" and hubness_k > 0
+    n = coarse_count(emb, dim, mode)
+    width = dim + int(hub)
+    if parent is not None and parent.index.d == width and (parent.reference is not None) == hub:
+        new = ~np.isin(np.asarray(emb.column(S.IMAGE_ID).to_numpy(), np.int64), parent.kept_ids)
+        vectors, ids = coarse_vectors(emb.filter(new), dim, mode)
+        if hub:
+            ref, ref_keys = hubness.reference_arrays(parent.reference, dim)
+            vectors = hubness.augment(vectors, hubness.hubness(vectors, _image_keys(ids), ref, ref_keys, hubness_k))
+        index = update_index(parent.index, parent.removed_ids, vectors, ids, regions=mode == "regions")
+        if index is not None and index.ntotal == n:
+            return Coarse(index, "updated", parent.reference)
+    vectors, ids = coarse_vectors(emb, dim, mode)
+    reference = None
+    if hub:
+        keys = _image_keys(ids)
+        reference = hubness.sample_reference(vectors, keys, reference_size)
+        ref, ref_keys = hubness.reference_arrays(reference, dim)
+        vectors = hubness.augment(vectors, hubness.hubness(vectors, keys, ref, ref_keys, hubness_k))
+    return Coarse(build_index(vectors, ids, choose_factory(factory, n, dim)), "built", reference)
+
+
+def _image_keys(region_ids: np.ndarray) -> np.ndarray:
+    from roiqa.models.regions import split_key
+
+    return split_key(region_ids)[0]

@@ -1,5 +1,6 @@
-"""The published index layout: versions/<id>/{embeddings/, faiss.index, errors.parquet, sources.parquet,
-manifest.json} + CURRENT, the runs table (runs/<run_id>.parquet) and the writers' LOCK (roiqa.index_lock)."""
+"""The published index layout: versions/<id>/{embeddings/, faiss.index, [hubness.parquet,] errors.parquet,
+sources.parquet, manifest.json} + CURRENT, the runs table (runs/<run_id>.parquet) and the writers' LOCK
+(roiqa.index_lock)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ FAISS = "faiss.index"
 ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
 MASKS_CONTROLLER = "masks_controller.parquet"  # the masks stage's threshold controller history (when masks are on)
+HUBNESS = "hubness.parquet"  # the hubness reference of a region index (roiqa.hubness), when it has one
 SOURCES = "sources.parquet"  # listed URI -> signature, what `roiqa reindex` compares against
 RUNS = "runs"  # runs/<run_id>.parquet: one row per index / reindex run
 
@@ -115,6 +117,17 @@ class IndexVersion:
         if sha256(data) != expected:
             raise ValueError(f"{self.uri(FAISS)}: checksum mismatch with the manifest; the index is damaged")
         return faiss_index.deserialize(data, self.uri(FAISS))
+
+    def hubness_reference(self) -> pa.Table | None:
+        """The hubness reference (roiqa.hubness.REFERENCE_SCHEMA) of a version indexed with one, checked against
+        the manifest's checksum; None for a version without one."""
+        if not self.manifest.get("hubness"):
+            return None
+        expected = (self.manifest.get("checksums") or {}).get(HUBNESS)
+        data = uri_mod.read_bytes(self.uri(HUBNESS))
+        if sha256(data) != expected:
+            raise ValueError(f"{self.uri(HUBNESS)}: checksum mismatch with the manifest; the index is damaged")
+        return pq.read_table(pa.BufferReader(data))
 
 
 def open_index(root: str, version: str | None = None) -> IndexVersion:

@@ -25,10 +25,11 @@ from PIL import Image
 from pipelines.index import run_index
 from pipelines.reindex import diff, run_reindex
 from pipelines.sources import list_images
-from roiqa import faiss_index
+from roiqa import faiss_index, hubness
 from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.config import replace_section
+from roiqa.models.regions import image_key, split_key
 from roiqa.sources import content_hash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,15 +105,31 @@ def test_reindex_embeds_only_changes_and_equals_a_full_index(ray_local, collecti
     assert _error_uris(v2) == _error_uris(ref) == sorted([os.path.join(folder, "broken.jpg"), f"{folder}/new_b.jpg"])
     assert sorted([*got, *_error_uris(v2)]) == sorted(list_images(folder).uris)  # every input once
 
-    # the faiss index updated in place answers like the rebuilt one
-    vectors, keys = faiss_index.coarse_vectors(ref.embeddings(), ref.manifest["embedding_dim"], "regions")
+    # the faiss index updated in place answers like the rebuilt one (hubness weight 0: the inner products alone)
+    dim = ref.manifest["embedding_dim"]
+    vectors, keys = faiss_index.coarse_vectors(ref.embeddings(), dim, "regions")
     assert v2.faiss().ntotal == ref.faiss().ntotal == len(keys)
-    q = vectors[::97][:4]  # regional descriptors of the reference, as queries
+    q = hubness.augment_queries(vectors[::97][:4], 0.0)  # regional descriptors of the reference, as queries
     d1, i1 = faiss_index.search(v2.faiss(), q, 5)
     d2, _ = faiss_index.search(ref.faiss(), q, 5)
     np.testing.assert_allclose(d1, d2, atol=1e-3)  # the same scores (ids of near-ties may swap places)
     by_key = dict(zip(keys.tolist(), vectors))
-    np.testing.assert_allclose([[q[i] @ by_key[j] for j in row] for i, row in enumerate(i1)], d1, atol=1e-3)
+    np.testing.assert_allclose([[q[i][:-1] @ by_key[j] for j in row] for i, row in enumerate(i1)], d1, atol=1e-3)
+
+    # the update keeps the parent's hubness reference and measures the new regions against it, like a naive loop
+    assert v2.manifest["hubness"] == v1.manifest["hubness"]
+    assert v1.manifest["hubness"] == {"k": cfg.index.hubness_k, "reference": v1.manifest["faiss_vectors"]}  # < 20000
+    ref_v, ref_k = hubness.reference_arrays(v2.hubness_reference(), dim)
+    np.testing.assert_array_equal(ref_v, hubness.reference_arrays(v1.hubness_reference(), dim)[0])
+    new_uri = os.path.join(folder, "new_a.jpg")
+    new_id = [i for i, u in store.image_uris(v2).items() if u == new_uri][0]
+    new_keys = [k for k in keys.tolist() if split_key(k)[0] == image_key(np.array([new_id]))[0]]
+    stored = np.stack([v2.faiss().reconstruct(k) for k in new_keys[:3]])  # Flat: exact
+    for row, k in zip(stored, new_keys[:3]):
+        own = split_key(k)[0]
+        sims = sorted((float(by_key[k] @ rv) for rv, rk in zip(ref_v, ref_k) if rk != own), reverse=True)
+        np.testing.assert_allclose(row[:-1], by_key[k], atol=1e-6)
+        assert abs(row[-1] - np.mean(sims[: cfg.index.hubness_k])) < 1e-4
 
     # a third publish: keep_versions=2 garbage-collects the first version
     os.remove(os.path.join(folder, "new_a.jpg"))

@@ -1,0 +1,87 @@
+"""Hubness of regional descriptors: how much a region resembles the regions of other images.
+
+Among many images, the regions that win a query are often not the object but "hubs": texture that looks a little
+like everything (text, foliage, noise, a background repeated across the collection). Each region's hubness h(r)
+is the mean of its k best inner products with a reference sample of the collection's regions, leaving out the
+reference regions of its own image (overlapping windows of one image always resemble each other). The coarse stage
+scores a region by <q, r> - weight * h(r), a correction in the spirit of CSLS (Conneau et al. 2018) and of
+hubness reduction in nearest-neighbour retrieval. faiss keeps searching by inner product: a region is indexed as
+[r, h(r)] and a query as [q, -weight], so the weight is a query-time setting.
+
+The reference sample is drawn once, when faiss is built from every vector, and stored in the index version
+(`hubness.parquet`); a re-index scores its new regions against the same sample, so old and new rows agree.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+REFERENCE_SCHEMA = pa.schema([("image_key", pa.int64()), ("vector", pa.list_(pa.float32()))])
+
+
+def sample_reference(vectors: np.ndarray, image_keys: np.ndarray, n: int, seed: int = 0) -> pa.Table:
+    """Up to `n` rows of (N, D) `vectors` drawn without replacement (seeded), with the key of each one's image."""
+    vectors = np.asarray(vectors, np.float32)
+    pick = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(n, len(vectors)), replace=False))
+    return reference_table(vectors[pick], np.asarray(image_keys, np.int64)[pick])
+
+
+def reference_table(vectors: np.ndarray, image_keys: np.ndarray) -> pa.Table:
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    offsets = pa.array(np.arange(0, vectors.size + 1, max(vectors.shape[1], 1), dtype=np.int32)[: len(vectors) + 1])
+    lists = pa.ListArray.from_arrays(offsets, flat) if len(vectors) else pa.array([], pa.list_(pa.float32()))
+    return pa.table([pa.array(np.asarray(image_keys, np.int64)), lists], schema=REFERENCE_SCHEMA)
+
+
+def reference_arrays(table: pa.Table, dim: int, name: str = "hubness reference") -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (M, dim) float32, image keys (M,)) of a reference table; a table of another width is a ValueError."""
+    if table.schema.names != REFERENCE_SCHEMA.names:
+        raise ValueError(f"{name}: expected columns {REFERENCE_SCHEMA.names}, got {table.schema.names}")
+    keys = np.asarray(table.column("image_key").to_numpy(), np.int64)
+    flat = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
+    if flat.size != len(keys) * dim:
+        raise ValueError(f"{name}: {flat.size} values are not {len(keys)} vectors of {dim} dimensions")
+    return flat.reshape(len(keys), dim), keys
+
+
+def hubness(
+    vectors: np.ndarray,
+    image_keys: np.ndarray,
+    reference: np.ndarray,
+    reference_keys: np.ndarray,
+    k: int,
+    chunk: int = 16384,
+) -> np.ndarray:
+    """h(r) for each of the (N, D) `vectors`: the mean of its k best inner products with the `reference` rows whose
+    image key differs from its own (fewer than k when the reference holds fewer; 0 when it holds none). (N,)"""
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    reference = np.ascontiguousarray(reference, np.float32)
+    image_keys, reference_keys = np.asarray(image_keys, np.int64), np.asarray(reference_keys, np.int64)
+    out = np.zeros(len(vectors), np.float32)
+    if len(vectors) == 0 or len(reference) == 0 or k < 1:
+        return out
+    flat = faiss.IndexFlatIP(reference.shape[1])
+    flat.add(reference)
+    same = int(np.unique(reference_keys, return_counts=True)[1].max())  # most reference rows one image can own
+    fetch = min(len(reference), k + same)
+    for s in range(0, len(vectors), chunk):
+        sims, idx = flat.search(vectors[s : s + chunk], fetch)
+        other = reference_keys[idx] != image_keys[s : s + chunk, None]
+        take = other & (np.cumsum(other, axis=1) <= k)  # the first k neighbours of other images, best first
+        n = take.sum(axis=1)
+        out[s : s + chunk] = np.where(n > 0, (sims * take).sum(axis=1) / np.maximum(n, 1), 0.0)
+    return out
+
+
+def augment(vectors: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Index rows [r, h(r)]: (N, D) + (N,) -> (N, D + 1) float32."""
+    return np.concatenate([np.asarray(vectors, np.float32), np.asarray(h, np.float32)[:, None]], axis=1)
+
+
+def augment_queries(queries: np.ndarray, weight: float) -> np.ndarray:
+    """Query rows [q, -weight]: (..., D) -> (..., D + 1), so <[q, -w], [r, h]> = <q, r> - w h(r)."""
+    q = np.asarray(queries, np.float32)
+    return np.concatenate([q, np.full(q.shape[:-1] + (1,), -float(weight), np.float32)], axis=-1)
