@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="benchmarks/results", help="folder for bench_scale.json / .md")
     p.add_argument(
+        "--hubness", type=float, default=None, help="query.hubness for the queries (default: the config's default)"
+    )
+    p.add_argument(
         "--quick", action="store_true", help="24 evaluation images, 12 distractors, one budget, no SIFT (smoke test)"
     )
     args = p.parse_args(argv)
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     t0 = time.perf_counter()
     cfg = RoiqaConfig()
+    if args.hubness is not None:
+        cfg = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, hubness=args.hubness))
     index = os.path.join(work, "index")
     index_json = os.path.join(work, "index_report.json")
     if args.reuse:
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "queries": n_queries,
         "positives": len(gt),
         "top_k": cfg.query.top_k,
+        "hubness": {"k": cfg.index.hubness_k, "weight": cfg.query.hubness},
         "index": index_report,
         "runs": {},
     }
@@ -193,7 +199,8 @@ def markdown(report: dict) -> str:
     ix = report["index"]
     lines = [
         f"{report['images']} images ({report['distractors']} distractors), {report['queries']} queries, "
-        f"{report['positives']} positives; top_k {report['top_k']}.",
+        f"{report['positives']} positives; top_k {report['top_k']}; "
+        f"hubness k {report['hubness']['k']}, weight {report['hubness']['weight']}.",
         "",
         *rows,
         "",

@@ -102,7 +102,7 @@ def json_ready(value: object) -> object:
 
 
 def index_bytes_per_image(index: str) -> float:
-    """(faiss index bytes + embeddings Parquet bytes) / indexed images of the published version of `index`."""
+    """(faiss index + embeddings Parquet + hubness reference bytes) / indexed images of the published version."""
     from roiqa import index_store as store
     from roiqa import uri as uri_mod
 
@@ -110,6 +110,8 @@ def index_bytes_per_image(index: str) -> float:
     fs, faiss_path = uri_mod.filesystem(version.uri(store.FAISS))
     _, emb_path = uri_mod.filesystem(version.uri(store.EMBEDDINGS))
     total = fs.size(faiss_path) + fs.du(emb_path, total=True)
+    if version.manifest.get("hubness"):
+        total += fs.size(uri_mod.filesystem(version.uri(store.HUBNESS))[1])
     n = int(version.manifest["counts"]["indexed"])
     if n == 0:
         raise ValueError(f"{index}: the published version indexed no images")

@@ -18,33 +18,36 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-REFERENCE_SCHEMA = pa.schema([("image_key", pa.int64()), ("vector", pa.list_(pa.float32()))])
+from roiqa.models.regions import decode_regions, encode_regions
+
+# One row per reference region: its image's key and its descriptor in the regions' stored form (D + 2 bytes,
+# roiqa.models.regions.encode_regions). The hubness of every region is measured against the decoded rows, at a
+# build and at every later update alike.
+REFERENCE_SCHEMA = pa.schema([("image_key", pa.int64()), ("vector_q8", pa.binary())])
 
 
 def sample_reference(vectors: np.ndarray, image_keys: np.ndarray, n: int, seed: int = 0) -> pa.Table:
     """Up to `n` rows of (N, D) `vectors` drawn without replacement (seeded), with the key of each one's image."""
-    vectors = np.asarray(vectors, np.float32)
     pick = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(n, len(vectors)), replace=False))
-    return reference_table(vectors[pick], np.asarray(image_keys, np.int64)[pick])
+    return reference_table(np.asarray(vectors, np.float32)[pick], np.asarray(image_keys, np.int64)[pick])
 
 
 def reference_table(vectors: np.ndarray, image_keys: np.ndarray) -> pa.Table:
-    vectors = np.ascontiguousarray(vectors, np.float32)
-    flat = pa.array(vectors.reshape(-1), pa.float32())
-    offsets = pa.array(np.arange(0, vectors.size + 1, max(vectors.shape[1], 1), dtype=np.int32)[: len(vectors) + 1])
-    lists = pa.ListArray.from_arrays(offsets, flat) if len(vectors) else pa.array([], pa.list_(pa.float32()))
-    return pa.table([pa.array(np.asarray(image_keys, np.int64)), lists], schema=REFERENCE_SCHEMA)
+    """The stored form of reference regions (REFERENCE_SCHEMA)."""
+    blobs = [encode_regions(v[None]) for v in np.asarray(vectors, np.float32)]
+    return pa.table([pa.array(np.asarray(image_keys, np.int64)), pa.array(blobs, pa.binary())], schema=REFERENCE_SCHEMA)
 
 
 def reference_arrays(table: pa.Table, dim: int, name: str = "hubness reference") -> tuple[np.ndarray, np.ndarray]:
-    """(vectors (M, dim) float32, image keys (M,)) of a reference table; a table of another width is a ValueError."""
+    """(vectors (M, dim) float32, image keys (M,)) of a reference table; rows of another width are a ValueError."""
     if table.schema.names != REFERENCE_SCHEMA.names:
         raise ValueError(f"{name}: expected columns {REFERENCE_SCHEMA.names}, got {table.schema.names}")
     keys = np.asarray(table.column("image_key").to_numpy(), np.int64)
-    flat = np.asarray(table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
-    if flat.size != len(keys) * dim:
-        raise ValueError(f"{name}: {flat.size} values are not {len(keys)} vectors of {dim} dimensions")
-    return flat.reshape(len(keys), dim), keys
+    blobs = table.column("vector_q8").to_pylist()
+    if any(len(b or b"") != dim + 2 for b in blobs):
+        raise ValueError(f"{name}: rows are not single {dim}-d regions ({dim + 2} bytes each)")
+    vectors = np.concatenate([decode_regions(b, dim) for b in blobs]) if blobs else np.zeros((0, dim), np.float32)
+    return vectors, keys
 
 
 def hubness(

@@ -57,13 +57,12 @@ def test_a_reference_table_round_trips_and_refuses_another_width():
     table = hubness.sample_reference(vectors, keys, n=20, seed=7)
     assert table.num_rows == 20 and table.schema == hubness.REFERENCE_SCHEMA
     v, k = hubness.reference_arrays(table, 8)
-    rows = {tuple(x) for x in vectors.tolist()}
-    assert all(tuple(x) in rows for x in v.tolist())  # drawn from the vectors, with their own image keys
-    lookup = {tuple(x): key for x, key in zip(vectors.tolist(), keys.tolist())}
-    assert [lookup[tuple(x)] for x in v.tolist()] == k.tolist()
+    nearest = np.argmax(v @ vectors.T, axis=1)  # each stored row is one of the vectors, within int8 steps
+    np.testing.assert_allclose(v, vectors[nearest], atol=1.0 / 127)
+    assert len(set(nearest.tolist())) == 20 and k.tolist() == keys[nearest].tolist()  # with its own image key
     assert hubness.sample_reference(vectors, keys, n=20, seed=7).equals(table)  # seeded
     assert hubness.sample_reference(vectors, keys, n=500).num_rows == 50  # at most every vector
-    with pytest.raises(ValueError, match="not 20 vectors of 16 dimensions"):
+    with pytest.raises(ValueError, match="not single 16-d regions"):
         hubness.reference_arrays(table, 16)
 
 
