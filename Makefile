@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-scale soak experiments clean
+.PHONY: demo test lint bench bench-scale soak experiments photos clean
 
 # TORCH: which torch build goes into the venv. auto: PyTorch's CPU build on an x86_64 machine without an NVIDIA
 # driver (no CUDA libraries: about 3 GB of nvidia-* packages and triton less), the package registry's standard
@@ -71,6 +71,11 @@ experiments: $(STAMP)
 	$(PY) -m benchmarks.exp_patches --steps 100 --batch-size 8 --gallery 64 --repeats 3 --out benchmarks/results
 	$(PY) -m benchmarks.exp_roimask --out benchmarks/results
 	$(PY) -m benchmarks.exp_stages --experiment all --out benchmarks/results
+
+# Training photographs from Debian's wallpaper packages (jobs/photos.py), into a cache outside git: a minute.
+PHOTOS ?= .cache/photos
+photos: $(STAMP)
+	$(VENV)/bin/roiqa photos --out $(PHOTOS)
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hub-weights", default="0.5,1.0", help="comma-separated hubness weights")
     p.add_argument("--only-hubness", action="store_true", help="only the shipped and hubness variants")
     p.add_argument("--hub-sample", type=int, default=20000)
+    p.add_argument("--model", default=None, help="checkpoint whose whitening is tried (default: the shipped one)")
     p.add_argument("--work", default=None)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="exp_coarse", help="report file name (without extension)")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         col = build_eval_collection(col_dir, seed=args.seed)
         build_distractors(col.gallery_dir, args.distractors, seed=args.seed + 1)
     gallery_dir = os.path.join(col_dir, "gallery")
-    model = load_matcher(resolve_model(None), cfg.model).eval()
+    model = load_matcher(resolve_model(args.model), cfg.model).eval()
     lv, stride, size = model.cfg.descriptor_level, model.stride(model.cfg.descriptor_level), cfg.preprocess.image_size
 
     # --- the descriptor-level map of every image (cached) --------------------------------------------------

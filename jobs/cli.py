@@ -16,6 +16,7 @@ VERBS = {
     "profile": ("jobs.profile", "train a task profile (confidence estimator + thresholds) for the masks stage"),
     "verifier": ("jobs.verifier", "train the ROI-mask verifier used by the query pipeline's verify stage"),
     "coarse": ("jobs.coarse", "fit the coarse stage's regional whitening on training photographs; write a checkpoint"),
+    "photos": ("jobs.photos", "fetch the photographs of Debian wallpaper packages into a local cache, for training"),
     "submit": ("jobs.submit", "submit a roiqa verb as a Ray job to a running cluster"),
 }
 

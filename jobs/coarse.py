@@ -13,7 +13,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--photos",
         default="bundled",
-        help="'bundled' (roiqa.demo_data.TRAINING_PHOTOS, disjoint from the evaluation photographs) or a folder/prefix",
+        help="comma-separated: 'bundled' (roiqa.demo_data.TRAINING_PHOTOS, disjoint from the evaluation photographs) "
+        "and/or folders/prefixes of photographs (e.g. the cache of `roiqa photos`)",
     )
     p.add_argument("--shrink", type=float, default=0.1, help="eigenvalue shrinkage of the whitening")
     p.add_argument("--with-body", action="store_true", help="store the body's weights too (default: from the package)")
@@ -33,13 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         from roiqa.models.matcher import Matcher
 
         cfg = config_from(args)
-        if args.photos == "bundled":
-            photos = [load_photo(n) for n in TRAINING_PHOTOS]
-        else:
-            files = uri_mod.list_files(args.photos, uri_mod.IMAGE_EXTENSIONS)
+        photos = []
+        for source in [x.strip() for x in args.photos.split(",") if x.strip()]:
+            if source == "bundled":
+                photos += [load_photo(n) for n in TRAINING_PHOTOS]
+                continue
+            files = uri_mod.list_files(source, uri_mod.IMAGE_EXTENSIONS)
             if not files:
-                raise ValueError(f"{args.photos}: no images found")
-            photos = [decode_image(uri_mod.read_bytes(f), f, cfg.preprocess.max_pixels) for f in files]
+                raise ValueError(f"{source}: no images found")
+            photos += [decode_image(uri_mod.read_bytes(f), f, cfg.preprocess.max_pixels) for f in files]
         model = Matcher(cfg.model)
         n = fit_coarse(model, photos, cfg.preprocess.image_size, args.shrink)
         data = save_matcher(
