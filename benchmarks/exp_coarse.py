@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hub-k", default="10", help="comma-separated neighbour counts k of the hubness")
     p.add_argument("--hub-weights", default="0.5,1.0", help="comma-separated hubness weights")
     p.add_argument("--only-hubness", action="store_true", help="only the shipped and hubness variants")
+    p.add_argument(
+        "--windows",
+        default=None,
+        help="';'-separated window sets to try with hubness (k 10, weight 0.5), each ','-separated 'WxH/STEP' cells, "
+        "e.g. '3x3/2,5x5/3,8x8/4;3x3/2,5x5/3,8x8/4,3x8/2,8x3/2'",
+    )
     p.add_argument("--hub-sample", type=int, default=20000)
     p.add_argument("--model", default=None, help="checkpoint whose whitening is tried (default: the shipped one)")
     p.add_argument("--work", default=None)
@@ -218,6 +224,21 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(evaluate(f"hubness k {k}, weight {lam}", base, counts, qraw3, shipped, lam * h))
     del v
     if args.only_hubness:
+        rows_out(rows)
+        return 0
+    if args.windows:
+        for spec in args.windows.split(";"):
+            windows = tuple(
+                (int(wh.split("x")[0]), int(wh.split("x")[1]), int(st))
+                for wh, st in (w.split("/") for w in spec.split(","))
+            )
+            vec, cnt = regions(windows, 3.0)
+            v = shipped(vec).numpy().astype(np.float32)
+            own = np.repeat(np.arange(len(cnt)), cnt)
+            pick = np.sort(rng.choice(len(v), min(len(v), args.hub_sample), replace=False))
+            h = hub.hubness(v, own, v[pick], own[pick], 10)
+            rows.append(evaluate(f"windows {spec}, hubness k 10, weight 0.5", vec, cnt, qraw3, shipped, 0.5 * h))
+            del vec, v
         rows_out(rows)
         return 0
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # (window side, step) in cells of the descriptor level.
-WINDOWS: tuple[tuple[int, int], ...] = ((3, 2), (5, 3), (8, 4))
+WINDOWS: tuple[tuple[int, ...], ...] = ((3, 2), (5, 3), (8, 4))
 MAX_REGIONS = 4096  # regions per image: the region number is stored in the low 12 bits of its faiss id
 REGION_BITS = 12
 
@@ -29,16 +29,18 @@ def _starts(n: int, side: int, step: int) -> list[int]:
     return starts
 
 
-def region_grid(h: int, w: int, windows: tuple[tuple[int, int], ...] = WINDOWS) -> torch.Tensor:
+def region_grid(h: int, w: int, windows: tuple[tuple[int, ...], ...] = WINDOWS) -> torch.Tensor:
     """(R, 4) int64 cell boxes x0, y0, x1, y1 (end exclusive) over an (h, w) cell map: the whole map first, then
-    every window of `windows`, duplicates removed, at most MAX_REGIONS."""
+    every window of `windows` ((side, step) for a square, (width, height, step) otherwise), each clamped to the
+    map, duplicates removed, at most MAX_REGIONS."""
     if h < 1 or w < 1:
         raise ValueError(f"region_grid: empty map {h}x{w}")
     boxes = [(0, 0, w, h)]
-    for side, step in windows:
-        sh, sw = min(side, h), min(side, w)
-        for y in _starts(h, side, step):
-            for x in _starts(w, side, step):
+    for window in windows:
+        ww, wh, step = (window[0], window[0], window[1]) if len(window) == 2 else window
+        sh, sw = min(wh, h), min(ww, w)
+        for y in _starts(h, wh, step):
+            for x in _starts(w, ww, step):
                 boxes.append((x, y, x + sw, y + sh))
     unique = list(dict.fromkeys(boxes))[:MAX_REGIONS]
     return torch.tensor(unique, dtype=torch.int64)
