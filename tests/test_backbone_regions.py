@@ -97,6 +97,12 @@ def test_region_grid_covers_the_map() -> None:
     assert tiny.tolist() == [[0, 0, 1, 2]]
 
 
+def test_region_grid_takes_rectangular_windows() -> None:
+    cells = region_grid(10, 7, ((3, 8, 2),))  # 3 cells wide, 8 high, every 2 cells
+    want = [(0, 0, 7, 10)] + [(x, y, x + 3, y + 8) for y in (0, 2) for x in (0, 2, 4)]  # last starts flush
+    assert [tuple(c) for c in cells.tolist()] == want
+
+
 def test_whitening_fit_gives_unit_covariance() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4000, 6, generator=g) @ torch.randn(6, 6, generator=g) + 3.0
