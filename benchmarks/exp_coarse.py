@@ -32,14 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, write_report
-
-
-def average_precision(relevant: np.ndarray) -> float:
-    """AP of a ranking given as a boolean relevance vector (all positives are in it)."""
-    hits = np.flatnonzero(relevant)
-    if len(hits) == 0:
-        return 0.0
-    return float(np.mean((np.arange(len(hits)) + 1) / (hits + 1)))
+from benchmarks.exp_region_dims import average_precision
 
 
 def rank_images(qvec: np.ndarray, vectors: np.ndarray, offsets: np.ndarray, penalty: np.ndarray | None) -> np.ndarray:

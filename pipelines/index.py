@@ -312,13 +312,12 @@ def write_version(
     errors = pa.concat_tables([listing_errors, read_errors]).cast(S.ERRORS_SCHEMA)
     mode, ic = cfg.index.coarse, cfg.index
     tf = time.perf_counter()
-    factory = faiss_index.choose_factory(ic.faiss_factory, faiss_index.coarse_count(emb, p.dim, mode), p.dim)
     parent = None
     if carried is not None and carried.faiss is not None:
         kept = np.asarray(carried.embeddings.column(S.IMAGE_ID).to_numpy(), np.int64)
         parent = faiss_index.Parent(carried.faiss, carried.removed_ids, kept, carried.hubness)
     coarse = faiss_index.build_coarse(emb, p.dim, mode, ic.faiss_factory, ic.hubness_k, ic.hubness_reference, parent)
-    index = coarse.index
+    index, factory = coarse.index, coarse.factory
     faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
     checksums = {store.FAISS: store.sha256(faiss_bytes)}
     if coarse.reference is not None:

@@ -238,6 +238,7 @@ class Coarse:
 
     index: faiss.Index
     how: str  # "built" (from every vector) or "updated" (the parent's, in place)
+    factory: str  # the faiss factory string it is built with
     reference: object | None  # pa.Table of roiqa.hubness.REFERENCE_SCHEMA; None: no hubness column
 
 
@@ -263,6 +264,7 @@ def build_coarse(
 
     hub = mode == "regions" and hubness_k > 0
     n = coarse_count(emb, dim, mode)
+    factory = choose_factory(factory, n, dim)
     width = dim + int(hub)
     if parent is not None and parent.index.d == width and (parent.reference is not None) == hub:
         new = ~np.isin(np.asarray(emb.column(S.IMAGE_ID).to_numpy(), np.int64), parent.kept_ids)
@@ -272,7 +274,7 @@ def build_coarse(
             vectors = hubness.augment(vectors, hubness.hubness(vectors, _image_keys(ids), ref, ref_keys, hubness_k))
         index = update_index(parent.index, parent.removed_ids, vectors, ids, regions=mode == "regions")
         if index is not None and index.ntotal == n:
-            return Coarse(index, "updated", parent.reference)
+            return Coarse(index, "updated", factory, parent.reference)
     vectors, ids = coarse_vectors(emb, dim, mode)
     reference = None
     if hub:
@@ -280,7 +282,7 @@ def build_coarse(
         reference = hubness.sample_reference(vectors, keys, reference_size)
         ref, ref_keys = hubness.reference_arrays(reference, dim)
         vectors = hubness.augment(vectors, hubness.hubness(vectors, keys, ref, ref_keys, hubness_k))
-    return Coarse(build_index(vectors, ids, choose_factory(factory, n, dim)), "built", reference)
+    return Coarse(build_index(vectors, ids, factory), "built", factory, reference)
 
 
 def _image_keys(region_ids: np.ndarray) -> np.ndarray:
