@@ -18,6 +18,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shrink", type=float, default=0.1, help="eigenvalue shrinkage of the whitening")
     p.add_argument("--with-body", action="store_true", help="store the body's weights too (default: from the package)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="fit the whitening of this matcher checkpoint (a trained one, say), keeping its other weights "
+        "(default: a new matcher from the config's model section)",
+    )
     add_config_arg(p)
     return p
 
@@ -28,28 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         from roiqa import uri as uri_mod
         from roiqa.coarse_fit import fit_coarse
-        from roiqa.demo_data import TRAINING_PHOTOS, load_photo
-        from roiqa.imageio import decode_image
-        from roiqa.models.checkpoint import save_matcher
-        from roiqa.models.matcher import Matcher
+        from roiqa.models.checkpoint import CONFIG_KEY, load_matcher, read_metadata, save_matcher
+        from roiqa.train_data import load_photo_sources
 
         cfg = config_from(args)
-        photos = []
-        for source in [x.strip() for x in args.photos.split(",") if x.strip()]:
-            if source == "bundled":
-                photos += [load_photo(n) for n in TRAINING_PHOTOS]
-                continue
-            files = uri_mod.list_files(source, uri_mod.IMAGE_EXTENSIONS)
-            if not files:
-                raise ValueError(f"{source}: no images found")
-            photos += [decode_image(uri_mod.read_bytes(f), f, cfg.preprocess.max_pixels) for f in files]
-        model = Matcher(cfg.model)
+        photos = load_photo_sources(args.photos, cfg.preprocess.max_pixels)
+        model = load_matcher(args.model, cfg.model)
+        extra = {}
+        if args.model:  # what else the checkpoint says about itself (its training run) is kept
+            meta = read_metadata(uri_mod.read_bytes(args.model), args.model)
+            extra = {k: v for k, v in meta.items() if k != CONFIG_KEY}
         n = fit_coarse(model, photos, cfg.preprocess.image_size, args.shrink)
+        extra["roiqa.coarse_fit"] = f"{len(photos)} photos, {n} regions"
         data = save_matcher(
             model,
             args.out,
-            extra={"roiqa.coarse_fit": f"{len(photos)} photos, {n} regions"},
-            include_body=args.with_body,
+            extra=extra,
+            # a body loaded from the checkpoint itself (not from a package) must be stored again
+            include_body=args.with_body or not model.cfg.backbone_weights,
         )
         print(f"whitening fitted on {n} regional descriptors of {len(photos)} photos; {len(data)} bytes -> {args.out}")
         return 0

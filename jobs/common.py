@@ -61,11 +61,18 @@ def under_root(args: argparse.Namespace) -> argparse.Namespace:
     root = getattr(args, "root", None)
     if not root:
         return args
+
+    def resolve(value: str) -> str:
+        if value in NOT_LOCATIONS or "://" in value or value.startswith("/"):
+            return value
+        return uri_mod.join(root, value)
+
+    lists = set(getattr(args, "list_options", ()))
     for name in getattr(args, "uri_options", ()):
         value = getattr(args, name, None)
-        if isinstance(value, str) and value and value not in NOT_LOCATIONS:
-            if "://" not in value and not value.startswith("/"):
-                setattr(args, name, uri_mod.join(root, value))
+        if isinstance(value, str) and value:
+            parts = [x.strip() for x in value.split(",")] if name in lists else [value]
+            setattr(args, name, ",".join(resolve(x) for x in parts))
     return args
 
 
@@ -196,14 +203,15 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--images",
-        help="folder/prefix of unlabeled photographs: (query, positive) pairs are synthesised from them; "
-        "'bundled' = the training photographs shipped inside scikit-image",
+        help="unlabeled photographs, (query, positive) pairs are synthesised from them: comma-separated folders / "
+        "prefixes and 'bundled' (the training photographs shipped inside scikit-image), e.g. bundled,.cache/photos",
     )
     src.add_argument(
         "--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1 (roiqa.train_data.import_coco makes one)"
     )
     src.add_argument("--data", help="either of the above: a .parquet URI is a manifest, anything else images")
     add_root_arg(p, "images", "manifest", "data", "out")
+    p.set_defaults(list_options=("images",))
 
 
 def data_source(args: argparse.Namespace) -> tuple[str | None, str | None]:

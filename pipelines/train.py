@@ -11,6 +11,7 @@ written to `<out>/model.safetensors` and every epoch's metrics to `<out>/train_h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,7 +23,6 @@ import numpy as np
 
 from roiqa.config import RoiqaConfig, from_dict, to_dict
 
-BUNDLED = "bundled"  # --images value: the training photographs that ship inside scikit-image
 VAL_TRIPLES = 16  # held-in validation triples per epoch (rank 0)
 VAL_SEED_OFFSET = 1_000_003  # validation samples use seeds disjoint from the training rows
 
@@ -51,12 +51,8 @@ def _source(kind: str, uri: str, cfg: RoiqaConfig):
 
         if kind == "manifest":
             _SOURCES[key] = train_data.LabeledPairs(train_data.read_manifest(uri), cfg.train, cfg.preprocess.max_pixels)
-        elif uri == BUNDLED:
-            from roiqa.demo_data import load_photo
-
-            _SOURCES[key] = [load_photo(name) for name in train_data.TRAIN_PHOTOS]
         else:
-            _SOURCES[key] = train_data.load_photos(uri, cfg.preprocess.max_pixels)
+            _SOURCES[key] = train_data.load_photo_sources(uri, cfg.preprocess.max_pixels)
     return _SOURCES[key]
 
 
@@ -302,6 +298,26 @@ def storage(out: str):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+def publish_model(model, uri: str, cfg: RoiqaConfig, init_model: str | None, epochs: int, half: bool) -> bytes:
+    """Write a run's final model to `uri`. A body trained frozen (`train.freeze: body`) whose weights come from a
+    file (a pinned package's, say) is not stored again: the checkpoint names that file and keeps what was trained."""
+    import torch
+
+    from roiqa.models.checkpoint import model_config, save_matcher
+
+    body_weights = model_config(init_model, cfg.model).backbone_weights
+    lean = cfg.train.freeze == "body" and bool(body_weights)
+    if lean:
+        model.cfg = dataclasses.replace(model.cfg, backbone_weights=body_weights)
+    return save_matcher(
+        model,
+        uri,
+        extra={"roiqa.train": json.dumps({"epochs": epochs})},
+        dtype=torch.float16 if half else None,
+        include_body=not lean,
+    )
+
+
 def run_train(
     out: str,
     cfg: RoiqaConfig,
@@ -318,12 +334,11 @@ def run_train(
     """Train the matcher with `workers` Ray Train workers; see the module docstring for what is written where."""
     import ray
     import ray.train
-    import torch
     from ray.train.torch import TorchTrainer
 
     from pipelines.runtime import cluster_gpus, init_ray
     from roiqa import uri as uri_mod
-    from roiqa.models.checkpoint import load_matcher, save_matcher
+    from roiqa.models.checkpoint import load_matcher
 
     if (images is None) == (manifest is None):
         raise ValueError("give exactly one of --images (unlabeled photographs, self-supervised) and --manifest")
@@ -332,7 +347,11 @@ def run_train(
     t = cfg.train
     if t.epochs < 1 or t.steps_per_epoch < 1 or t.batch_size < 2:
         raise ValueError("train.epochs and train.steps_per_epoch must be >= 1 and train.batch_size >= 2")
-    kind, uri = ("manifest", manifest) if manifest is not None else ("images", images)
+    from roiqa.train_data import photo_sources
+
+    # Workers run in their own folders: every local path is made absolute here, on the driver.
+    kind, uri = ("manifest", uri_mod.normalize(manifest)) if manifest else ("images", ",".join(photo_sources(images)))
+    init_model = uri_mod.normalize(init_model) if init_model else None
     t0 = time.perf_counter()
     make_samples(kind, uri, cfg, np.arange(2), t.seed)  # fail here, clearly and before Ray starts, on a bad source
     init_ray(dashboard=True)
@@ -370,12 +389,7 @@ def run_train(
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
     model_uri = uri_mod.join(out, "model.safetensors")
-    save_matcher(
-        model,
-        model_uri,
-        extra={"roiqa.train": json.dumps({"epochs": state["epoch"] + 1})},
-        dtype=torch.float16 if half else None,
-    )
+    publish_model(model, model_uri, cfg, init_model, state["epoch"] + 1, half)
     history = state["history"]
     uri_mod.write_bytes(uri_mod.join(out, "train_history.json"), json.dumps(history, indent=1).encode())
     epochs = sum(1 for h in history if "event" not in h)

@@ -14,7 +14,6 @@ import numpy as np
 
 from pipelines.runtime import cluster_gpus, init_ray
 from pipelines.train import (
-    BUNDLED,
     VAL_SEED_OFFSET,
     freeze_batchnorm,
     learning_rate,
@@ -25,6 +24,7 @@ from pipelines.train import (
     validate,
 )
 from roiqa import schema as S
+from roiqa import train_data
 from roiqa import uri as uri_mod
 from roiqa.config import RoiqaConfig, from_dict, to_dict
 
@@ -220,8 +220,8 @@ def run_tune(
     if (images is None) == (manifest is None):
         raise ValueError("give exactly one of images (a folder / prefix, or 'bundled') and manifest")
     kind, uri = ("manifest", uri_mod.normalize(manifest)) if manifest else ("photos", images)
-    if uri != BUNDLED:
-        uri = uri_mod.normalize(uri)
+    if kind == "photos":
+        uri = ",".join(train_data.photo_sources(uri))
     out = uri_mod.normalize(out)
     init_ray(dashboard=True)
     gpus = 1 if cluster_gpus() > 0 else 0

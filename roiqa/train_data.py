@@ -623,6 +623,29 @@ def load_photos(uri_or_folder: str, max_pixels: int, max_side: int = 1024) -> li
     return photos
 
 
+BUNDLED = "bundled"  # a photo source naming TRAIN_PHOTOS, the training photographs shipped inside scikit-image
+
+
+def photo_sources(spec: str) -> list[str]:
+    """The sources of a comma-separated photo spec ("bundled,.cache/photos"): 'bundled' or a normalised URI each."""
+    parts = [x.strip() for x in str(spec).split(",") if x.strip()]
+    if not parts:
+        raise ValueError(f"photos: no source in {spec!r} (give 'bundled' and/or folders / prefixes, comma-separated)")
+    return [x if x == BUNDLED else uri_mod.normalize(x) for x in parts]
+
+
+def load_photo_sources(spec: str, max_pixels: int, max_side: int = 1024) -> list[np.ndarray]:
+    """Every photograph of a comma-separated spec, in order: 'bundled' gives TRAIN_PHOTOS, anything else is a
+    folder / prefix read by `load_photos` (long side cut to `max_side`)."""
+    photos: list[np.ndarray] = []
+    for source in photo_sources(spec):
+        if source == BUNDLED:
+            photos += [load_photo(name) for name in TRAIN_PHOTOS]
+        else:
+            photos += load_photos(source, max_pixels, max_side)
+    return photos
+
+
 def write_train_photos(out_dir: str) -> list[str]:
     """Write each TRAIN_PHOTOS photograph as `<name>.png` under `out_dir`; returns the URIs written.
 

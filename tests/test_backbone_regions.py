@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import faiss
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from roiqa.config import DEFAULT_BACKBONE_WEIGHTS, ModelConfig
 from roiqa.faiss_index import build_index, search_images
 from roiqa.models import backbone as bb
-from roiqa.models.checkpoint import load_matcher, save_matcher
+from roiqa.models.checkpoint import load_matcher, model_config, save_matcher
 from roiqa.models.matcher import Matcher
 from roiqa.models.regions import Whitening, box_gem, image_key, region_grid, region_keys, split_key
 
@@ -155,8 +156,48 @@ def test_bodyless_checkpoint_loads_the_body_from_the_package(tmp_path) -> None:
     back = load_matcher(path)
     sa, sb = m.state_dict(), back.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # Its header alone names the body's weights too (a body-less file is not a random initialisation).
+    assert model_config(path, None) == back.cfg and back.cfg.backbone_weights == DEFAULT_BACKBONE_WEIGHTS
+    full = str(tmp_path / "full.safetensors")
+    save_matcher(m, full)
+    assert model_config(full, None).backbone_weights is None and load_matcher(full).cfg.backbone_weights is None
     with pytest.raises(ValueError, match="backbone_weights"):
         save_matcher(Matcher(ModelConfig(backbone="resnet18", backbone_weights=None)), path, include_body=False)
+
+
+def test_coarse_job_refits_the_whitening_of_a_given_checkpoint(tmp_path) -> None:
+    """`roiqa coarse --model C`: C's whitening is refitted as fit_coarse does it; every other weight and C's
+    metadata are kept, and a body-less C stays body-less."""
+    from jobs import coarse
+    from roiqa import uri as uri_mod
+    from roiqa.coarse_fit import fit_coarse
+    from roiqa.demo_data import load_photo
+    from roiqa.models.checkpoint import read_metadata
+
+    m = Matcher(ModelConfig())
+    with torch.no_grad():
+        m.phi["5"].bias.fill_(0.125)
+    src = str(tmp_path / "trained.safetensors")
+    save_matcher(m, src, extra={"roiqa.train": '{"epochs": 3}'}, include_body=False)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("brick", "moon"):
+        Image.fromarray(load_photo(name)).save(photos / f"{name}.png")
+    out = str(tmp_path / "out.safetensors")
+    assert coarse.main(["--model", src, "--photos", str(photos), "--out", out]) == 0
+    got = load_matcher(out)
+    want = load_matcher(src)
+    fit_coarse(want, [load_photo("brick"), load_photo("moon")])
+    sg, sw = got.state_dict(), want.state_dict()
+    assert sg.keys() == sw.keys()
+    assert all(torch.equal(sg[k], sw[k]) for k in sg if not k.startswith("whitening."))
+    for k in ("whitening.mean", "whitening.proj"):
+        torch.testing.assert_close(sg[k], sw[k], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(sg["whitening.proj"], load_matcher(src).state_dict()["whitening.proj"])
+    assert float(sg["phi.5.bias"][0]) == 0.125
+    meta = read_metadata(uri_mod.read_bytes(out), out)
+    assert meta["roiqa.train"] == '{"epochs": 3}' and "2 photos" in meta["roiqa.coarse_fit"]
+    assert os.path.getsize(out) < 2_000_000  # still without the body
 
 
 def test_regional_coarse_finds_a_small_pasted_object() -> None:

@@ -94,6 +94,8 @@ def test_root_resolves_relative_locations_and_leaves_the_rest():
     assert (args.index, args.queries, args.out) == ("file:///x/index", "s3://b/q", "s3://b/o")
     args = train.parser().parse_args(["--root", "/data", "--images", "bundled", "--out", "runs"])
     assert (args.images, args.out, args.config) == ("bundled", "/data/runs", None)  # not a location; not under root
+    args = train.parser().parse_args(["--root", "s3://b", "--images", "bundled, photos,/abs/p", "--out", "runs"])
+    assert args.images == "bundled,s3://b/photos,/abs/p"  # a list of photo sources: each part on its own
     args = query.parser().parse_args(["--index", "index", "--queries", "q", "--out", "o"])
     assert (args.index, args.queries, args.out) == ("index", "q", "o")  # without --root: as given
 

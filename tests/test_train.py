@@ -92,6 +92,40 @@ def test_checkpoint_state_round_trip(tmp_path):
         assert torch.equal(torch.as_tensor(opt.state[p_old][key]).float(), fresh_opt.state[p_new][key].float()), key
 
 
+def test_published_model_leaves_out_a_frozen_packaged_body(tmp_path):
+    """A run that kept a packaged body frozen publishes only what it trained; the file loads to the same weights.
+    A body that trained, or one from a random initialisation, is stored."""
+    import dataclasses
+
+    from pipelines.train import publish_model
+    from roiqa.models.checkpoint import load_matcher, save_matcher
+    from roiqa.models.matcher import Matcher
+
+    init = str(tmp_path / "init.safetensors")
+    save_matcher(Matcher(ModelConfig()), init, include_body=False)
+    trained = load_matcher(init)  # what a worker's checkpoint gives back: body included, backbone_weights dropped
+    with torch.no_grad():
+        trained.psi["4"].weight.mul_(0.5)
+    full = str(tmp_path / "full.safetensors")
+    save_matcher(trained, full)
+    trained = load_matcher(full)
+    assert trained.cfg.backbone_weights is None
+    frozen = RoiqaConfig(train=dataclasses.replace(CFG.train, freeze="body"))
+    lean = str(tmp_path / "lean.safetensors")
+    n = len(publish_model(trained, lean, frozen, init, epochs=4, half=False))
+    assert n < os.path.getsize(full) // 5
+    back = load_matcher(lean)
+    assert back.cfg == dataclasses.replace(trained.cfg, backbone_weights=ModelConfig().backbone_weights)
+    sa, sb = trained.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for train_cfg, init_model in ((CFG.train, init), (frozen.train, None)):  # body trained; random-init body
+        cfg = RoiqaConfig(model=CFG.model if init_model is None else ModelConfig(), train=train_cfg)
+        model = load_matcher(full) if init_model else Matcher(CFG.model)
+        publish_model(model, str(tmp_path / "kept.safetensors"), cfg, init_model, epochs=1, half=False)
+        kept = load_matcher(str(tmp_path / "kept.safetensors")).state_dict()
+        assert any(k.startswith("body.") for k in kept)
+
+
 def test_train_job_bad_data_is_a_clear_error_before_ray_starts(tmp_path, capsys):
     from jobs import train as train_job
 

@@ -415,3 +415,22 @@ def test_write_train_photos_and_load_photos(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="no image files"):
         td.load_photos(str(tmp_path / "empty"), max_pixels=10**7)
+
+
+def test_load_photo_sources_concatenates_bundled_and_folders_in_order(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    rng = np.random.default_rng(3)
+    for folder, n in ((a, 2), (b, 1)):
+        os.makedirs(folder)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    got = td.load_photo_sources(f" {a} ,bundled,{b}", max_pixels=10**7)
+    want = td.load_photos(str(a), 10**7) + [load_photo(n) for n in td.TRAIN_PHOTOS] + td.load_photos(str(b), 10**7)
+    assert len(got) == len(want) == 3 + len(td.TRAIN_PHOTOS)
+    assert all(np.array_equal(x, y) for x, y in zip(got, want))
+    assert td.photo_sources(f"bundled,{a}") == ["bundled", str(a)]
+    assert td.photo_sources("rel/photos") == [os.path.abspath("rel/photos")]  # workers resolve nothing themselves
+    with pytest.raises(ValueError, match="no source"):
+        td.photo_sources(" , ")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        td.load_photo_sources(f"bundled,{tmp_path / 'missing'}", max_pixels=10**7)

@@ -47,6 +47,11 @@ def save_matcher(
 
 def read_metadata(data: bytes, name: str) -> dict[str, str]:
     """The `__metadata__` of safetensors bytes (its JSON header), validated before anything else is read."""
+    return read_header(data, name).get("__metadata__", {}) or {}
+
+
+def read_header(data: bytes, name: str) -> dict:
+    """The JSON header of safetensors bytes (tensor names -> dtype, shape, offsets; and `__metadata__`)."""
     if len(data) < 8:
         raise ValueError(f"{name}: not a safetensors checkpoint (too short)")
     n = int.from_bytes(data[:8], "little")
@@ -56,7 +61,9 @@ def read_metadata(data: bytes, name: str) -> dict[str, str]:
         header = json.loads(data[8 : 8 + n])
     except ValueError as exc:
         raise ValueError(f"{name}: not a safetensors checkpoint ({exc})") from exc
-    return header.get("__metadata__", {}) or {}
+    if not isinstance(header, dict):
+        raise ValueError(f"{name}: not a safetensors checkpoint (header is not a JSON object)")
+    return header
 
 
 def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
@@ -105,7 +112,9 @@ def model_config(uri: str | None, cfg: ModelConfig) -> ModelConfig:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         head += f.read(n) if 0 < n < 100_000_000 else b""
-    return _config(read_metadata(head, uri), uri)
+    header = read_header(head, uri)
+    with_body = any(k.startswith(BODY) for k in header if k != "__metadata__")
+    return _config(header.get("__metadata__", {}) or {}, uri, keep_weights=not with_body)
 
 
 def describe(uri: str | None, cfg: ModelConfig) -> dict:
