@@ -66,7 +66,7 @@ bench-scale: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m benchmarks.soak_faults --runs 20 --out benchmarks/results
 
-# The experiments of the optional stages (README, "Optional stages": seeds 001, 004, then 000, 004, 002 in the pipelines): about an hour on 2 cores.
+# The experiments of the optional stages (docs/stages.md: seeds 001, 004, then 000, 004, 002 in the pipelines): about an hour on 2 cores.
 experiments: $(STAMP)
 	$(PY) -m benchmarks.exp_patches --steps 100 --batch-size 8 --gallery 64 --repeats 3 --out benchmarks/results
 	$(PY) -m benchmarks.exp_roimask --out benchmarks/results

@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         help="';'-separated window sets to try with hubness (k 10, weight 0.5), each ','-separated 'WxH/STEP' cells, "
         "e.g. '3x3/2,5x5/3,8x8/4;3x3/2,5x5/3,8x8/4,3x8/2,8x3/2'",
     )
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="also try query parts: a query whose long side is over 1.6x its short side adds views of square crops "
+        "along its long axis (hubness k 10, weight 0.5)",
+    )
     p.add_argument("--hub-sample", type=int, default=20000)
     p.add_argument("--model", default=None, help="checkpoint whose whitening is tried (default: the shipped one)")
     p.add_argument("--work", default=None)
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- queries: the raw (unwhitened) GeM of each coarse view, per GeM exponent --------------------------
     queries = store.read_table(os.path.join(col_dir, "queries.parquet"))
     qids = queries.column(S.QUERY_ID).to_pylist()
-    qmaps = []
+    qmaps, pmaps = [], []
     for u in queries.column(S.URI).to_pylist():
         patch = load_patch(u, None, cfg.preprocess.max_pixels)
         views = []
@@ -131,6 +137,21 @@ def main(argv: list[str] | None = None) -> int:
                 views.append(model.pyramid(pv[None])[lv][0].float())
             del pv
         qmaps.append(views)
+        parts = []
+        h, w = patch.shape[:2]
+        aspect = max(h, w) / min(h, w)
+        if args.parts and aspect > 1.6:
+            n, side = int(np.ceil(aspect)), min(h, w)
+            for j in range(n):  # square crops spread evenly along the long axis, first and last at the ends
+                o = int(round(j * (max(h, w) - side) / (n - 1)))
+                crop = patch[o : o + side] if h > w else patch[:, o : o + side]
+                for vsize, rot in coarse_views(cfg.query):
+                    pv, _ = resize_long_side(
+                        rotate_patch(np.ascontiguousarray(crop), rot), max(48, int(vsize / aspect))
+                    )
+                    with torch.inference_mode():
+                        parts.append(model.pyramid(pv[None])[lv][0].float())
+        pmaps.append(parts)
     gt = store.read_table(os.path.join(col_dir, "ground_truth.parquet")).to_pandas()
     positives = {q: set(os.path.basename(u) for u in g[S.URI]) for q, g in gt.groupby(S.QUERY_ID)}
     names_arr = np.array(names)
@@ -215,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         h = hub.hubness(v, owner, v[ref], owner[ref], k)
         for lam in (float(x) for x in args.hub_weights.split(",")):
             rows.append(evaluate(f"hubness k {k}, weight {lam}", base, counts, qraw3, shipped, lam * h))
+    if args.parts:
+        h = hub.hubness(v, owner, v[ref], owner[ref], 10)
+        qparts = [torch.stack([gem(x, 3.0) for x in views + parts]) for views, parts in zip(qmaps, pmaps)]
+        rows.append(
+            evaluate("hubness k 10, weight 0.5, + square parts of long queries", base, counts, qparts, shipped, 0.5 * h)
+        )
+        rows_out(rows)
+        return 0
     del v
     if args.only_hubness:
         rows_out(rows)

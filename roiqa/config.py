@@ -160,7 +160,7 @@ class RefineConfig:
 class VerifyConfig:
     """Seed 004: verify each reranked region with the ROI-mask classifier (same instance as the query or not)."""
 
-    enabled: bool = True  # add verify_prob to every reranked row (measured: +0.19 / +0.20 mAP, README)
+    enabled: bool = True  # add verify_prob to every reranked row (measured: +0.19 / +0.20 mAP, docs/stages.md)
     model: str | None = None  # URI of a trained verifier (safetensors); None with enabled: the shipped one
     weight: float = 0.5  # final score = score + weight * (verify_prob - 0.5); 0 leaves the ranking unchanged
 

@@ -1,10 +1,10 @@
-"""The matcher checkpoint that ships with roiqa (see README, "The shipped checkpoint") and how `--model` resolves."""
+"""The matcher checkpoint that ships with roiqa (docs/model.md, "Model weights") and how `--model` resolves."""
 
 from __future__ import annotations
 
 import os
 
-SHIPPED_NAME = "roiqa-effl0-coarse.safetensors"
+SHIPPED_NAME = "roiqa-effl0.safetensors"
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED_NAME)
 RANDOM = ("none", "random")  # --model values meaning: no checkpoint, a randomly initialised network (config seed)
 
