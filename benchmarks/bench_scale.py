@@ -11,7 +11,7 @@ defaults, queries with the defaults (top_k 100, rerank 20) and reports:
 - SIFT + RANSAC over the whole collection (`--sift`, on by default), the classical reference;
 - index bytes per image, index seconds per image and query latency per stage (coarse, rerank), per query.
 
-    python -m benchmarks.bench_scale --distractors 10000          # the figure README.md and docs/evaluation.md quote; hours on 2 cores
+    python -m benchmarks.bench_scale --distractors 10000          # the figure docs/evaluation.md quotes; about an hour
     python -m benchmarks.bench_scale --distractors 2000 --budgets 100
 
 Everything is written under --work (a temporary folder by default, removed unless --keep); the report goes to
