@@ -232,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     v = shipped(base).numpy().astype(np.float32)
     owner = np.repeat(np.arange(len(counts)), counts)
     ref = np.sort(rng.choice(len(base), min(len(base), args.hub_sample), replace=False))
+    hubs = {}  # k -> hubness of every region
     for k in (int(x) for x in args.hub_k.split(",")):
-        h = hub.hubness(v, owner, v[ref], owner[ref], k)
+        h = hubs[k] = hub.hubness(v, owner, v[ref], owner[ref], k)
         for lam in (float(x) for x in args.hub_weights.split(",")):
             rows.append(evaluate(f"hubness k {k}, weight {lam}", base, counts, qraw3, shipped, lam * h))
     if args.parts:
-        h = hub.hubness(v, owner, v[ref], owner[ref], 10)
+        h = hubs[10] if 10 in hubs else hub.hubness(v, owner, v[ref], owner[ref], 10)
         qparts = [torch.stack([gem(x, 3.0) for x in views + parts]) for views, parts in zip(qmaps, pmaps)]
         rows.append(
             evaluate("hubness k 10, weight 0.5, + square parts of long queries", base, counts, qparts, shipped, 0.5 * h)

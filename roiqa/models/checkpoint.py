@@ -79,7 +79,7 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
         state = st_load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors' own error type
         raise ValueError(f"{uri}: not a safetensors checkpoint ({exc})") from exc
-    with_body = any(k.startswith(BODY) for k in state)
+    with_body = _has_body(state)
     model_cfg = _config(meta, uri, keep_weights=not with_body)
     if not with_body and not model_cfg.backbone_weights:
         raise ValueError(f"{uri}: checkpoint without body weights and without model.backbone_weights to load them")
@@ -91,6 +91,11 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     if missing or unexpected:
         raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model
+
+
+def _has_body(names) -> bool:
+    """Whether tensor names (a state dict's or a safetensors header's keys) include the backbone's body."""
+    return any(k.startswith(BODY) for k in names)
 
 
 def _config(meta: dict[str, str], uri: str, keep_weights: bool = False) -> ModelConfig:
@@ -113,8 +118,7 @@ def model_config(uri: str | None, cfg: ModelConfig) -> ModelConfig:
         n = int.from_bytes(head, "little") if len(head) == 8 else 0
         head += f.read(n) if 0 < n < 100_000_000 else b""
     header = read_header(head, uri)
-    with_body = any(k.startswith(BODY) for k in header if k != "__metadata__")
-    return _config(header.get("__metadata__", {}) or {}, uri, keep_weights=not with_body)
+    return _config(header.get("__metadata__", {}) or {}, uri, keep_weights=not _has_body(header))
 
 
 def describe(uri: str | None, cfg: ModelConfig) -> dict:
