@@ -169,8 +169,8 @@ def memory_plan(n: int, q: int, dim: int, factories: list[str], train_size: int)
 
 
 def search_fn(index: faiss.Index, k: int, nprobe: int | None) -> Callable[[np.ndarray], np.ndarray]:
-    """Ids of roiqa.faiss_index.search (the project's wrapper, with its nprobe handling) for a batch of queries."""
-    from roiqa import faiss_index as fi
+    """Ids of roiqa.index.faiss_index.search (the project's wrapper, with its nprobe handling) for a query batch."""
+    from roiqa.index import faiss_index as fi
 
     def go(x: np.ndarray) -> np.ndarray:
         if nprobe is None:
@@ -263,8 +263,8 @@ def bench_factory(
     exact: dict,
     args: argparse.Namespace,
 ) -> list[dict]:
-    """Build `factory` through roiqa.faiss_index.build_index, then measure it at each search setting."""
-    from roiqa import faiss_index as fi
+    """Build `factory` through roiqa.index.faiss_index.build_index, then measure it at each search setting."""
+    from roiqa.index import faiss_index as fi
 
     faiss.omp_set_num_threads(args.threads)
     print(f"[bench_faiss] {factory}: building", file=sys.stderr, flush=True)
@@ -613,12 +613,13 @@ def main(argv: list[str] | None = None) -> int:
             "generate_s": gen_s,
         },
         "method": {
-            "index": "roiqa.faiss_index.build_index (METRIC_INNER_PRODUCT; IndexIDMap2 around Flat and HNSW, IVF "
+            "index": "roiqa.index.faiss_index.build_index (METRIC_INNER_PRODUCT; IndexIDMap2 around Flat and HNSW, IVF "
             "indexes keep their own ids), random unique int64 ids",
-            "search": "roiqa.faiss_index.search (sets nprobe); HNSW efSearch set via faiss.ParameterSpace",
+            "search": "roiqa.index.faiss_index.search (sets nprobe); HNSW efSearch set via faiss.ParameterSpace",
             "ground_truth": "faiss.IndexFlatIP top-100 over the same vectors, same run",
             "recall@k": "mean over queries of |exact top-k ids ∩ index top-k ids| / k",
-            "bytes_per_vector": "len(roiqa.faiss_index.serialize(index)) / N (8-byte ids included: IDMap2's for Flat "
+            "bytes_per_vector": "len(roiqa.index.faiss_index.serialize(index)) / N (8-byte ids included: IDMap2's for "
+            "Flat "
             "and HNSW, the inverted lists' own for IVF); code_bytes_per_vector is the vector encoding alone",
             "bytes_vs_exact": "bytes_per_vector / (exact IndexFlatIP serialised bytes per vector + 8-byte id)",
             "build_s": f"build_index wall time (id uniqueness check + train + add), one build per factory, "

@@ -16,10 +16,10 @@ from benchmarks.common import bar_chart_png, machine, markdown, median, sample_i
 
 def bare_loop(files: list[str], cfg, out: str) -> dict:
     """The same read -> decode -> resize -> model -> Parquet work in one process, each part timed apart."""
-    from roiqa import index_store
-    from roiqa import uri as uri_mod
-    from roiqa.embed import Embedder, prepare
-    from roiqa.imageio import decode_image
+    from roiqa.index import store as index_store
+    from roiqa.io import uri as uri_mod
+    from roiqa.io.imageio import decode_image
+    from roiqa.stages.embed import Embedder, prepare
 
     setup, emb = timed(lambda: Embedder(cfg.model, threads=0))
     t = {"read": 0.0, "decode": 0.0, "model": 0.0, "write": 0.0}

@@ -305,7 +305,7 @@ def bench_cpu_model(
 ) -> dict[str, Any]:
     """Embedder.embed and model.body on CPU at every batch size and layout, as images/s and MFU."""
     from roiqa.config import ModelConfig
-    from roiqa.embed import Embedder
+    from roiqa.stages.embed import Embedder
 
     emb = Embedder(ModelConfig(), device="cpu")
     model = emb.model
@@ -355,7 +355,7 @@ def bench_cuda_model(
 ) -> dict[str, Any]:
     """Embedder.embed on CUDA (its own channels_last + bf16 autocast), batch doubled until images/s saturates."""
     from roiqa.config import ModelConfig
-    from roiqa.embed import Embedder
+    from roiqa.stages.embed import Embedder
 
     device = torch.device(device_name)  # "cuda"; another device only to exercise this code without a GPU
     emb = Embedder(ModelConfig(), device=device_name)

@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.queries, args.deep_queries, depths = 24, 3, 1, (5, 20)
 
-    from roiqa import faiss_index
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig
-    from roiqa.embed import Decoder, Embedder, set_threads
-    from roiqa.ids import image_ids
-    from roiqa.rerank import QueryEncoder, Reranker
-    from roiqa.sources import read_files
+    from roiqa.index import faiss_index
+    from roiqa.io.ids import image_ids
+    from roiqa.io.sources import read_files
+    from roiqa.stages.embed import Decoder, Embedder, set_threads
+    from roiqa.stages.rerank import QueryEncoder, Reranker
 
     set_threads(0)
     cfg = RoiqaConfig()

@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.eval import index_bytes_per_image
     from pipelines.index import run_index
     from pipelines.query import index_config, load_queries, read_results, run_query
-    from roiqa import index_store as store
     from roiqa import schema as S
-    from roiqa.baselines import run_baseline
     from roiqa.config import RoiqaConfig
-    from roiqa.demo_data import build_distractors, build_eval_collection
-    from roiqa.metrics import evaluate_buckets
-    from roiqa.rerank import load_patch
+    from roiqa.eval.baselines import run_baseline
+    from roiqa.eval.demo_data import build_distractors, build_eval_collection
+    from roiqa.eval.metrics import evaluate_buckets
+    from roiqa.index import store
+    from roiqa.stages.rerank import load_patch
     from roiqa.weights import resolve_model
 
     if args.reuse and not args.work:

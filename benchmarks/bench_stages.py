@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
         args.images, args.repeats = 4, 1
 
     from roiqa import schema as S
-    from roiqa.complexity import ComplexityStage
     from roiqa.config import ComplexityConfig, MaskConfig, RefineConfig, RoiqaConfig, VerifyConfig, replace_section
-    from roiqa.embed import Decoder, Embedder, set_threads
+    from roiqa.io.sources import read_files
     from roiqa.models.patchnet import PatchNet, PatchNetConfig, save_patchnet
-    from roiqa.rerank import Reranker
-    from roiqa.sources import read_files
+    from roiqa.stages.complexity import ComplexityStage
+    from roiqa.stages.embed import Decoder, Embedder, set_threads
+    from roiqa.stages.rerank import Reranker
     from roiqa.weights import resolve_model
 
     set_threads(0)

@@ -32,7 +32,7 @@ def machine() -> dict:
 
 def sample_images(folder: str, n: int, seed: int = 0, size: tuple[int, int] = (384, 512)) -> list[str]:
     """n gallery JPEGs built from the photographs inside scikit-image (the demo's builder)."""
-    from roiqa.demo_data import OBJECTS, DemoConfig, build_demo_collection
+    from roiqa.eval.demo_data import OBJECTS, DemoConfig, build_demo_collection
 
     instances = max(1, min(4, (n - 2) * 2 // len(OBJECTS)))
     cfg = DemoConfig(n_gallery=n, instances_per_object=instances, n_distractors=2, image_size=size, seed=seed)

@@ -9,8 +9,8 @@ Exact search is a labelled upper bound (the default index is IVF,SQ8).
 Variants (one change each against the shipped one):
 - `shipped`: GeM (p 3) over the windows of `roiqa.models.regions.WINDOWS`, whitening fitted on the training photos;
 - `collection whitening`: the whitening fitted on a sample of the collection's own regions;
-- `hubness k K, weight W`: each region's score less W x its hubness (`roiqa.hubness.hubness`: the mean of its K best
-  inner products with `--hub-sample` regions of other images of the collection), as the index now does;
+- `hubness k K, weight W`: each region's score less W x its hubness (`roiqa.index.hubness.hubness`: the mean of its
+  K best inner products with `--hub-sample` regions of other images of the collection), as the index now does;
 - `windows ...`: another window grid;
 - `gem p P`: another GeM exponent (whitening fitted on the collection, since the shipped one fits p 3).
 
@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="exp_coarse", help="report file name (without extension)")
     args = p.parse_args(argv)
 
-    from roiqa import hubness as hub
-    from roiqa import index_store as store
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig
-    from roiqa.demo_data import build_distractors, build_eval_collection
-    from roiqa.imageio import decode_image, pad_to_square, resize_long_side
+    from roiqa.eval.demo_data import build_distractors, build_eval_collection
+    from roiqa.index import hubness as hub
+    from roiqa.index import store
+    from roiqa.io.imageio import decode_image, pad_to_square, resize_long_side
     from roiqa.models.checkpoint import load_matcher
     from roiqa.models.regions import WINDOWS, Whitening, box_gem, region_grid
-    from roiqa.rerank import coarse_views, load_patch, rotate_patch
+    from roiqa.stages.rerank import coarse_views, load_patch, rotate_patch
     from roiqa.weights import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     cw.fit(sample)
     rows.append(evaluate("collection whitening", base, counts, qraw3, cw))
 
-    # hubness as the index measures it (roiqa.hubness: the reference's regions of the same image left out)
+    # hubness as the index measures it (roiqa.index.hubness: the reference's regions of the same image left out)
     v = shipped(base).numpy().astype(np.float32)
     owner = np.repeat(np.arange(len(counts)), counts)
     ref = np.sort(rng.choice(len(base), min(len(base), args.hub_sample), replace=False))

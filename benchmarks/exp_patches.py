@@ -1,7 +1,7 @@
 """Experiment (seed 001): fixed 16x16 patches vs the dynamic complexity quadtree, retrieval mAP against compute.
 
 Both variants of roiqa.models.patchnet are trained the same number of steps on the same batches of TRAINING_PHOTOS,
-then embed the evaluation collection (roiqa.demo_data.build_eval_collection: disjoint photographs): every gallery
+then embed the evaluation collection (roiqa.eval.demo_data.build_eval_collection: disjoint photographs): every gallery
 image and every query crop, resized so the long side is the network's image_size. Queries rank the gallery by
 cosine similarity; the figures are retrieval mAP, leaves (patches) per gallery image, FLOPs per image
 (FlopCounterMode, convolutions and matrix multiplies) and the measured time per image (batch 1, median of
@@ -25,10 +25,9 @@ import torch
 from benchmarks.common import machine, markdown, median, write_report
 from roiqa import schema as S
 from roiqa.config import to_dict
-from roiqa.demo_data import build_eval_collection, load_photo
-from roiqa.embed import prepare
-from roiqa.imageio import decode_image
-from roiqa.metrics import average_precision, positives_found_at_k, recall_at_k
+from roiqa.eval.demo_data import build_eval_collection, load_photo
+from roiqa.eval.metrics import average_precision, positives_found_at_k, recall_at_k
+from roiqa.io.imageio import decode_image
 from roiqa.models.patchnet import (
     PatchNet,
     PatchNetConfig,
@@ -36,8 +35,9 @@ from roiqa.models.patchnet import (
     flops_per_image,
     save_patchnet,
 )
-from roiqa.patchnet_train import train_patchnet
-from roiqa.train_data import TRAIN_PHOTOS
+from roiqa.stages.embed import prepare
+from roiqa.train.data import TRAIN_PHOTOS
+from roiqa.train.patchnet import train_patchnet
 
 VARIANTS = ("fixed", "dynamic")
 

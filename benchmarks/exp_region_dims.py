@@ -48,12 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.dims.split(",")]
 
     from pipelines.index import run_index
-    from roiqa import faiss_index
-    from roiqa import index_store as store
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig
-    from roiqa.demo_data import build_distractors, build_eval_collection
-    from roiqa.rerank import QueryEncoder, coarse_views
+    from roiqa.eval.demo_data import build_distractors, build_eval_collection
+    from roiqa.index import faiss_index, store
+    from roiqa.stages.rerank import QueryEncoder, coarse_views
     from roiqa.weights import resolve_model
 
     work = args.work or tempfile.mkdtemp(prefix="exp-region-dims-")

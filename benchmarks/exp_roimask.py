@@ -3,7 +3,7 @@ multi-layer add, hard attention, no mask), trained on the same batches with the 
 
 Per variant: held-out classification accuracy (fresh views of the training instances) overall, for small regions
 (box long side < 1/4 of the input) and large ones; verification AUC on held-out training-photo crops; and
-verification AUC on the evaluation objects (roiqa.demo_data.EVAL_OBJECTS in build_eval_collection's gallery, whose
+verification AUC on the evaluation objects (roiqa.eval.demo_data.EVAL_OBJECTS in build_eval_collection's gallery, whose
 photographs training never sees): every query patch against every ground-truth box, positive when the box shows the
 query's object. Writes exp_roimask.json and exp_roimask.md under --out.
 
@@ -35,8 +35,8 @@ SEED_CLAIMS = (
 
 def eval_pairs(folder: str, n_gallery: int, seed: int) -> dict:
     """Query patches and every ground-truth box of the evaluation collection (built under `folder`)."""
-    from roiqa.demo_data import build_eval_collection
-    from roiqa.imageio import decode_image
+    from roiqa.eval.demo_data import build_eval_collection
+    from roiqa.io.imageio import decode_image
     from roiqa.schema import BOX, QUERY_ID, URI
 
     col = build_eval_collection(folder, seed=seed, n_gallery=n_gallery)
@@ -50,7 +50,7 @@ def eval_pairs(folder: str, n_gallery: int, seed: int) -> dict:
 
 def eval_auc(verifier, pairs: dict) -> dict:
     """AUC of cos(query, region) over every (query, ground-truth box) pair, overall and by the box's size."""
-    from roiqa.metrics import roc_auc
+    from roiqa.eval.metrics import roc_auc
 
     names = list(pairs["patches"])
     q = np.stack([verifier.embed_query(pairs["patches"][n]) for n in names])  # (Q, D)
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import machine
     from roiqa.config import to_dict
     from roiqa.models.roimask import variant_config
-    from roiqa.verify import Verifier
-    from roiqa.verify_train import VerifierTrainConfig, train_verifier, training_batches, training_views
+    from roiqa.stages.verify import Verifier
+    from roiqa.train.verifier import VerifierTrainConfig, train_verifier, training_batches, training_views
 
     t0 = time.perf_counter()
     cfg = VerifierTrainConfig(steps=args.steps, instances=args.instances, seed=args.seed, pool=args.pool)
@@ -245,7 +245,7 @@ def write(out: str, result: dict) -> None:
 
 def report_only(out: str, checkpoints: list[str], n_gallery: int) -> int:
     """Score `checkpoints` on the same evaluation pairs and rewrite the results of an earlier run under `out`."""
-    from roiqa.verify import Verifier
+    from roiqa.stages.verify import Verifier
 
     with open(os.path.join(out, "exp_roimask.json")) as f:
         result = json.load(f)

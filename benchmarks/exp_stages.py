@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.common import machine, markdown, write_report
-from roiqa.metrics import roc_auc
+from roiqa.eval.metrics import roc_auc
 
 EXPERIMENTS = ("refine", "verify", "masks")
 
@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.index import run_index
     from pipelines.query import read_results, run_query
-    from roiqa import index_store as store
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig, replace_section
-    from roiqa.demo_data import build_eval_collection
-    from roiqa.metrics import MAP, evaluate
+    from roiqa.eval.demo_data import build_eval_collection
+    from roiqa.eval.metrics import MAP, evaluate
+    from roiqa.index import store
     from roiqa.weights import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -77,8 +77,8 @@ def _listed(direct) -> list[str]:
 
 def _check_index(index: str, expected: dict[str, list[str]]) -> tuple[str, int, int]:
     """(version, inputs, lost) of the published version: complete, and every input of its run exactly once."""
-    from roiqa import index_store as store
     from roiqa import schema as S
+    from roiqa.index import store
 
     v = store.open_index(index)
     v.faiss()  # the checksum and the index itself
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import s3fs
 
-    from roiqa import index_store as store
-    from roiqa.demo_data import DemoConfig, build_demo_collection
+    from roiqa.eval.demo_data import DemoConfig, build_demo_collection
+    from roiqa.index import store
 
     rng = random.Random(args.seed)
     work = tempfile.mkdtemp(prefix="roiqa-soak-")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.index import main as index_main
         from jobs.query import main as query_main
         from jobs.reindex import main as reindex_main
-        from roiqa.query_output import current_run
+        from roiqa.results.output import current_run
 
         index = f"s3://{BUCKET}/index"
         out = f"s3://{BUCKET}/query-out"

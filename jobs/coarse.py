@@ -13,7 +13,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--photos",
         default="bundled",
-        help="comma-separated: 'bundled' (roiqa.demo_data.TRAINING_PHOTOS, disjoint from the evaluation photographs) "
+        help="comma-separated: 'bundled' (roiqa.eval.demo_data.TRAINING_PHOTOS, disjoint from the evaluation "
+        "photographs) "
         "and/or folders/prefixes of photographs (e.g. the cache of `roiqa photos`)",
     )
     p.add_argument("--shrink", type=float, default=0.1, help="eigenvalue shrinkage of the whitening")
@@ -32,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
-        from roiqa import uri as uri_mod
-        from roiqa.coarse_fit import fit_coarse
+        from roiqa.io import uri as uri_mod
         from roiqa.models.checkpoint import CONFIG_KEY, load_matcher, read_metadata, save_matcher
-        from roiqa.train_data import load_photo_sources
+        from roiqa.train.coarse_fit import fit_coarse
+        from roiqa.train.data import load_photo_sources
 
         cfg = config_from(args)
         photos = load_photo_sources(args.photos, cfg.preprocess.max_pixels)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             meta = read_metadata(uri_mod.read_bytes(args.model), args.model)
             extra = {k: v for k, v in meta.items() if k != CONFIG_KEY}
         n = fit_coarse(model, photos, cfg.preprocess.image_size, args.shrink)
-        extra["roiqa.coarse_fit"] = f"{len(photos)} photos, {n} regions"
+        extra["roiqa.train.coarse_fit"] = f"{len(photos)} photos, {n} regions"
         data = save_matcher(
             model,
             args.out,

@@ -56,7 +56,7 @@ def add_root_arg(p: argparse.ArgumentParser, *names: str) -> None:
 def under_root(args: argparse.Namespace) -> argparse.Namespace:
     """`args` with every relative value of its URI options joined onto --root (absolute paths and URIs with a
     scheme stay as given)."""
-    from roiqa import uri as uri_mod
+    from roiqa.io import uri as uri_mod
 
     root = getattr(args, "root", None)
     if not root:
@@ -180,8 +180,8 @@ def _cause(exc: BaseException, kind: type) -> BaseException | None:
 def run(fn, argv_name: str) -> int:
     """Run `fn()`; user errors (bad input, missing files) print one clear line and return 2; an unreachable
     object store returns 3. Credentials are masked in every message and log line."""
-    from roiqa.redact import install_log_filter, redact
-    from roiqa.uri import StorageUnavailable
+    from roiqa.io.redact import install_log_filter, redact
+    from roiqa.io.uri import StorageUnavailable
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     install_log_filter()
@@ -207,7 +207,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "prefixes and 'bundled' (the training photographs shipped inside scikit-image), e.g. bundled,.cache/photos",
     )
     src.add_argument(
-        "--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1 (roiqa.train_data.import_coco makes one)"
+        "--manifest", help="Parquet of uri, instance_id, x0, y0, x1, y1 (roiqa.train.data.import_coco makes one)"
     )
     src.add_argument("--data", help="either of the above: a .parquet URI is a manifest, anything else images")
     add_root_arg(p, "images", "manifest", "data", "out")

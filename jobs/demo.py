@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
 
 def demo_config(n_gallery: int, seed: int):
     """The sample collection's settings: 4 instances per object at the default size, fewer in smaller galleries."""
-    from roiqa.demo_data import OBJECTS, DemoConfig
+    from roiqa.eval.demo_data import OBJECTS, DemoConfig
 
     distractors = max(2, n_gallery // 6)
     capacity = (n_gallery - distractors) * DemoConfig.max_objects_per_image
@@ -42,7 +42,7 @@ def demo_config(n_gallery: int, seed: int):
 def chance_map(results, ground_truth, draws: int = 50, seed: int = 0) -> float:
     """mAP of a random ordering of each query's returned images (the floor a model must beat)."""
     from roiqa import schema as S
-    from roiqa.metrics import retrieval_metrics
+    from roiqa.eval.metrics import retrieval_metrics
 
     rng = np.random.default_rng(seed)
     vals = []
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         from pipelines.index import run_index
         from pipelines.query import read_results, run_query
-        from roiqa import index_store as store
-        from roiqa.demo_data import build_demo_collection
-        from roiqa.metrics import MAP, N_QUERIES, evaluate, positives_found_key, recall_key
+        from roiqa.eval.demo_data import build_demo_collection
+        from roiqa.eval.metrics import MAP, N_QUERIES, evaluate, positives_found_key, recall_key
+        from roiqa.index import store
         from roiqa.weights import resolve_model
 
         out = os.path.abspath(args.out)

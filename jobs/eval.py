@@ -43,7 +43,7 @@ ROIQA = "roiqa"  # the learned method's name in metrics.json and its results fol
 # start-up included) divided by the number of queries.
 COARSE_LATENCY = "coarse_stage_seconds_per_query_mean"
 RERANK_LATENCY = "rerank_stage_seconds_per_query_mean"
-BASELINE_LATENCY = "seconds_per_query_median"  # roiqa.baselines.run_baseline's per-query median
+BASELINE_LATENCY = "seconds_per_query_median"  # roiqa.eval.baselines.run_baseline's per-query median
 TIMING = "timing"  # per method: the other timings (seconds), kept out of the table
 
 
@@ -77,9 +77,9 @@ def parser() -> argparse.ArgumentParser:
 
 def evaluate_uris(results: str, ground_truth: str) -> dict:
     """Metrics of a results table (or a query output's published run) against a ground-truth table."""
-    from roiqa import index_store as store
-    from roiqa.metrics import evaluate
-    from roiqa.query_output import open_results
+    from roiqa.eval.metrics import evaluate
+    from roiqa.index import store
+    from roiqa.results.output import open_results
 
     if results.lower().endswith(".parquet"):
         table = store.read_table(results)
@@ -103,8 +103,8 @@ def json_ready(value: object) -> object:
 
 def index_bytes_per_image(index: str) -> float:
     """(faiss index + embeddings Parquet + hubness reference bytes) / indexed images of the published version."""
-    from roiqa import index_store as store
-    from roiqa import uri as uri_mod
+    from roiqa.index import store
+    from roiqa.io import uri as uri_mod
 
     version = store.open_index(index)
     fs, faiss_path = uri_mod.filesystem(version.uri(store.FAISS))
@@ -124,7 +124,7 @@ def gallery_rows(results: pd.DataFrame, ground_truth: pd.DataFrame) -> list[dict
 
     from roiqa import schema as S
     from roiqa.boxes import box_iou
-    from roiqa.eval_report import IOU, PRED_BOX, TRUE_BOXES
+    from roiqa.eval.report import IOU, PRED_BOX, TRUE_BOXES
 
     true = {k: g[S.BOX].to_numpy(np.float32) for k, g in ground_truth.groupby([S.QUERY_ID, S.URI])}
     rows = []
@@ -157,13 +157,13 @@ def run_full(args: argparse.Namespace) -> int:
 
     from pipelines.index import run_index
     from pipelines.query import index_config, load_queries, read_results, run_query
-    from roiqa import index_store as store
     from roiqa import schema as S
-    from roiqa.baselines import METHODS, run_baseline
-    from roiqa.demo_data import build_eval_collection
-    from roiqa.eval_report import INDEX_BYTES_PER_IMAGE, LATENCY, heatmap_gallery_png, markdown_table, pr_curves_png
-    from roiqa.metrics import evaluate_buckets, pr_curve_points
-    from roiqa.rerank import load_patch
+    from roiqa.eval.baselines import METHODS, run_baseline
+    from roiqa.eval.demo_data import build_eval_collection
+    from roiqa.eval.metrics import evaluate_buckets, pr_curve_points
+    from roiqa.eval.report import INDEX_BYTES_PER_IMAGE, LATENCY, heatmap_gallery_png, markdown_table, pr_curves_png
+    from roiqa.index import store
+    from roiqa.stages.rerank import load_patch
     from roiqa.weights import resolve_model
 
     seed = 1000 if args.seed is None else args.seed
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def go() -> int:
-        from roiqa import uri as uri_mod
+        from roiqa.io import uri as uri_mod
 
         if args.results is None and args.ground_truth is None:
             if not args.out:

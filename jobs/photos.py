@@ -77,7 +77,7 @@ def deb_version(deb: str) -> str:
 def unpack(deb: str, package: str, out: str, max_side: int) -> list[dict]:
     """Unpack `deb`, write its pictures as JPEGs under `out`/`package`/ and its copyright file under
     `out`/LICENSES/; returns one row per photo written (pictures that do not decode are skipped, and listed)."""
-    from roiqa.imageio import DecodeError, decode_image, encode_jpeg, resize_long_side
+    from roiqa.io.imageio import DecodeError, decode_image, encode_jpeg, resize_long_side
 
     version = deb_version(deb)
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         import pyarrow as pa
 
-        from roiqa import index_store as store
+        from roiqa.index import store
 
         out = os.path.abspath(args.out)
         os.makedirs(out, exist_ok=True)

@@ -63,9 +63,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _photos(spec: str, max_pixels: int) -> tuple[list[str], list]:
-    from roiqa import uri as uri_mod
-    from roiqa.demo_data import TRAINING_PHOTOS, load_photo
-    from roiqa.train_data import load_photos
+    from roiqa.eval.demo_data import TRAINING_PHOTOS, load_photo
+    from roiqa.io import uri as uri_mod
+    from roiqa.train.data import load_photos
 
     if spec == "bundled":
         return list(TRAINING_PHOTOS), [load_photo(n) for n in TRAINING_PHOTOS]
@@ -75,7 +75,7 @@ def _photos(spec: str, max_pixels: int) -> tuple[list[str], list]:
 
 
 def choose_thresholds(curve: dict, init_recall: float, max_recall: float) -> tuple[float, float, float, str]:
-    """(initial, min, max threshold, the rule in words) from a held-out curve (roiqa.profile_train.mask_curve)."""
+    """(initial, min, max threshold, the rule in words) from a held-out curve (roiqa.train.profile.mask_curve)."""
     ts, rec = curve["threshold"], curve["recall"]
     ok_init = [t for t, r in zip(ts, rec) if r >= init_recall]
     ok_max = [t for t, r in zip(ts, rec) if r >= max_recall]
@@ -98,12 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
         import torch
 
-        from roiqa import masks
-        from roiqa import uri as uri_mod
         from roiqa.config import TrainConfig
-        from roiqa.demo_data import EVAL_PHOTOS, load_photo
-        from roiqa.profile_train import manifest_samples, mask_curve, train_profile
-        from roiqa.train_data import read_manifest, sample_stream
+        from roiqa.eval.demo_data import EVAL_PHOTOS, load_photo
+        from roiqa.io import uri as uri_mod
+        from roiqa.stages import masks
+        from roiqa.train.data import read_manifest, sample_stream
+        from roiqa.train.profile import manifest_samples, mask_curve, train_profile
 
         torch.set_num_threads(max(1, args.threads))
         images = args.images or (None if args.manifest else "bundled")

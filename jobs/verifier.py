@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
-        from roiqa import uri as uri_mod
+        from roiqa.io import uri as uri_mod
         from roiqa.models.roimask import variant_config
-        from roiqa.verify import save_verifier
-        from roiqa.verify_train import VerifierTrainConfig, train_verifier
+        from roiqa.stages.verify import save_verifier
+        from roiqa.train.verifier import VerifierTrainConfig, train_verifier
 
         torch.set_num_threads(max(1, args.threads))
         over = {"steps": args.steps, "batch_size": args.batch_size, "instances": args.instances, "seed": args.seed}

@@ -16,18 +16,17 @@ import ray
 
 from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size
 from pipelines.sources import Listing, list_images, uri_dataset
-from roiqa import faiss_index
-from roiqa import index_store as store
 from roiqa import schema as S
-from roiqa import uri as uri_mod
-from roiqa.complexity import ComplexityStage
 from roiqa.config import RoiqaConfig, to_dict
-from roiqa.embed import Decoder, Embedder
+from roiqa.index import faiss_index, store
+from roiqa.io import uri as uri_mod
+from roiqa.io.redact import redact
+from roiqa.io.sources import account_inputs, errors_table, expand_tar, parse_error, read_files
 from roiqa.models.backbone import descriptor_dim
 from roiqa.models.checkpoint import describe, model_config
 from roiqa.progress import Progress
-from roiqa.redact import redact
-from roiqa.sources import account_inputs, errors_table, expand_tar, parse_error, read_files
+from roiqa.stages.complexity import ComplexityStage
+from roiqa.stages.embed import Decoder, Embedder
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def stage_settings(cfg: RoiqaConfig) -> dict:
 
             out["fields"]["patch_dim"] = load_patchnet(cfg.complexity.model).cfg.dim
     if cfg.masks.enabled:
-        from roiqa.masks import load_profile
+        from roiqa.stages.masks import load_profile
 
         loaded = [(uri, load_profile(uri)[0]) for uri in cfg.masks.profiles]
         out["fields"]["profiles"] = tuple(p.name for _, p in loaded)
@@ -176,7 +175,7 @@ class Carried:
     faiss: object | None  # the parent's faiss index (None: rebuild from every vector)
     removed_ids: np.ndarray  # image ids to remove from it (changed and deleted images)
     info: dict  # what the manifest records under "reindex"
-    hubness: pa.Table | None = None  # the parent's hubness reference (roiqa.hubness), when it has one
+    hubness: pa.Table | None = None  # the parent's hubness reference (roiqa.index.hubness), when it has one
 
 
 def describe_model(model_uri: str | None, cfg: RoiqaConfig) -> dict:

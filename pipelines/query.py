@@ -13,14 +13,15 @@ import pyarrow as pa
 import ray
 
 from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size, table_dataset
-from roiqa import faiss_index, hubness, query_output, report
-from roiqa import index_store as store
 from roiqa import schema as S
-from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
+from roiqa.index import faiss_index, hubness, store
+from roiqa.io import uri as uri_mod
+from roiqa.io.sources import errors_table, parse_error
 from roiqa.progress import Progress
-from roiqa.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
-from roiqa.sources import errors_table, parse_error
+from roiqa.results import html as report
+from roiqa.results import output as query_output
+from roiqa.stages.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def report_stage(
 
 def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Progress | None = None) -> QueryReport:
     """Search the published version of `index` for every query; write results, errors and overlays to a new run
-    folder under `out` and publish it (roiqa.query_output). `progress`: where the stages report; default none."""
+    folder under `out` and publish it (roiqa.results.output). `progress`: where the stages report; default none."""
     t0 = time.perf_counter()
     progress = progress or Progress()
     version = store.open_index(index)  # a missing index or queries table fails here, before Ray starts

@@ -21,11 +21,10 @@ import pyarrow.compute as pc
 
 from pipelines.index import Carried, Plan, embed_uris, listed, plan, record_failure, run_row, write_version
 from pipelines.sources import listing_made
-from roiqa import faiss_index
-from roiqa import index_store as store
 from roiqa import schema as S
-from roiqa import uri as uri_mod
 from roiqa.config import RoiqaConfig, to_dict
+from roiqa.index import faiss_index, store
+from roiqa.io import uri as uri_mod
 from roiqa.progress import Progress
 
 # Config sections whose change makes every stored embedding stale.

@@ -10,9 +10,9 @@ import ray
 
 from pipelines.runtime import table_dataset
 from roiqa import schema as S
-from roiqa import uri as uri_mod
-from roiqa.redact import has_credentials, redact
-from roiqa.sources import error_string
+from roiqa.io import uri as uri_mod
+from roiqa.io.redact import has_credentials, redact
+from roiqa.io.sources import error_string
 
 
 @dataclass(frozen=True)

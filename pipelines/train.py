@@ -1,8 +1,8 @@
 """Training on Ray: (query, positive, negative) triples streamed by Ray Data into a data-parallel Ray Train run.
 
-Ray Data makes the samples (`roiqa.train_data`: self-supervised composites from unlabeled photographs, or pairs from
+Ray Data makes the samples (`roiqa.train.data`: self-supervised composites from unlabeled photographs, or pairs from
 a labelled manifest) in tasks beside training; each of N `TorchTrainer` workers (one GPU each when asked, gloo on
-CPU) reads its shard, computes the seed-003 objective (`roiqa.training.batch_losses`) and all-reduces gradients.
+CPU) reads its shard, computes the seed-003 objective (`roiqa.train.matcher.batch_losses`) and all-reduces gradients.
 Every epoch rank 0 writes a checkpoint directory (model.safetensors, optimizer.safetensors, state.json; nothing is
 pickled) that Ray persists under `<out>/<name>/`; a failed worker restarts the group from the last one
 (`FailureConfig`), and running again with `resume=True` continues the same run. At the end the final weights are
@@ -47,7 +47,7 @@ def _source(kind: str, uri: str, cfg: RoiqaConfig):
     """The photographs (self-supervised) or LabeledPairs (manifest) of a source, loaded once per process."""
     key = (kind, uri, cfg.train.image_size, cfg.train.query_size)
     if key not in _SOURCES:
-        from roiqa import train_data
+        from roiqa.train import data as train_data
 
         if kind == "manifest":
             _SOURCES[key] = train_data.LabeledPairs(train_data.read_manifest(uri), cfg.train, cfg.preprocess.max_pixels)
@@ -58,7 +58,7 @@ def _source(kind: str, uri: str, cfg: RoiqaConfig):
 
 def make_samples(kind: str, uri: str, cfg: RoiqaConfig, ids: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """The batch of samples for row ids `ids`: sample i is a pure function of (seed, id), wherever it is made."""
-    from roiqa import train_data
+    from roiqa.train import data as train_data
 
     src = _source(kind, uri, cfg)
     out = []
@@ -167,9 +167,9 @@ def validate(model, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device) -> d
     import torch
 
     from roiqa.boxes import box_iou
-    from roiqa.imageio import resize_long_side
-    from roiqa.metrics import average_precision
-    from roiqa.training import batch_losses, resize_hw
+    from roiqa.eval.metrics import average_precision
+    from roiqa.io.imageio import resize_long_side
+    from roiqa.train.matcher import batch_losses, resize_hw
 
     net = getattr(model, "module", model)
     was_training = net.training
@@ -215,9 +215,9 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from roiqa.embed import set_threads
     from roiqa.models.checkpoint import load_matcher
-    from roiqa.training import DescriptorQueue, batch_losses, center_head, trainable_parameters
+    from roiqa.stages.embed import set_threads
+    from roiqa.train.matcher import DescriptorQueue, batch_losses, center_head, trainable_parameters
 
     cfg = from_dict(RoiqaConfig, config["cfg"])
     t = cfg.train
@@ -286,7 +286,7 @@ def train_loop(config: dict) -> None:
 def storage(out: str):
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig: local paths as they are, s3:// through
     the same fsspec filesystem (endpoint, credentials) roiqa uses everywhere else."""
-    from roiqa import uri as uri_mod
+    from roiqa.io import uri as uri_mod
 
     out = uri_mod.normalize(out)
     if "://" not in out or out.startswith("file://"):
@@ -337,7 +337,7 @@ def run_train(
     from ray.train.torch import TorchTrainer
 
     from pipelines.runtime import cluster_gpus, init_ray
-    from roiqa import uri as uri_mod
+    from roiqa.io import uri as uri_mod
     from roiqa.models.checkpoint import load_matcher
 
     if (images is None) == (manifest is None):
@@ -347,7 +347,7 @@ def run_train(
     t = cfg.train
     if t.epochs < 1 or t.steps_per_epoch < 1 or t.batch_size < 2:
         raise ValueError("train.epochs and train.steps_per_epoch must be >= 1 and train.batch_size >= 2")
-    from roiqa.train_data import photo_sources
+    from roiqa.train.data import photo_sources
 
     # Workers run in their own folders: every local path is made absolute here, on the driver.
     kind, uri = ("manifest", uri_mod.normalize(manifest)) if manifest else ("images", ",".join(photo_sources(images)))

@@ -24,9 +24,9 @@ from pipelines.train import (
     validate,
 )
 from roiqa import schema as S
-from roiqa import train_data
-from roiqa import uri as uri_mod
 from roiqa.config import RoiqaConfig, from_dict, to_dict
+from roiqa.io import uri as uri_mod
+from roiqa.train import data as train_data
 
 SCHEDULERS = ("pbt", "pb2", "asha")
 SEARCHERS = ("random", "optuna")
@@ -72,10 +72,16 @@ def run_trial(
     import ray.tune
     import torch
 
-    from roiqa.embed import set_threads
     from roiqa.models.checkpoint import load_matcher
-    from roiqa.training import DescriptorQueue, batch_losses, center_head, refined_localization, trainable_parameters
-    from roiqa.tune_space import apply_overrides, objective
+    from roiqa.stages.embed import set_threads
+    from roiqa.train.matcher import (
+        DescriptorQueue,
+        batch_losses,
+        center_head,
+        refined_localization,
+        trainable_parameters,
+    )
+    from roiqa.train.tune_space import apply_overrides, objective
 
     set_threads(threads)
     params = {k: config[k] for k in keys}
@@ -212,7 +218,7 @@ def run_tune(
     """
     from ray import tune
 
-    from roiqa.tune_space import load_search_space
+    from roiqa.train.tune_space import load_search_space
 
     t0 = time.perf_counter()
     check_args(scheduler, search, samples, cfg)
@@ -299,8 +305,8 @@ def write_outputs(
     """trials.parquet / .md, best.yaml, best/, plots and summary.json from a finished ResultGrid."""
     import yaml
 
-    from roiqa.tune_report import best_trial, curves_png, markdown_trials, schedule_png, trials_table
-    from roiqa.tune_space import apply_overrides
+    from roiqa.eval.tune_report import best_trial, curves_png, markdown_trials, schedule_png, trials_table
+    from roiqa.train.tune_space import apply_overrides
 
     keys = [p.key for p in space.params]
     rows, checkpoints, errors = [], {}, {}
@@ -332,7 +338,7 @@ def write_outputs(
         uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
         return TuneReport(out, 0, "", float("nan"), None, seconds)
     table = trials_table(rows, keys)
-    from roiqa import index_store as store
+    from roiqa.index import store
 
     store.write_table(table, uri_mod.join(out, TRIALS))
     best_id, best_iter, best_value = best_trial(table, S.OBJECTIVE, "max", "last")

@@ -42,7 +42,7 @@ class IndexConfig:
     coarse: str = "regions"  # what faiss indexes: "regions" (every image's regional descriptors) | "global" (one each)
     faiss_factory: str = "auto"  # faiss index_factory string; "auto": Flat below 100k vectors, IVF,SQ8 above
     faiss_nprobe: int = 256  # IVF cells visited per query (32 of 8192 lost 0.225 coarse recall@100 on 3.1M regions)
-    hubness_k: int = 10  # regions: h(r) = mean similarity to the k nearest other images' regions (roiqa.hubness); 0 off
+    hubness_k: int = 10  # h(r) = mean similarity to the k nearest other images' regions (roiqa.index.hubness); 0 off
     hubness_reference: int = 20000  # regions sampled from the collection, when faiss is built whole, to measure it
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
     lock_ttl_s: float = 21600.0  # the writer's lease on LOCK, renewed every ttl/3 while it runs; unrenewed: stale; 6 h
@@ -167,7 +167,10 @@ class VerifyConfig:
 
 @dataclass(frozen=True)
 class GeometryConfig:
-    """Geometric verification of every reranked pair: SIFT ratio-test matches, a RANSAC homography (roiqa.geometry)."""
+    """Geometric verification of every reranked pair: SIFT ratio-test matches, a RANSAC homography.
+
+    See roiqa.stages.geometry.
+    """
 
     enabled: bool = True  # verify every reranked pair; a verified pair takes the homography's box and a score bonus
     ratio: float = 0.75  # Lowe's ratio test: nearest descriptor closer than ratio x the second nearest
@@ -248,7 +251,7 @@ def load_config(uri: str | None, overrides: dict | None = None) -> RoiqaConfig:
     """Read a YAML config from `uri` (None: defaults), apply nested `overrides`, and validate strictly."""
     import yaml
 
-    from roiqa import uri as uri_mod
+    from roiqa.io import uri as uri_mod
 
     data: dict = {}
     if uri:

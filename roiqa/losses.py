@@ -1,7 +1,7 @@
 """The four losses of seed 003 (eqs. 6-8) and the heatmap targets they are computed against.
 
 Every function takes plain tensors and returns a scalar (mean over the batch) so each term can be checked against a
-value computed by hand; `roiqa.training` wires them to the matcher.
+value computed by hand; `roiqa.train.matcher` wires them to the matcher.
 """
 
 from __future__ import annotations

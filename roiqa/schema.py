@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 # --- column names -------------------------------------------------------------------------------------------
-IMAGE_ID = "image_id"  # int64, stable: roiqa.ids.image_id(uri)
+IMAGE_ID = "image_id"  # int64, stable: roiqa.io.ids.image_id(uri)
 URI = "uri"  # string, where the image was read from (a tar member is "<shard uri>#<member name>")
 WIDTH = "width"  # int32, original image width in pixels (after EXIF orientation)
 HEIGHT = "height"  # int32, original image height in pixels
@@ -48,7 +48,7 @@ INLIERS = "inliers"  # int32, RANSAC homography inliers of the geometric verific
 
 def mask_columns(profile: str) -> tuple[str, str, str]:
     """(coverage, threshold, rle) column names of a task profile: float32 fraction of valid pixels kept, float32
-    threshold the mask was cut at, string run-length encoding of the mask (see roiqa.masks.rle_encode)."""
+    threshold the mask was cut at, string run-length encoding of the mask (see roiqa.stages.masks.rle_encode)."""
     key = "".join(ch if ch.isalnum() else "_" for ch in profile.lower()).strip("_")
     return f"mask_{key}_coverage", f"mask_{key}_threshold", f"mask_{key}_rle"
 
@@ -201,7 +201,7 @@ TRIAL_ID = "trial_id"  # string, Ray Tune's trial id
 ITERATION = "iteration"  # int32, 1-based number of the report within its trial (Ray's training_iteration)
 STATUS = "status"  # string, the trial's status when the table was written: RUNNING | TERMINATED | ERROR | ...
 TRIAL_CONFIG = "trial_config"  # string, JSON {dotted key: value} of the overrides the trial used at that iteration
-OBJECTIVE = "objective"  # float32, weighted sum of the reported metrics (roiqa.tune_space.objective), maximised
+OBJECTIVE = "objective"  # float32, weighted sum of the reported metrics (roiqa.train.tune_space.objective), maximised
 VAL_LOSS = "val_loss"  # float32, training loss on the validation pairs
 VAL_MAP = "val_map"  # float32, retrieval mAP on the validation queries
 VAL_LOC50 = "val_loc50"  # float32, share of validation positives boxed at IoU >= 0.5 (kernel at the true size)

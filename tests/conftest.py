@@ -30,7 +30,7 @@ def tiny_cfg() -> RoiqaConfig:
 @pytest.fixture(scope="session")
 def collection(tmp_path_factory):
     """A 10-image collection of real photographs (skimage.data) with 8 query crops and known boxes."""
-    from roiqa.demo_data import DemoConfig, build_demo_collection
+    from roiqa.eval.demo_data import DemoConfig, build_demo_collection
 
     out = tmp_path_factory.mktemp("collection")
     cfg = DemoConfig(

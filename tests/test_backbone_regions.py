@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from roiqa.config import DEFAULT_BACKBONE_WEIGHTS, ModelConfig
-from roiqa.faiss_index import build_index, search_images
+from roiqa.index.faiss_index import build_index, search_images
 from roiqa.models import backbone as bb
 from roiqa.models.checkpoint import load_matcher, model_config, save_matcher
 from roiqa.models.matcher import Matcher
@@ -32,7 +32,7 @@ def _classify(net: torch.nn.Module, img: np.ndarray) -> int:
 
 def test_package_weights_classify_bundled_photographs() -> None:
     """The package's ImageNet head, loaded through the key mapping, names the photographs: a broken mapping fails."""
-    from roiqa.demo_data import load_photo
+    from roiqa.eval.demo_data import load_photo
 
     net = bb.timm_classifier(ModelConfig()).eval()
     assert _classify(net, load_photo("chelsea")) in (281, 282, 283, 284, 285)  # tabby .. Egyptian cat
@@ -169,10 +169,10 @@ def test_coarse_job_refits_the_whitening_of_a_given_checkpoint(tmp_path) -> None
     """`roiqa coarse --model C`: C's whitening is refitted as fit_coarse does it; every other weight and C's
     metadata are kept, and a body-less C stays body-less."""
     from jobs import coarse
-    from roiqa import uri as uri_mod
-    from roiqa.coarse_fit import fit_coarse
-    from roiqa.demo_data import load_photo
+    from roiqa.eval.demo_data import load_photo
+    from roiqa.io import uri as uri_mod
     from roiqa.models.checkpoint import read_metadata
+    from roiqa.train.coarse_fit import fit_coarse
 
     m = Matcher(ModelConfig())
     with torch.no_grad():
@@ -196,14 +196,14 @@ def test_coarse_job_refits_the_whitening_of_a_given_checkpoint(tmp_path) -> None
     assert not torch.equal(sg["whitening.proj"], load_matcher(src).state_dict()["whitening.proj"])
     assert float(sg["phi.5.bias"][0]) == 0.125
     meta = read_metadata(uri_mod.read_bytes(out), out)
-    assert meta["roiqa.train"] == '{"epochs": 3}' and "2 photos" in meta["roiqa.coarse_fit"]
+    assert meta["roiqa.train"] == '{"epochs": 3}' and "2 photos" in meta["roiqa.train.coarse_fit"]
     assert os.path.getsize(out) < 2_000_000  # still without the body
 
 
 def test_regional_coarse_finds_a_small_pasted_object() -> None:
     """A 64 px crop pasted into one of four photographs: that photograph's best region beats every other's."""
-    from roiqa.demo_data import load_photo
-    from roiqa.imageio import resize_long_side
+    from roiqa.eval.demo_data import load_photo
+    from roiqa.io.imageio import resize_long_side
     from roiqa.weights import SHIPPED
 
     m = load_matcher(SHIPPED).eval()

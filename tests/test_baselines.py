@@ -1,4 +1,4 @@
-"""Classical baselines (roiqa.baselines) on real photographs with pasted objects at known boxes."""
+"""Classical baselines (roiqa.eval.baselines) on real photographs with pasted objects at known boxes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import skimage.data
 cv2 = pytest.importorskip("cv2")
 
 from roiqa import schema as S  # noqa: E402
-from roiqa.baselines import METHODS, run_baseline, sift_features, sift_match, template_match, to_gray  # noqa: E402
 from roiqa.boxes import box_iou  # noqa: E402
-from roiqa.ids import image_id  # noqa: E402
-from roiqa.imageio import encode_jpeg, resize_long_side  # noqa: E402
+from roiqa.eval.baselines import METHODS, run_baseline, sift_features, sift_match, template_match, to_gray  # noqa: E402
+from roiqa.io.ids import image_id  # noqa: E402
+from roiqa.io.imageio import encode_jpeg, resize_long_side  # noqa: E402
 
 FACE = skimage.data.astronaut()[14:186, 150:304]  # 172 x 154, the astronaut's face
 COFFEE = skimage.data.coffee()  # 400 x 600

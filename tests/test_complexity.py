@@ -14,19 +14,8 @@ from PIL import Image
 from scipy import ndimage
 
 from roiqa import schema as S
-from roiqa.complexity import (
-    ComplexityStage,
-    complexity_map,
-    complexity_png,
-    complexity_stats,
-    gaussian_kernel1d,
-    log_response,
-    patch_counts,
-    quadtree,
-)
 from roiqa.config import ComplexityConfig
-from roiqa.demo_data import load_photo
-from roiqa.embed import prepare
+from roiqa.eval.demo_data import load_photo
 from roiqa.models.patchnet import (
     PatchNet,
     PatchNetConfig,
@@ -38,7 +27,18 @@ from roiqa.models.patchnet import (
     save_patchnet,
     subdivision_cost,
 )
-from roiqa.patchnet_train import context_crop, make_optimizer, patchnet_loss, train_patchnet
+from roiqa.ops.complexity import (
+    complexity_map,
+    complexity_png,
+    complexity_stats,
+    gaussian_kernel1d,
+    log_response,
+    patch_counts,
+    quadtree,
+)
+from roiqa.stages.complexity import ComplexityStage
+from roiqa.stages.embed import prepare
+from roiqa.train.patchnet import context_crop, make_optimizer, patchnet_loss, train_patchnet
 
 THR = (0.25, 0.35, 0.45)  # ComplexityConfig's default thresholds
 SMALL = PatchNetConfig(image_size=128, dim=32, patch_dim=32)  # the network at 128 px: quick on one CPU thread

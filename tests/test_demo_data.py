@@ -1,4 +1,4 @@
-"""Tests for roiqa.demo_data: files, counts, boxes, determinism and that boxes point at the pasted objects."""
+"""Tests for roiqa.eval.demo_data: files, counts, boxes, determinism and that boxes point at the pasted objects."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from roiqa import demo_data
-from roiqa.demo_data import BACKGROUNDS, OBJECTS, DemoConfig, build_demo_collection
+from roiqa.eval import demo_data
+from roiqa.eval.demo_data import BACKGROUNDS, OBJECTS, DemoConfig, build_demo_collection
 from roiqa.schema import (
     BOX,
     DEMO_GROUND_TRUTH_SCHEMA,

@@ -15,7 +15,7 @@ from PIL import Image
 from jobs import eval as eval_job
 from roiqa import schema as S
 from roiqa.config import to_dict
-from roiqa.demo_data import (
+from roiqa.eval.demo_data import (
     EVAL_BACKGROUNDS,
     EVAL_OBJECTS,
     TRAINING_PHOTOS,
@@ -24,8 +24,8 @@ from roiqa.demo_data import (
     clutter,
     eval_config,
 )
-from roiqa.metrics import STRESS_BUCKETS, evaluate
-from roiqa.query_output import open_results
+from roiqa.eval.metrics import STRESS_BUCKETS, evaluate
+from roiqa.results.output import open_results
 
 
 def test_clutter_hand_values():

@@ -1,4 +1,4 @@
-"""Tests of roiqa.eval_report: the PNGs decode at the expected size with the boxes where they belong; the table."""
+"""Tests of roiqa.eval.report: the PNGs decode at the expected size with the boxes where they belong; the table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from roiqa import schema as S
-from roiqa.eval_report import (
+from roiqa.eval.report import (
     _PALETTE,
     INDEX_BYTES_PER_IMAGE,
     IOU,

@@ -1,5 +1,5 @@
-"""Tests of roiqa.faiss_index, roiqa.config, roiqa.schema, roiqa.uri and roiqa.sources against brute force and
-hand-built files."""
+"""Tests of roiqa.index.faiss_index, roiqa.config, roiqa.schema, roiqa.io.uri and roiqa.io.sources against brute
+force and hand-built files."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from roiqa import faiss_index as fi
 from roiqa import schema as S
-from roiqa import uri
 from roiqa.config import (
     IndexConfig,
     ModelConfig,
@@ -26,7 +24,9 @@ from roiqa.config import (
     load_config,
     to_dict,
 )
-from roiqa.sources import expand_tar, parse_error, read_files, safe_member_name
+from roiqa.index import faiss_index as fi
+from roiqa.io import uri
+from roiqa.io.sources import expand_tar, parse_error, read_files, safe_member_name
 
 # --- faiss ----------------------------------------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ test_index_survives_losing_a_worker_node
     the lost blocks are recomputed).
     Checked: the driver exits 0; CURRENT names the version; every input file is in exactly one of the embeddings and
     errors tables (no duplicate, no loss); the broken files are decode errors with their reasons; embeddings equal a
-    direct `roiqa.embed.Embedder` call on the same images (atol 1e-4); the fault happened mid-run (driver running, no
-    CURRENT, the killed node hosted an embedding actor that had finished batches, and that actor was restarted).
+    direct `roiqa.stages.embed.Embedder` call on the same images (atol 1e-4); the fault happened mid-run (driver
+    running, no CURRENT, the killed node hosted an embedding actor that had finished batches, and that actor was
+    restarted).
 
 test_training_resumes_after_losing_a_worker_node
     Injected: `roiqa train` (two Ray Train workers, per-epoch checkpoints, 3 epochs) on a head and two 1-CPU worker
@@ -44,8 +45,8 @@ import numpy as np
 import pytest
 import yaml
 
-from roiqa import index_store as store
 from roiqa import schema as S
+from roiqa.index import store
 
 pytestmark = pytest.mark.cluster
 
@@ -209,8 +210,8 @@ def finished_embed_batches(address: str) -> collections.Counter:
 
 def test_index_survives_losing_a_worker_node(start_cluster, collection, tmp_path):
     from roiqa.config import load_config
-    from roiqa.embed import Decoder, Embedder
-    from roiqa.sources import read_files
+    from roiqa.io.sources import read_files
+    from roiqa.stages.embed import Decoder, Embedder
 
     # 2 logical CPUs per worker node (bookkeeping only): the surviving node alone fits both half-CPU embedding
     # actors and a 1-CPU read/decode task (lost blocks are read again). With 1 CPU per node the job never even

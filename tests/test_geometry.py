@@ -1,4 +1,4 @@
-"""Geometric verification (roiqa.geometry) and its place in the rerank: real photographs, known transforms."""
+"""Geometric verification (roiqa.stages.geometry) and its place in the rerank: real photographs, known transforms."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import skimage.data
 
-from roiqa import geometry
 from roiqa import schema as S
 from roiqa.boxes import box_iou
 from roiqa.config import GeometryConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
-from roiqa.imageio import encode_png
-from roiqa.rerank import Reranker, coarse_views, rotate_patch
+from roiqa.io.imageio import encode_png
+from roiqa.stages import geometry
+from roiqa.stages.rerank import Reranker, coarse_views, rotate_patch
 
 FACE = skimage.data.astronaut()[14:186, 150:304]  # 172 x 154, the astronaut's face
 BRICK = np.repeat(skimage.data.brick()[:, :, None], 3, axis=2)  # 512 x 512
@@ -135,7 +135,7 @@ def test_bad_geometry_settings_are_refused():
 def test_geometry_check_rows(tmp_path):
     """GeometryCheck: one row per (query, image) with the inliers `geometry.match` finds; an unreadable image gives
     error rows with inliers -1."""
-    from roiqa.rerank import GeometryCheck
+    from roiqa.stages.rerank import GeometryCheck
 
     image, _ = warp_into(BRICK, FACE, -20.0, 0.9, 100, 200)
     (tmp_path / "q.png").write_bytes(encode_png(FACE))

@@ -8,7 +8,7 @@ import skimage.data
 
 from roiqa import schema as S
 from roiqa.config import ModelConfig
-from roiqa.embed import Embedder, prepare
+from roiqa.stages.embed import Embedder, prepare
 
 pytestmark = pytest.mark.gpu
 
@@ -29,8 +29,8 @@ def test_embedder_cuda_matches_cpu():
 
 def test_reranker_cuda_matches_cpu(tmp_path):
     from roiqa.config import PreprocessConfig, QueryConfig, RoiqaConfig
-    from roiqa.imageio import encode_png
-    from roiqa.rerank import Reranker
+    from roiqa.io.imageio import encode_png
+    from roiqa.stages.rerank import Reranker
 
     photo = skimage.data.astronaut()
     (tmp_path / "q.png").write_bytes(encode_png(photo[14:186, 150:304]))

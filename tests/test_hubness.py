@@ -1,4 +1,4 @@
-"""Hubness of regional descriptors (roiqa.hubness) and the coarse index built with it, against naive loops."""
+"""Hubness of regional descriptors (roiqa.index.hubness) and the coarse index built with it, against naive loops."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from roiqa import faiss_index, hubness
 from roiqa import schema as S
+from roiqa.index import faiss_index, hubness
 from roiqa.models.regions import encode_regions, image_key, region_keys
 
 

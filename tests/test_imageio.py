@@ -1,4 +1,4 @@
-"""Tests for roiqa.imageio: every input is built in memory with PIL, every check has an independent reference."""
+"""Tests for roiqa.io.imageio: every input is built in memory with PIL, every check has an independent reference."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from roiqa.imageio import (
+from roiqa.io.imageio import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
     DecodeError,
@@ -365,7 +365,7 @@ def test_an_icon_wrapping_a_huge_png_is_refused_before_any_decoding(tmp_path, ru
     path = tmp_path / "icon.png"
     path.write_bytes(data)
     code = (
-        "from roiqa.imageio import DecodeError, decode_image\ndata = open(sys.argv[1], 'rb').read()\nbefore()\n"
+        "from roiqa.io.imageio import DecodeError, decode_image\ndata = open(sys.argv[1], 'rb').read()\nbefore()\n"
         "try:\n    decode_image(data, sys.argv[1])\nexcept DecodeError as e:\n    reason = e.reason\n"
         "print(json.dumps({'grew_mib': after(), 'reason': reason}))"
     )

@@ -8,8 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from roiqa import faiss_index
-from roiqa import index_store as store
+from roiqa.index import faiss_index, store
 
 
 def _version(root: str, checksums: dict | None) -> store.IndexVersion:
@@ -48,7 +47,7 @@ def test_a_changed_index_file_is_refused(tmp_path):
 
 
 def test_account_inputs_worked_example():
-    from roiqa.sources import account_inputs
+    from roiqa.io.sources import account_inputs
 
     listed = ["/d/a.jpg", "/d/b.jpg", "/d/s.tar", "/d/t.tar"]
     indexed = ["/d/a.jpg", "/d/s.tar#1.jpg", "/d/s.tar#2.jpg"]
@@ -72,7 +71,7 @@ def test_account_inputs_worked_example():
     ids=["lost-file", "lost-shard", "file-twice", "member-twice", "not-listed"],
 )
 def test_account_inputs_refuses_rows_that_do_not_match_the_listing(indexed, errors, what):
-    from roiqa.sources import InputsLost, account_inputs
+    from roiqa.io.sources import InputsLost, account_inputs
 
     with pytest.raises(InputsLost, match=what):
         account_inputs(["/d/a.jpg", "/d/b.jpg", "/d/s.tar"], 0, indexed, errors)
@@ -83,7 +82,7 @@ def test_an_input_lost_between_listing_and_publishing_fails_the_run(collection, 
     """The embedding stage is given one input fewer than the listing holds (as a dropped block would): the version
     is not published and the error names the lost image."""
     from pipelines.index import embed_uris, plan, write_version
-    from roiqa.sources import InputsLost
+    from roiqa.io.sources import InputsLost
 
     index = str(tmp_path / "index")
     p = plan(collection.gallery_dir, index, tiny_cfg, None)

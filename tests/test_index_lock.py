@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from roiqa import index_store as store
-from roiqa import uri as uri_mod
+from roiqa.index import store
+from roiqa.io import uri as uri_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTENDERS = 4  # processes
@@ -41,7 +41,7 @@ RACES = {
 # releases it. {"warm": root}: the store's client connects.
 _CONTENDER = """
 import json, sys, threading, time
-from roiqa import index_store as store
+from roiqa.index import store
 held = {}
 print("ready", flush=True)
 

@@ -16,9 +16,9 @@ from jobs import index as index_job
 from jobs import query as query_job
 from roiqa import schema as S
 from roiqa.config import to_dict
-from roiqa.index_store import open_index
-from roiqa.metrics import evaluate
-from roiqa.query_output import open_results
+from roiqa.eval.metrics import evaluate
+from roiqa.index.store import open_index
+from roiqa.results.output import open_results
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -103,10 +103,10 @@ def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_pat
 
     import numpy as np
 
-    from roiqa.embed import Decoder, Embedder
+    from roiqa.io.sources import read_files
     from roiqa.models.checkpoint import save_matcher
     from roiqa.models.matcher import Matcher
-    from roiqa.sources import read_files
+    from roiqa.stages.embed import Decoder, Embedder
 
     monkeypatch.delenv("ROIQA_PROGRESS", raising=False)
     model_cfg = dataclasses.replace(tiny_cfg.model, seed=7, fpn_channels=24)
@@ -121,7 +121,7 @@ def test_index_with_a_checkpoint_and_query_uses_it(collection, tiny_cfg, tmp_pat
         )
         == 0
     )
-    from roiqa import index_store as store
+    from roiqa.index import store
 
     assert "roiqa index: listed" not in capsys.readouterr().err  # stderr is no terminal here: no progress lines
     v = store.open_index(index)

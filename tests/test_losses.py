@@ -19,7 +19,7 @@ from roiqa.losses import (
     window_targets,
 )
 from roiqa.models.matcher import Matcher
-from roiqa.training import DescriptorQueue, batch_losses, trainable_parameters
+from roiqa.train.matcher import DescriptorQueue, batch_losses, trainable_parameters
 
 
 def test_info_nce_hand_computed():
@@ -102,8 +102,8 @@ TINY_TRAIN = RoiqaConfig(
 
 
 def _batch(seed: int) -> dict[str, np.ndarray]:
-    from roiqa import train_data
-    from roiqa.demo_data import load_photo
+    from roiqa.eval.demo_data import load_photo
+    from roiqa.train import data as train_data
 
     photos = [load_photo(n) for n in ("camera", "grass", "clock")]
     rng = np.random.default_rng(seed)
@@ -154,7 +154,7 @@ def test_freeze_options():
 def test_forward_finds_a_pasted_patch():
     """The whole model on a (query, images) batch: the pasted copy is boxed and outscores an image without it."""
     from roiqa.boxes import box_iou
-    from roiqa.demo_data import load_photo
+    from roiqa.eval.demo_data import load_photo
 
     model = Matcher(ModelConfig()).eval()
     patch = np.ascontiguousarray(load_photo("astronaut")[150:214, 180:244])  # 64x64 face region

@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from roiqa import masks as M
-from roiqa import profile_train as PT
 from roiqa import schema as S
 from roiqa.config import MaskConfig, ModelConfig, TrainConfig
-from roiqa.embed import Embedder, probe_confidence
-from roiqa.imageio import encode_png
-from roiqa.sources import object_array
+from roiqa.io.imageio import encode_png
+from roiqa.io.sources import object_array
+from roiqa.stages import masks as M
+from roiqa.stages.embed import Embedder, probe_confidence
+from roiqa.train import profile as PT
 
 torch.set_num_threads(1)
 
@@ -169,8 +169,8 @@ def test_profile_round_trip_and_errors(tmp_path):
 
 
 def test_shipped_profile_separates_box_from_background():
-    from roiqa.demo_data import EVAL_PHOTOS, load_photo
-    from roiqa.train_data import sample_stream
+    from roiqa.eval.demo_data import EVAL_PHOTOS, load_photo
+    from roiqa.train.data import sample_stream
 
     prof, est = M.load_profile("object-instance")
     assert prof.name == "object-instance" and prof.min_threshold <= prof.threshold <= prof.max_threshold

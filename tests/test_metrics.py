@@ -1,4 +1,4 @@
-"""Tests of roiqa.metrics against hand-worked examples and an independent naive implementation."""
+"""Tests of roiqa.eval.metrics against hand-worked examples and an independent naive implementation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from roiqa.metrics import (
+from roiqa.eval.metrics import (
     LOC_AP50,
     MAP,
     MEAN_IOU,
@@ -481,7 +481,7 @@ def _bucket_example() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_stress_masks_hand_example():
-    from roiqa.metrics import STRESS_BUCKETS, stress_masks
+    from roiqa.eval.metrics import STRESS_BUCKETS, stress_masks
 
     _, gt = _bucket_example()
     m = stress_masks(gt)
@@ -500,7 +500,7 @@ def test_stress_masks_hand_example():
 
 
 def test_stress_masks_edges():
-    from roiqa.metrics import stress_masks
+    from roiqa.eval.metrics import stress_masks
     from roiqa.schema import GT_CLUTTER, GT_OCCLUSION, GT_ROTATION
 
     # long sides exactly 64 and 128 go up a bucket; occlusion 0.2 and |rotation| 15 are not above their thresholds
@@ -520,7 +520,7 @@ def test_stress_masks_edges():
 
 
 def test_evaluate_buckets_hand_example():
-    from roiqa.metrics import N_POSITIVES, STRESS_BUCKETS, evaluate_buckets
+    from roiqa.eval.metrics import N_POSITIVES, STRESS_BUCKETS, evaluate_buckets
 
     results, gt = _bucket_example()
     got = evaluate_buckets(results, gt)
@@ -555,7 +555,7 @@ def test_evaluate_buckets_hand_example():
 
 
 def test_bucket_results_keeps_negatives_and_mixed_pairs():
-    from roiqa.metrics import bucket_results
+    from roiqa.eval.metrics import bucket_results
 
     gt = gt_df([("q", "a", [0, 0, 10, 10]), ("q", "a", [20, 20, 30, 30]), ("q", "b", [0, 0, 10, 10])])
     results = results_df([("q", 1, "a", 0.9, FAR), ("q", 2, "b", 0.8, FAR), ("q", 3, "n", 0.7, FAR)])
@@ -570,7 +570,7 @@ def test_bucket_results_keeps_negatives_and_mixed_pairs():
 
 
 def test_pr_curve_points_hand_example():
-    from roiqa.metrics import pr_curve_points
+    from roiqa.eval.metrics import pr_curve_points
 
     results, gt = _bucket_example()
     precision, recall = pr_curve_points(results, gt)

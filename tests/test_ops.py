@@ -1,4 +1,4 @@
-"""Tests of roiqa.ops (xcorr, fusion, GeM, peaks), roiqa.boxes and roiqa.ids against naive loops and hand values."""
+"""Tests of roiqa.ops (xcorr, fusion, GeM, peaks), roiqa.boxes and roiqa.io.ids against naive loops and hand values."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from roiqa import boxes as B
-from roiqa.ids import image_id, image_ids
+from roiqa.io.ids import image_id, image_ids
 from roiqa.ops.fusion import lse_fuse, upsample_to
 from roiqa.ops.gem import GeM, gem, valid_mask
 from roiqa.ops.peaks import local_maxima, nms_peaks
@@ -411,7 +411,7 @@ def test_image_id_stable_positive_distinct() -> None:
 
 
 def test_image_id_stable_across_processes() -> None:
-    code = "from roiqa.ids import image_id; print(image_id('s3://bucket/x.jpg'))"
+    code = "from roiqa.io.ids import image_id; print(image_id('s3://bucket/x.jpg'))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

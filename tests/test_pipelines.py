@@ -15,16 +15,15 @@ import pytest
 
 from pipelines.index import run_index
 from pipelines.query import read_results, run_query
-from roiqa import faiss_index
-from roiqa import index_store as store
 from roiqa import schema as S
-from roiqa.embed import Decoder, Embedder
-from roiqa.ids import image_id
-from roiqa.imageio import encode_png
-from roiqa.metrics import evaluate
-from roiqa.query_output import open_results
-from roiqa.rerank import Reranker
-from roiqa.sources import read_files
+from roiqa.eval.metrics import evaluate
+from roiqa.index import faiss_index, store
+from roiqa.io.ids import image_id
+from roiqa.io.imageio import encode_png
+from roiqa.io.sources import read_files
+from roiqa.results.output import open_results
+from roiqa.stages.embed import Decoder, Embedder
+from roiqa.stages.rerank import Reranker
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from roiqa import query_output as qo
 from roiqa import schema as S
+from roiqa.results import output as qo
 
 
 def _publish(out: str, keep: int, n_results: int) -> qo.QueryRun:

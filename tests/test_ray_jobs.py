@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from jobs.submit import client, submit, wait
-from roiqa import index_store as store
 from roiqa import schema as S
+from roiqa.index import store
 
 pytestmark = pytest.mark.cluster
 

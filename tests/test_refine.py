@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from roiqa import refine as R
 from roiqa.boxes import box_iou
 from roiqa.config import RefineConfig
-from roiqa.imageio import encode_png, resize_long_side
+from roiqa.io.imageio import encode_png, resize_long_side
+from roiqa.stages import refine as R
 
 
 def scaled(box: np.ndarray, factor: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:

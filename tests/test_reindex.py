@@ -25,12 +25,11 @@ from PIL import Image
 from pipelines.index import run_index
 from pipelines.reindex import diff, run_reindex
 from pipelines.sources import list_images
-from roiqa import faiss_index, hubness
-from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.config import replace_section
+from roiqa.index import faiss_index, hubness, store
+from roiqa.io.sources import content_hash
 from roiqa.models.regions import image_key, split_key
-from roiqa.sources import content_hash
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,7 +158,7 @@ def test_reindex_is_full_when_the_model_changes(ray_local, collection, tiny_cfg,
 
 _CRASH = """
 import os, sys
-from roiqa import index_store
+from roiqa.index import store as index_store
 def crash(root, version, lock=None):  # the process dies after the version is written, before CURRENT is replaced
     print("CRASHING", version, flush=True)
     os._exit(137)

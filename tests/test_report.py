@@ -1,4 +1,4 @@
-"""report.html of a query run (roiqa.report): the work plan, thumbnails, the page, and the page in a real browser."""
+"""report.html of a query run (roiqa.results.html): the work plan, thumbnails, the page, the page in a real browser."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from roiqa import report
 from roiqa import schema as S
-from roiqa.query_output import open_results
+from roiqa.results import html as report
+from roiqa.results.output import open_results
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

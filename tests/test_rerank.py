@@ -11,8 +11,8 @@ import skimage.data
 from roiqa import schema as S
 from roiqa.boxes import box_iou
 from roiqa.config import GeometryConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
-from roiqa.imageio import encode_jpeg, encode_png, resize_long_side
-from roiqa.rerank import BadBox, Reranker, crop_patch
+from roiqa.io.imageio import encode_jpeg, encode_png, resize_long_side
+from roiqa.stages.rerank import BadBox, Reranker, crop_patch
 
 CFG = RoiqaConfig(
     model=ModelConfig(backbone="resnet18", backbone_weights=None, fpn_channels=64),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from roiqa.metrics import roc_auc
+from roiqa.eval.metrics import roc_auc
 from roiqa.models.roimask import (
     RoiMaskConfig,
     RoiMaskNet,
@@ -19,14 +19,14 @@ from roiqa.models.roimask import (
     save_roimask,
     variant_config,
 )
-from roiqa.verify import (
+from roiqa.stages.verify import (
     SHIPPED,
     Verifier,
     box_masks,
     query_view,
     region_view,
 )
-from roiqa.verify_train import fit_logistic
+from roiqa.train.verifier import fit_logistic
 
 torch.set_num_threads(1)
 S = 64  # input side of the small test nets
@@ -223,8 +223,8 @@ def test_job_smoke_writes_a_loadable_verifier(tmp_path):
 @pytest.mark.skipif(not os.path.isfile(SHIPPED), reason="no shipped verifier in this install")
 def test_shipped_verifier_prefers_the_true_region():
     from roiqa.config import TrainConfig
-    from roiqa.train_data import synthesize_pair
-    from roiqa.verify_train import training_photos
+    from roiqa.train.data import synthesize_pair
+    from roiqa.train.verifier import training_photos
 
     v = Verifier()  # the shipped file
     assert os.path.getsize(SHIPPED) < 4 * 2**20

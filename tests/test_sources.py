@@ -15,9 +15,9 @@ from pipelines.index import split_duplicates
 from pipelines.reindex import _listing_made, _rows_of
 from pipelines.sources import list_images
 from roiqa import schema as S
-from roiqa import uri as uri_mod
 from roiqa.config import IndexConfig
-from roiqa.sources import expand_tar, parse_error, read_files
+from roiqa.io import uri as uri_mod
+from roiqa.io.sources import expand_tar, parse_error, read_files
 
 LIMIT = IndexConfig().max_image_bytes
 
@@ -140,7 +140,7 @@ def test_a_shard_is_streamed_and_a_large_member_skipped_with_little_memory(tmp_p
         f.write(member("after.png", png((7, 7, 7))) + b"\0" * 1024)
     assert os.path.getsize(path) > size
     code = (
-        "import numpy as np\nfrom roiqa.sources import expand_tar\n"
+        "import numpy as np\nfrom roiqa.io.sources import expand_tar\n"
         "before()\nout = expand_tar({'uri': np.array([sys.argv[1]], dtype=object)}, max_bytes=int(sys.argv[2]))\n"
         "sizes = [len(b) for b in out['bytes']]\n"
         "print(json.dumps({'grew_mib': after(), 'sizes': sizes, 'errors': list(out['error'])}))"

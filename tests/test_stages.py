@@ -11,12 +11,12 @@ import yaml
 
 from pipelines.index import run_index
 from pipelines.query import read_results, run_query
-from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.config import ComplexityConfig, MaskConfig, RefineConfig, VerifyConfig, replace_section, to_dict
-from roiqa.embed import Decoder, Embedder
-from roiqa.query_output import open_results
-from roiqa.sources import read_files
+from roiqa.index import store
+from roiqa.io.sources import read_files
+from roiqa.results.output import open_results
+from roiqa.stages.embed import Decoder, Embedder
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -57,7 +57,7 @@ def staged_index(collection, tiny_cfg, tmp_path_factory):
 
 
 def test_complexity_columns_equal_the_stage_run_directly(collection, staged_index):
-    from roiqa.complexity import ComplexityStage
+    from roiqa.stages.complexity import ComplexityStage
 
     cfg, index, report = staged_index
     v = store.open_index(index)
@@ -81,7 +81,7 @@ def test_complexity_columns_equal_the_stage_run_directly(collection, staged_inde
 
 
 def test_masked_embeddings_and_controller_history(collection, staged_index):
-    from roiqa.masks import apply_mask, rle_decode
+    from roiqa.stages.masks import apply_mask, rle_decode
 
     cfg, index, _ = staged_index
     v = store.open_index(index)
@@ -132,7 +132,7 @@ def test_bad_inputs_still_land_in_errors_with_stages_on(collection, tiny_cfg, tm
 
 def test_query_with_refinement_and_verification(collection, tiny_cfg, staged_index, tmp_path):
     from pipelines.query import load_queries, query_map
-    from roiqa.rerank import Reranker
+    from roiqa.stages.rerank import Reranker
 
     _, index, _ = staged_index  # the stages of the index do not change how queries run against it
     cfg = dataclasses.replace(

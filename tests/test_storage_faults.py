@@ -25,10 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.fault_relay import FlakyEndpoint
-from roiqa import index_store as store
 from roiqa import schema as S
-from roiqa.query_output import open_results
-from roiqa.redact import redact
+from roiqa.index import store
+from roiqa.io.redact import redact
+from roiqa.results.output import open_results
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Tests for roiqa.train_data: manifests, the COCO importer, synthesized and labeled samples, photos and batching."""
+"""Tests for roiqa.train.data: manifests, the COCO importer, synthesized and labeled samples, photos and batching."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from PIL import Image
 from scipy import ndimage
 from skimage.feature import match_template
 
-from roiqa import demo_data
-from roiqa import train_data as td
 from roiqa.config import TrainConfig
-from roiqa.demo_data import load_photo
-from roiqa.imageio import decode_image
+from roiqa.eval import demo_data
+from roiqa.eval.demo_data import load_photo
+from roiqa.io.imageio import decode_image
+from roiqa.train import data as td
 
 CLEAN = TrainConfig(
     blur_prob=0.0, jpeg_prob=0.0, occlusion_prob=0.0, color_jitter=0.0, max_rotation_deg=0.0, perspective=0.0
@@ -385,7 +385,7 @@ def test_train_and_eval_photos_are_disjoint_and_loadable():
         "brick",
     )
     assert not set(td.TRAIN_PHOTOS) & set(td.EVAL_PHOTOS)
-    # roiqa.demo_data may keep its own copies of the two lists (evaluation collections are built from them).
+    # roiqa.eval.demo_data may keep its own copies of the two lists (evaluation collections are built from them).
     for name, ours in (("EVAL_PHOTOS", td.EVAL_PHOTOS), ("TRAINING_PHOTOS", td.TRAIN_PHOTOS)):
         theirs = getattr(demo_data, name, None)
         assert theirs is None or set(theirs) == set(ours), name

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from roiqa import index_store as store
 from roiqa import schema as S
 from roiqa.config import ModelConfig, RoiqaConfig, TrainConfig, load_config, to_dict
-from roiqa.tune_space import apply_overrides, load_search_space
+from roiqa.index import store
+from roiqa.train.tune_space import apply_overrides, load_search_space
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = os.path.join(ROOT, "jobs", "configs", "tune-space.yaml")

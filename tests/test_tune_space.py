@@ -1,4 +1,4 @@
-"""Tests of roiqa.tune_space (strict search spaces, overrides, objective) and roiqa.tune_report (table, best, plots)."""
+"""Tests of roiqa.train.tune_space (search spaces, overrides, objective) and roiqa.eval.tune_report (table, plots)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from PIL import Image
 
 from roiqa import schema as S
 from roiqa.config import RoiqaConfig, from_dict, to_dict
-from roiqa.eval_report import _PALETTE
-from roiqa.tune_report import best_trial, curves_png, markdown_trials, schedule_png, trials_table
-from roiqa.tune_space import (
+from roiqa.eval.report import _PALETTE
+from roiqa.eval.tune_report import best_trial, curves_png, markdown_trials, schedule_png, trials_table
+from roiqa.train.tune_space import (
     apply_overrides,
     load_search_space,
     objective,

@@ -60,7 +60,7 @@ def read_weights(uri: str) -> bytes:
         with open(resolve_package_uri(uri), "rb") as f:
             data = f.read()
     else:
-        from roiqa import uri as uri_mod
+        from roiqa.io import uri as uri_mod
 
         data = uri_mod.read_bytes(uri)
     expected = KNOWN_SHA256.get(uri)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from roiqa import uri as uri_mod
 from roiqa.config import ModelConfig, from_dict, to_dict
+from roiqa.io import uri as uri_mod
 from roiqa.models.matcher import Matcher
 
 CONFIG_KEY = "roiqa.model_config"

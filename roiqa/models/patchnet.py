@@ -2,9 +2,9 @@
 
 Per image (a square, zero-padded uint8 image of side `image_size` with its valid (h, w)):
 
-1. complexity map (roiqa.complexity.complexity_map) and, per quadtree level l (cell sizes 64, 32, 16, 8), the mean
+1. complexity map (roiqa.ops.complexity.complexity_map) and, per quadtree level l (cell sizes 64, 32, 16, 8), the mean
    complexity m of every grid cell over its valid part;
-2. leaf weights w of every cell. Hard (inference): the quadtree of roiqa.complexity.quadtree with the learned
+2. leaf weights w of every cell. Hard (inference): the quadtree of roiqa.ops.complexity.quadtree with the learned
    thresholds, w in {0, 1}. Soft (training): p = sigmoid((m - t_l) / temperature) is a cell's split probability,
    P(reach) is 1 for a level-0 cell and P(reach parent) * p_parent for a child, and w = P(reach) * (1 - p)
    (w = P(reach) at the last level); the sum of w over all cells is the expected number of leaves. `fixed`
@@ -15,7 +15,7 @@ Per image (a square, zero-padded uint8 image of side `image_size` with its valid
    size, sum_i w_i a_i e_i / max(1, sum_i w_i) (the leaf-weighted mean of attention-scaled embeddings: zero for a
    size without leaves and continuous in the soft weights), then a linear projection to D and L2 normalisation.
 
-Training (roiqa.patchnet_train) loss: symmetric InfoNCE between query crops and the images they are pasted in
+Training (roiqa.train.patchnet) loss: symmetric InfoNCE between query crops and the images they are pasted in
 (other images of the batch are the negatives), plus lambda_cost * cost, cost = expected leaves / number of
 min_cell cells of the valid region (1 when every cell splits down to min_cell), averaged over the images.
 """
@@ -35,9 +35,9 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
 
-from roiqa import uri as uri_mod
-from roiqa.complexity import check_quadtree, complexity_map
 from roiqa.config import from_dict, to_dict
+from roiqa.io import uri as uri_mod
+from roiqa.ops.complexity import check_quadtree, complexity_map
 
 CONFIG_KEY = "roiqa.patchnet_config"
 LAYOUTS = ("dynamic", "fixed")
@@ -229,7 +229,7 @@ class PatchNet(nn.Module):
         return leaf_weights(means, exists, self.thresholds, cfg.temperature if soft else None), exists
 
     def layout(self, images: torch.Tensor, valid_hw: torch.Tensor) -> list[np.ndarray]:
-        """Per image, the (N, 3) int32 hard-layout leaves (x, y, size), sorted as roiqa.complexity.quadtree's."""
+        """Per image, the (N, 3) int32 hard-layout leaves (x, y, size), sorted as roiqa.ops.complexity.quadtree's."""
         with torch.no_grad():
             weights, _ = self.weights(images, valid_hw, soft=False)
         out = []

@@ -29,8 +29,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from roiqa import uri as uri_mod
 from roiqa.config import from_dict, to_dict
+from roiqa.io import uri as uri_mod
 from roiqa.models.checkpoint import read_metadata
 
 CONFIG_KEY = "roiqa.roimask_config"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 SHIPPED_NAME = "roiqa-effl0.safetensors"
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), SHIPPED_NAME)
+WEIGHTS_DIR = os.path.dirname(os.path.abspath(__file__))  # the checkpoint, the verifier and the task profiles
+SHIPPED = os.path.join(WEIGHTS_DIR, SHIPPED_NAME)
 RANDOM = ("none", "random")  # --model values meaning: no checkpoint, a randomly initialised network (config seed)
 
 

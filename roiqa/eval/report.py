@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from roiqa import schema as S
-from roiqa import uri as uri_mod
-from roiqa.metrics import LOC_AP50, MAP, MEAN_IOU, N_POSITIVES, TOP10_IOU50, positives_found_key, recall_key
+from roiqa.eval.metrics import LOC_AP50, MAP, MEAN_IOU, N_POSITIVES, TOP10_IOU50, positives_found_key, recall_key
+from roiqa.io import uri as uri_mod
 
 # Keys of a `heatmap_gallery_png` row besides the result columns query_id, rank, score, uri, heatmap_uri.
 IOU = "iou"  # float or None: IoU of the predicted box with the best-matching true box
@@ -62,7 +62,7 @@ def pr_curves_png(
 ) -> None:
     """Draw each method's (precision, recall) curve on one recall (x) / precision (y) axis, with a legend.
 
-    `curves`: {method: (precision, recall)} as `roiqa.metrics.pr_curve_points` returns them (points in detection
+    `curves`: {method: (precision, recall)} as `roiqa.eval.metrics.pr_curve_points` returns them (points in detection
     order, both in [0, 1]). `size` is (W, H) of the PNG written to `path`.
     """
     W, H = size
@@ -105,14 +105,14 @@ def pr_curves_png(
 
 
 def _read_rgb(uri: str) -> Image.Image:
-    from roiqa.imageio import decode_image
+    from roiqa.io.imageio import decode_image
 
     return Image.fromarray(decode_image(uri_mod.read_bytes(uri), uri))
 
 
 def _tile(row: Mapping, tile: int, caption: int, font) -> Image.Image:
     """One tile: the overlay (or the gallery image) fitted into tile x tile, boxes drawn, caption below."""
-    from roiqa.imageio import read_header_size
+    from roiqa.io.imageio import read_header_size
 
     uri = str(row[S.URI])
     heat = row.get(S.HEATMAP_URI)

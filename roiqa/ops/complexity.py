@@ -1,4 +1,4 @@
-"""Seed 001 complexity: LoG complexity map, quadtree patch layout, statistics, map PNG and the per-batch stage.
+"""Seed 001 complexity: LoG complexity map, quadtree patch layout, statistics and map PNG (pure functions).
 
 Pixels are those of the image the map is computed on (in the index: the resized, zero-padded square); arrays are
 (H, W) row-major, a layout is (N, 3) int32 rows `x, y, size` (top-left corner and side of a square cell).
@@ -14,13 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from roiqa import schema as S
-from roiqa.config import ComplexityConfig
-from roiqa.embed import pick_device, set_threads
-from roiqa.imageio import encode_png
-from roiqa.sources import error_string, object_array
+from roiqa.io.imageio import encode_png
 
-GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as roiqa.demo_data.clutter
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma, as roiqa.eval.demo_data.clutter
 TRUNCATE = 4.0  # Gaussian kernel radius = int(TRUNCATE * sigma + 0.5), scipy.ndimage's default
 LAPLACIAN_3X3 = ((0.0, 1.0, 0.0), (1.0, -4.0, 1.0), (0.0, 1.0, 0.0))  # sum of the two 1-D second differences
 
@@ -197,7 +193,7 @@ def complexity_stats(cmap: np.ndarray, valid_hw: Sequence[int]) -> tuple[float, 
 def complexity_png(cmap: np.ndarray, valid_hw: Sequence[int], size: int) -> bytes:
     """8-bit grey PNG (value = round(255 * complexity)) of the valid region, resized so its long side is `size`.
 
-    The short side is rounded half up and at least 1 (as roiqa.imageio.resize_long_side); PIL bilinear.
+    The short side is rounded half up and at least 1 (as roiqa.io.imageio.resize_long_side); PIL bilinear.
     """
     if int(size) != size or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
@@ -212,92 +208,3 @@ def complexity_png(cmap: np.ndarray, valid_hw: Sequence[int], size: int) -> byte
     if (new_h, new_w) != (h, w):
         grey = np.asarray(Image.fromarray(grey).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None))
     return encode_png(grey)
-
-
-# --- the per-batch stage ---------------------------------------------------------------------------------------
-
-
-def _failure(exc: BaseException) -> str:
-    return error_string("complexity", "failed", f"{type(exc).__name__}: {exc}")
-
-
-class ComplexityStage:
-    """Adds the seed-001 columns to a batch of decoded images; every input column is kept.
-
-    Good rows get COMPLEXITY_MEAN / STD / P90, PATCH_COUNTS, PATCH_LAYOUT (the quadtree of `cfg`'s thresholds),
-    COMPLEXITY_PNG and, when `cfg.model` names a patch network, PATCH_EMBEDDING (computed with the network's own
-    layout: its learned thresholds and complexity settings, at its training resolution). Error rows get nan,
-    empty arrays, b"" and zero embeddings; a row that fails here gets a "complexity:failed:..." error.
-    """
-
-    def __init__(self, cfg: ComplexityConfig, device: str | None = None, threads: int = -1) -> None:
-        check_quadtree(cfg.cell, cfg.min_cell, cfg.thresholds)
-        set_threads(threads)
-        self.cfg = cfg
-        self.device = pick_device(device)
-        self.model = None
-        if cfg.model:
-            from roiqa.models.patchnet import load_patchnet
-
-            self.model = load_patchnet(cfg.model).to(self.device).eval()
-
-    def _maps(self, images: np.ndarray, valid: np.ndarray, rows: list[int], errors: list[str]) -> dict[int, np.ndarray]:
-        """Complexity maps of `rows`, the batch at once; on failure row by row so one bad row fails alone."""
-        cfg = self.cfg
-        x = torch.from_numpy(np.ascontiguousarray(images[rows])).to(self.device)
-        try:
-            maps = complexity_map(x, cfg.sigma, cfg.scale, valid[rows]).cpu().numpy()
-            return dict(zip(rows, maps))
-        except Exception:  # noqa: BLE001 - retried per row below
-            pass
-        out = {}
-        for i in rows:
-            try:
-                x = torch.from_numpy(np.ascontiguousarray(images[i : i + 1])).to(self.device)
-                out[i] = complexity_map(x, cfg.sigma, cfg.scale, valid[i : i + 1])[0].cpu().numpy()
-            except Exception as exc:  # noqa: BLE001 - recorded against its row
-                errors[i] = _failure(exc)
-        return out
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        errors = [str(e) if e else "" for e in batch[S.ERROR]]
-        n = len(errors)
-        images, valid = np.asarray(batch[S.IMAGE]), np.asarray(batch[S.VALID_HW]).reshape(n, 2)
-        stats = np.full((n, 3), np.nan, np.float32)
-        counts = [np.zeros(0, np.int32)] * n
-        layouts = [np.zeros(0, np.int32)] * n
-        pngs = [b""] * n
-        maps = self._maps(images, valid, [i for i in range(n) if not errors[i]], errors)
-        for i, cmap in maps.items():
-            try:
-                lay = quadtree(cmap, valid[i], cfg.cell, cfg.min_cell, cfg.thresholds)
-                row_stats = complexity_stats(cmap, valid[i])
-                png = complexity_png(cmap, valid[i], cfg.map_size)
-                counts[i] = np.asarray(patch_counts(lay, cfg.cell, cfg.min_cell), np.int32)
-                layouts[i], pngs[i], stats[i] = lay.ravel(), png, row_stats
-            except Exception as exc:  # noqa: BLE001 - recorded against its row
-                errors[i] = _failure(exc)
-        out = dict(batch)
-        if self.model is not None:
-            out[S.PATCH_EMBEDDING] = self._embed(images, valid, errors)
-        for i in [i for i, e in enumerate(errors) if e]:  # every error row, whichever step failed it
-            counts[i], layouts[i], pngs[i], stats[i] = np.zeros(0, np.int32), np.zeros(0, np.int32), b"", np.nan
-        out[S.COMPLEXITY_MEAN], out[S.COMPLEXITY_STD], out[S.COMPLEXITY_P90] = stats[:, 0], stats[:, 1], stats[:, 2]
-        out[S.PATCH_COUNTS] = object_array(counts)
-        out[S.PATCH_LAYOUT] = object_array(layouts)
-        out[S.COMPLEXITY_PNG] = object_array(pngs)
-        out[S.ERROR] = object_array(errors)
-        return out
-
-    def _embed(self, images: np.ndarray, valid: np.ndarray, errors: list[str]) -> np.ndarray:
-        emb = np.zeros((len(errors), self.model.cfg.dim), np.float32)
-        rows = [i for i, e in enumerate(errors) if not e]
-        if not rows:
-            return emb
-        try:
-            emb[rows] = self.model.embed_images(images[rows], valid[rows], device=self.device)
-        except Exception as exc:  # noqa: BLE001 - a failing batch is recorded, not lost
-            for i in rows:
-                errors[i] = error_string("complexity", "model_failed", f"{type(exc).__name__}: {exc}")
-        return emb

@@ -20,11 +20,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from roiqa import uri as uri_mod
 from roiqa.config import MaskConfig
+from roiqa.io import uri as uri_mod
 from roiqa.models.checkpoint import read_metadata
+from roiqa.weights import WEIGHTS_DIR
 
-PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "profiles")
+PROFILES_DIR = os.path.join(WEIGHTS_DIR, "profiles")
 PROFILE_KEY = "roiqa.task_profile"  # safetensors metadata: the TaskProfile as JSON
 ESTIMATOR_KEY = "roiqa.confidence_estimator"  # safetensors metadata: the estimator's constructor arguments as JSON
 _BARE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")  # a shipped profile's name; anything else is a URI

@@ -17,7 +17,7 @@ import fcntl
 import hashlib
 import os
 
-from roiqa import uri as uri_mod
+from roiqa.io import uri as uri_mod
 
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 

@@ -11,10 +11,10 @@ import torch
 
 from roiqa import schema as S
 from roiqa.config import MaskConfig, ModelConfig, PreprocessConfig
-from roiqa.ids import image_id
-from roiqa.imageio import DecodeError, decode_image, pad_to_square, resize_long_side
+from roiqa.io.ids import image_id
+from roiqa.io.imageio import DecodeError, decode_image, pad_to_square, resize_long_side
+from roiqa.io.sources import content_hash, error_string, object_array
 from roiqa.models.regions import encode_regions
-from roiqa.sources import content_hash, error_string, object_array
 
 
 def prepare(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int], float]:
@@ -108,9 +108,9 @@ class Embedder:
     channels_last (on CPU, batch 4-16 at 512x512, that measured 5-10% more images/s than NCHW weights in
     benchmarks/bench_model.py); on CUDA the model also runs in bf16 autocast.
 
-    With `masks` enabled (seed 002, roiqa.masks), every profile's confidence map is thresholded at its controller's
-    current threshold and three columns per profile are added (S.mask_columns: coverage, threshold, RLE; nan / ""
-    on error rows), plus the transient S.MASK_PROBE. With `masks.apply` the embedding is that of the FIRST
+    With `masks` enabled (seed 002, roiqa.stages.masks), every profile's confidence map is thresholded at its
+    controller's current threshold and three columns per profile are added (S.mask_columns: coverage, threshold,
+    RLE; nan / "" on error rows), plus the transient S.MASK_PROBE. With `masks.apply` the embedding is that of the FIRST
     profile's masked image, and every `probe_every`-th batch also embeds the unmasked images: the probe's
     confidence (`probe_confidence` over the good rows, in S.MASK_PROBE of every row of that batch, nan otherwise)
     drives the first profile's controller when `masks.adaptive`. The other profiles' masks are not applied, so
@@ -136,7 +136,7 @@ class Embedder:
         self.dim = self.model.dim
         self.masker = None
         if masks is not None and masks.enabled:
-            from roiqa.masks import Masker
+            from roiqa.stages.masks import Masker
 
             if masks.probe_every < 1:
                 raise ValueError(f"masks.probe_every must be >= 1, got {masks.probe_every}")
@@ -173,7 +173,7 @@ class Embedder:
         self, images: np.ndarray, valid_hw: np.ndarray, cols: dict, ok: np.ndarray
     ) -> tuple[np.ndarray, list[bytes]]:
         """Embedding and regions of the good rows `images`; fills the mask columns `cols` at rows `ok` in place."""
-        from roiqa.masks import apply_mask, coverage, rle_encode
+        from roiqa.stages.masks import apply_mask, coverage, rle_encode
 
         res = self.masker.masks(images, valid_hw)
         for name, (_conf, mask, threshold) in res.items():

@@ -1,4 +1,4 @@
-"""Seed 004: train the ROI-mask verifier on views of training-photo crops and calibrate it (see roiqa.verify).
+"""Seed 004: train the ROI-mask verifier on views of training-photo crops and calibrate it (see roiqa.stages.verify).
 
 Training data. An instance is a crop of a TRAINING photograph (never an evaluation one). A scene view is a square
 background cut from another training photo with an augmented copy of the crop pasted in (train_data's paste: scale,
@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from roiqa.config import TrainConfig, to_dict
-from roiqa.demo_data import TRAINING_PHOTOS, load_photo
-from roiqa.metrics import roc_auc
+from roiqa.eval.demo_data import TRAINING_PHOTOS, load_photo
+from roiqa.eval.metrics import roc_auc
 from roiqa.models.roimask import RoiMaskConfig, RoiMaskNet
+from roiqa.stages.verify import SMALL, Verifier, query_view, to_tensors
 
 # train_data's augmentation helpers (private there, reused here rather than copied).
-from roiqa.train_data import _color_jitter, _finish, _paste, _sample_crop, _square_background
-from roiqa.verify import SMALL, Verifier, query_view, to_tensors
+from roiqa.train.data import _color_jitter, _finish, _paste, _sample_crop, _square_background
 
 _GALLERY = 256  # side of the scenes that calibration regions are cut from (pixels)
 

@@ -4,7 +4,7 @@ Both take a query patch and one image as (H, W, 3) uint8 RGB and return (score, 
 the image's pixels). `run_baseline` scores every query against every gallery image with the same preprocessing
 the learned pipeline sees (decode, resize the long side to `image_size`) and returns a RESULTS_SCHEMA table.
 
-SIFT + RANSAC is `roiqa.geometry.match` (the rerank's geometric verification) over every gallery image.
+SIFT + RANSAC is `roiqa.stages.geometry.match` (the rerank's geometric verification) over every gallery image.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from roiqa import geometry
 from roiqa import schema as S
-from roiqa import uri as uri_mod
 from roiqa.boxes import clip_boxes
-from roiqa.geometry import SiftFeatures, cv2_module, sift_features, to_gray
-from roiqa.ids import image_id
-from roiqa.imageio import check_rgb_u8, decode_image, resize_long_side
+from roiqa.io import uri as uri_mod
+from roiqa.io.ids import image_id
+from roiqa.io.imageio import check_rgb_u8, decode_image, resize_long_side
+from roiqa.stages import geometry
+from roiqa.stages.geometry import SiftFeatures, cv2_module, sift_features, to_gray
 
 DEFAULT_SCALES = tuple(float(2.0 ** (k / 4 - 1)) for k in range(9))  # 0.5x .. 2x of the query, step 2^(1/4), has 1x
 MIN_TEMPLATE_SIDE = 8  # template-matching scales that shrink the query's short side below this are skipped
@@ -213,7 +213,7 @@ def run_baseline(
 
     `queries`: query id -> (h, w, 3) uint8 RGB patch, used as given (template matching searches 0.5x-2x of its
     size, so pass it at about the object's size in the resized gallery). Each gallery URI is read with
-    `roiqa.uri.read_bytes`, decoded once (`decode_image` with `max_pixels`) and resized so its long side is
+    `roiqa.io.uri.read_bytes`, decoded once (`decode_image` with `max_pixels`) and resized so its long side is
     `image_size`, as the learned pipeline does; per-image work of the method (grey conversion, SIFT features) is
     also done once. Boxes are mapped back to original-image pixels.
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from roiqa import schema as S
-from roiqa.eval_report import _PALETTE, _font, _save_png
+from roiqa.eval.report import _PALETTE, _font, _save_png
 
 _MODES, _SCOPES = ("max", "min"), ("last", "all")
 

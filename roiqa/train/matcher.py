@@ -1,9 +1,9 @@
 """The seed-003 training objective (eq. 6) of the matcher on a batch of (query, positive, negative) triples.
 
-A batch is what `roiqa.train_data.collate` stacks: query (B, Q, Q, 3) uint8 with its valid query_hw (B, 2), image
+A batch is what `roiqa.train.data.collate` stacks: query (B, Q, Q, 3) uint8 with its valid query_hw (B, 2), image
 (B, S, S, 3) uint8 holding the instance at box (B, 4), negative (B, S, S, 3) uint8 without it, instance (B,) ids.
-Queries are encoded the way the query pipeline encodes them (`roiqa.rerank`): the global descriptor from the patch
-resized to `query.descriptor_size`, z and the correlation kernels from the mirror-padded patch (`context_pad`).
+Queries are encoded the way the query pipeline encodes them (`roiqa.stages.rerank`): the global descriptor from the
+patch resized to `query.descriptor_size`, z and the correlation kernels from the mirror-padded patch (`context_pad`).
 The correlation kernel is the patch resized to the ground-truth box size (the size the multi-scale rerank would
 pick), so the heatmap target is the box in correlation-window coordinates (`roiqa.losses.window_targets`).
 """
@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 
 from roiqa.config import RoiqaConfig
-from roiqa.imageio import resize_long_side
+from roiqa.io.imageio import resize_long_side
 from roiqa.losses import (
     dice_loss,
     focal_loss,
@@ -220,12 +220,12 @@ def refined_localization(
 
     The correlation kernel is the query patch as the batch holds it (long side `train.query_size`, not the true
     size, as the rerank would try it), its best heatmap peak gives a box of the patch's size, and
-    `roiqa.refine.refine_box` with `cfg.refine` (enabled or not) adjusts it on the raw FPN features. Returns
+    `roiqa.stages.refine.refine_box` with `cfg.refine` (enabled or not) adjusts it on the raw FPN features. Returns
     {"val_loc50_query_size", "val_loc50_refined"}: the fractions of positives whose box has IoU >= 0.5 with the
     truth, before and after refinement, and "val_iou_refined", the mean IoU after it.
     """
     from roiqa.boxes import box_iou
-    from roiqa.refine import edge_pyramid, edge_weights, refine_box
+    from roiqa.stages.refine import edge_pyramid, edge_weights, refine_box
 
     net = getattr(model, "module", model)
     was_training = net.training

@@ -10,17 +10,17 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from roiqa import index_store as store
-from roiqa import uri as uri_mod
-from roiqa.redact import redact
+from roiqa.index import store
+from roiqa.io import uri as uri_mod
+from roiqa.io.redact import redact
 
 CURRENT = "CURRENT"  # names the published run
 RUNS = "runs"  # runs/<run_id>/: one folder per query run
 RESULTS = "results.parquet"
 ERRORS = "errors.parquet"
 SUMMARY = "summary.json"
-HEATMAPS = "heatmaps"  # heatmaps/<query_id>/<rank>-<image_id>.png (roiqa.report.overlay_name)
-REPORT = "report.html"  # the run's page (roiqa.report)
+HEATMAPS = "heatmaps"  # heatmaps/<query_id>/<rank>-<image_id>.png (roiqa.results.html.overlay_name)
+REPORT = "report.html"  # the run's page (roiqa.results.html)
 RUN_ID_KEY = b"roiqa.run_id"  # Parquet schema metadata: the run a results / errors table belongs to
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import threading
 import time
 import uuid
 
-from roiqa import cas
-from roiqa import uri as uri_mod
-from roiqa.redact import redact
+from roiqa.io import cas
+from roiqa.io import uri as uri_mod
+from roiqa.io.redact import redact
 
 LOCK = "LOCK"  # held by the one writer of an index (index, reindex) while it runs
 
@@ -37,7 +37,7 @@ class IndexLock:
     """The one-writer lock of an index: `LOCK` = {owner, what, host, pid, acquired, renewed, expires}.
 
     Taken by a conditional create; a stale lock is taken over by a conditional replace of the very content that was
-    read, so of several runs that find the same stale lock exactly one wins (roiqa.cas: flock-guarded on local
+    read, so of several runs that find the same stale lock exactly one wins (roiqa.io.cas: flock-guarded on local
     folders, If-None-Match / If-Match on S3). A lock is stale when its lease has expired (`ttl_s`), when its holder
     ran on this host and that process is gone, or when it was taken by this very process and is no longer held (a
     run whose release failed because the store was down). While held, a daemon thread renews the lease every
@@ -55,7 +55,7 @@ class IndexLock:
         self.acquired = 0.0  # when this run took the lock (time.time())
         self.expires = 0.0  # the end of the lease this run last wrote
         self.lost: str | None = None  # why this run no longer holds the lock, once it does not
-        self._tag: str | None = None  # the tag (roiqa.cas) of the content this run last wrote
+        self._tag: str | None = None  # the tag (roiqa.io.cas) of the content this run last wrote
         self._mutex = threading.Lock()  # the heartbeat, confirm() and the release write one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -13,8 +13,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from roiqa import uri as uri_mod
-from roiqa.masks import ConfidenceEstimator
+from roiqa.io import uri as uri_mod
+from roiqa.stages.masks import ConfidenceEstimator
 
 
 def box_mask(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -42,8 +42,8 @@ def manifest_samples(
     labelled instance in the same image is relevant too). `holdout` True / False: only the held-out images / the
     others (every 5th image in URI-hash order, the first included, is held out; a one-image manifest serves both
     splits); None: all images."""
-    from roiqa.imageio import decode_image, pad_to_square, resize_long_side
-    from roiqa.train_data import BOX, URI, instance_hash, validate_manifest
+    from roiqa.io.imageio import decode_image, pad_to_square, resize_long_side
+    from roiqa.train.data import BOX, URI, instance_hash, validate_manifest
 
     table = validate_manifest(manifest, "manifest")
     boxes: dict[str, list[np.ndarray]] = {}

@@ -191,7 +191,7 @@ def retrying(uri: str, what: str, fn, *args, **kwargs):
                 raise
             left = deadline - time.monotonic()
             if left <= 0:
-                from roiqa.redact import redact
+                from roiqa.io.redact import redact
 
                 raise StorageUnavailable(
                     f"{redact(uri)}: object store unreachable; {what} failed {attempts} times over "

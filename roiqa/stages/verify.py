@@ -1,6 +1,6 @@
 """Seed 004: the ROI-mask verifier: the probability that a region of an image shows a query's instance.
 
-Trained on views of training-photo crops by roiqa.verify_train (see there).
+Trained on views of training-photo crops by roiqa.train.verifier (see there).
 
 Verification. A query patch and each region are embedded by the same net: the region as a square window of
 `context` times its box's long side around the box (zero beyond the image), resized to the input, the box as mask;
@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 
 from roiqa.config import VerifyConfig
-from roiqa.imageio import check_rgb_u8, resize_long_side
+from roiqa.io.imageio import check_rgb_u8, resize_long_side
 from roiqa.models.roimask import RoiMaskNet, load_roimask, save_roimask
+from roiqa.weights import WEIGHTS_DIR
 
 # train_data's augmentation helpers (private there, reused here rather than copied).
 
-SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "verifier-roimask.safetensors")
+SHIPPED = os.path.join(WEIGHTS_DIR, "verifier-roimask.safetensors")
 VERIFIER_KEY = "roiqa.verifier"  # checkpoint metadata: JSON {"a", "b", "context"}
 SMALL = 0.25  # a region is "small" when its box's long side is below this fraction of the net's input side
 

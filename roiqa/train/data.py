@@ -33,11 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageFilter
 
-from roiqa import uri as uri_mod
 from roiqa.config import TrainConfig
-from roiqa.demo_data import EVAL_PHOTOS as _EVAL_PHOTOS
-from roiqa.demo_data import TRAINING_PHOTOS, load_photo
-from roiqa.imageio import decode_image, encode_png, pad_to_square, resize_long_side
+from roiqa.eval.demo_data import EVAL_PHOTOS as _EVAL_PHOTOS
+from roiqa.eval.demo_data import TRAINING_PHOTOS, load_photo
+from roiqa.io import uri as uri_mod
+from roiqa.io.imageio import decode_image, encode_png, pad_to_square, resize_long_side
 from roiqa.schema import BOX, URI, X0, X1, Y0, Y1, check_columns
 
 # --- sample keys ----------------------------------------------------------------------------------------------
@@ -58,8 +58,8 @@ TRAIN_MANIFEST_SCHEMA = pa.schema(
 )
 
 # --- photographs shipped inside scikit-image ------------------------------------------------------------------
-# Training photographs (skimage.data names, loaded with roiqa.demo_data.load_photo, never downloaded), kept disjoint
-# from the evaluation photographs; both lists live in roiqa.demo_data, which checks the disjointness.
+# Training photographs (skimage.data names, loaded with roiqa.eval.demo_data.load_photo, never downloaded), kept
+# disjoint from the evaluation photographs; both lists live in roiqa.eval.demo_data, which checks the disjointness.
 TRAIN_PHOTOS: tuple[str, ...] = TRAINING_PHOTOS
 EVAL_PHOTOS: tuple[str, ...] = _EVAL_PHOTOS
 
@@ -73,7 +73,7 @@ _BLUR_RADIUS = (0.5, 1.5)
 
 
 def instance_hash(key: str) -> int:
-    """A stable non-negative int64 from a string: the first 8 bytes of BLAKE2b, top bit cleared (as roiqa.ids)."""
+    """A stable non-negative int64 from a string: the first 8 bytes of BLAKE2b, top bit cleared (as roiqa.io.ids)."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -607,7 +607,7 @@ def load_photos(uri_or_folder: str, max_pixels: int, max_side: int = 1024) -> li
     """Decode every image file (by extension) under a folder/prefix, or one file, long side cut to `max_side`.
 
     Files without an image extension are ignored; an image file that does not decode raises ValueError naming it
-    (roiqa.imageio.DecodeError); a folder without image files raises ValueError naming the folder.
+    (roiqa.io.imageio.DecodeError); a folder without image files raises ValueError naming the folder.
     """
     if int(max_side) != max_side or max_side < 1:
         raise ValueError(f"load_photos: max_side must be a positive integer, got {max_side!r}")

@@ -170,10 +170,10 @@ def parse_search_space(data: dict, name: str = "search space") -> SearchSpace:
 
 
 def load_search_space(uri: str) -> SearchSpace:
-    """Read a search-space YAML (local path or any URI roiqa.uri reads) and parse it strictly."""
+    """Read a search-space YAML (local path or any URI roiqa.io.uri reads) and parse it strictly."""
     import yaml
 
-    from roiqa import uri as uri_mod
+    from roiqa.io import uri as uri_mod
 
     return parse_search_space(yaml.safe_load(uri_mod.read_bytes(uri).decode("utf-8")), uri)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from roiqa import uri as uri_mod
+from roiqa.io import uri as uri_mod
 
 AUTO_FLAT_LIMIT = 100_000  # "auto" uses exact search below this many vectors
 
@@ -234,12 +234,12 @@ def search_images(
 
 @dataclass
 class Coarse:
-    """The coarse stage's faiss index of a version, how it was made, and its hubness reference (roiqa.hubness)."""
+    """The coarse stage's faiss index of a version, how it was made, and its hubness reference (roiqa.index.hubness)."""
 
     index: faiss.Index
     how: str  # "built" (from every vector) or "updated" (the parent's, in place)
     factory: str  # the faiss factory string it is built with
-    reference: object | None  # pa.Table of roiqa.hubness.REFERENCE_SCHEMA; None: no hubness column
+    reference: object | None  # pa.Table of roiqa.index.hubness.REFERENCE_SCHEMA; None: no hubness column
 
 
 @dataclass
@@ -257,10 +257,10 @@ def build_coarse(
 ) -> Coarse:
     """faiss over the coarse vectors of embeddings table `emb`: the parent's index updated in place when it can be
     (same kind, same hubness), else built from every vector. In a region index with `hubness_k` > 0, every region
-    is indexed as [r, h(r)] (roiqa.hubness); a build draws a new reference of `reference_size` regions, an update
+    is indexed as [r, h(r)] (roiqa.index.hubness); a build draws a new reference of `reference_size` regions, an update
     measures the new regions against the parent's."""
-    from roiqa import hubness
     from roiqa import schema as S
+    from roiqa.index import hubness
 
     hub = mode == "regions" and hubness_k > 0
     n = coarse_count(emb, dim, mode)

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from roiqa import uri as uri_mod
 from roiqa.config import RefineConfig
+from roiqa.io import uri as uri_mod
 
 EDGE_FLOOR = 0.25  # share of the edge mask spread evenly, so flat cells still count (mask = floor + (1-floor) * g)
 EDGE_SIGMA = 2.0  # Gaussian sigma (pixels) smoothing the Sobel magnitude of the query patch

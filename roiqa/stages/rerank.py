@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from roiqa import geometry
 from roiqa import schema as S
-from roiqa import uri as uri_mod
 from roiqa.boxes import clip_boxes, feature_window_to_boxes
 from roiqa.config import RoiqaConfig
-from roiqa.embed import pick_device, set_threads
-from roiqa.imageio import DecodeError, decode_image, encode_png, resize_long_side
+from roiqa.io import uri as uri_mod
+from roiqa.io.imageio import DecodeError, decode_image, encode_png, resize_long_side
+from roiqa.io.sources import error_string, object_array
 from roiqa.models.matcher import Matcher
 from roiqa.ops.peaks import local_maxima, nms_peaks
-from roiqa.sources import error_string, object_array
+from roiqa.stages import geometry
+from roiqa.stages.embed import pick_device, set_threads
 
 SCORES = ("peak", "regions")  # query.score: fused-heatmap maximum (eq. 4) or LSE over region similarities (eq. 5)
 
@@ -176,10 +176,10 @@ class QueryEncoder:
 
 class GeometryCheck:
     """{image_id, uri, query_ids, coarse_scores} -> {query_id, image_id, inliers, error}: the geometric verification
-    (`roiqa.geometry.match`) of coarse candidates past the dense rerank budget, so that a verified image is reranked
-    wherever the coarse stage ranked it (DELG-style verification of the shortlist). Cheap beside the dense rerank:
-    per image a decode, a resize and SIFT once; per query a ratio test and RANSAC. An unreadable image gives error
-    rows (inliers -1)."""
+    (`roiqa.stages.geometry.match`) of coarse candidates past the dense rerank budget, so that a verified image is
+    reranked wherever the coarse stage ranked it (DELG-style verification of the shortlist). Cheap beside the dense
+    rerank: per image a decode, a resize and SIFT once; per query a ratio test and RANSAC. An unreadable image gives
+    error rows (inliers -1)."""
 
     def __init__(self, cfg: RoiqaConfig, queries: dict[str, tuple[str, list[float] | None]]) -> None:
         self.cfg = cfg
@@ -237,8 +237,8 @@ class Reranker:
     failures become error rows.
 
     Per pair: dense matching gives the heatmap, box and score; then, each when enabled, refinement moves the box,
-    the geometric verification (`roiqa.geometry`: SIFT + RANSAC homography) replaces the box with the homography's
-    and adds its bonus when it has `geometry.min_inliers`, and the ROI-mask verifier adds its probability.
+    the geometric verification (`roiqa.stages.geometry`: SIFT + RANSAC homography) replaces the box with the
+    homography's and adds its bonus when it has `geometry.min_inliers`, and the ROI-mask verifier adds its probability.
     """
 
     def __init__(
@@ -272,7 +272,7 @@ class Reranker:
         self._cache: dict[str, QueryFeatures] = {}
         self.verifier = None
         if cfg.verify.enabled:
-            from roiqa.verify import Verifier
+            from roiqa.stages.verify import Verifier
 
             self.verifier = Verifier(cfg.verify.model, device=str(self.device))
 
@@ -349,7 +349,7 @@ class Reranker:
         depth: np.ndarray | None,
     ):
         """Seed 000: the box (resized pixels) refined against the query at the size that matched best."""
-        from roiqa.refine import edge_pyramid, edge_weights, refine_box
+        from roiqa.stages.refine import edge_pyramid, edge_weights, refine_box
 
         hw, qfeats = q.scales[scale_idx]
         query = {lv: f[0] for lv, f in qfeats.items()}  # {level: (C, h_l, w_l)}
@@ -379,7 +379,7 @@ class Reranker:
         """The image's depth map from the refine.depth template (any resolution), or None without one."""
         if not self.cfg.refine.depth:
             return None
-        from roiqa.refine import load_depth
+        from roiqa.stages.refine import load_depth
 
         return load_depth(self.cfg.refine.depth, uri)
 
@@ -468,8 +468,8 @@ class Reranker:
 
     def write_overlay(self, qid: str, iid: int, img: np.ndarray, heat: torch.Tensor, valid, box: np.ndarray) -> str:
         """Save the heatmap over the original image as PNG; returns its URI."""
-        from roiqa.overlay import overlay
-        from roiqa.report import safe_name
+        from roiqa.results.html import safe_name
+        from roiqa.results.overlay import overlay
 
         h = heat.float().cpu().numpy()
         # The finest-level map covers ceil(valid / stride) cells: trim the part past the image before stretching.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from roiqa.imageio import resize_long_side
+from roiqa.io.imageio import resize_long_side
 from roiqa.models.matcher import Matcher
 
 

@@ -21,9 +21,9 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from roiqa import schema as S
-from roiqa import uri as uri_mod
-from roiqa.imageio import decode_image, encode_jpeg, resize_long_side
-from roiqa.query_output import HEATMAPS
+from roiqa.io import uri as uri_mod
+from roiqa.io.imageio import decode_image, encode_jpeg, resize_long_side
+from roiqa.results.output import HEATMAPS
 
 # Columns of a work row (`plan`): what to do and with which image.
 KIND = "kind"  # "query": the query patch's thumbnail | "result": a result's thumbnail | "overlay": rename only

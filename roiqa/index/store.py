@@ -1,6 +1,6 @@
 """The published index layout: versions/<id>/{embeddings/, faiss.index, [hubness.parquet,] errors.parquet,
 sources.parquet, manifest.json} + CURRENT, the runs table (runs/<run_id>.parquet) and the writers' LOCK
-(roiqa.index_lock)."""
+(roiqa.index.lock)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from roiqa import faiss_index
 from roiqa import schema as S
-from roiqa import uri as uri_mod
-from roiqa.index_lock import LOCK, IndexBusy, IndexLock, LockLost  # noqa: F401 - part of this module's API
+from roiqa.index import faiss_index
+from roiqa.index.lock import LOCK, IndexBusy, IndexLock, LockLost  # noqa: F401 - part of this module's API
+from roiqa.io import uri as uri_mod
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
@@ -23,7 +23,7 @@ FAISS = "faiss.index"
 ERRORS = "errors.parquet"
 MANIFEST = "manifest.json"
 MASKS_CONTROLLER = "masks_controller.parquet"  # the masks stage's threshold controller history (when masks are on)
-HUBNESS = "hubness.parquet"  # the hubness reference of a region index (roiqa.hubness), when it has one
+HUBNESS = "hubness.parquet"  # the hubness reference of a region index (roiqa.index.hubness), when it has one
 SOURCES = "sources.parquet"  # listed URI -> signature, what `roiqa reindex` compares against
 RUNS = "runs"  # runs/<run_id>.parquet: one row per index / reindex run
 
@@ -119,7 +119,7 @@ class IndexVersion:
         return faiss_index.deserialize(data, self.uri(FAISS))
 
     def hubness_reference(self) -> pa.Table | None:
-        """The hubness reference (roiqa.hubness.REFERENCE_SCHEMA) of a version indexed with one, checked against
+        """The hubness reference (roiqa.index.hubness.REFERENCE_SCHEMA) of a version indexed with one, checked against
         the manifest's checksum; None for a version without one."""
         if not self.manifest.get("hubness"):
             return None

@@ -72,7 +72,7 @@ def train_patchnet(
     log_every: int = 10,
     context: tuple[float, float] | None = (1.0, 2.0),
 ) -> tuple[PatchNet, list[dict]]:
-    """Train a PatchNet on self-supervised pairs of `photos` (roiqa.train_data.synthesize_pair at image_size).
+    """Train a PatchNet on self-supervised pairs of `photos` (roiqa.train.data.synthesize_pair at image_size).
 
     The two views of an instance are the query crop and the region of the synthesized image around its pasted,
     augmented copy (rotation, perspective, colour, blur, occlusion, JPEG): the box grown by a factor drawn from
@@ -82,8 +82,8 @@ def train_patchnet(
     Returns (model in eval mode, history: one dict per logged step: loss parts, thresholds, elapsed seconds).
     """
     from roiqa.config import TrainConfig
-    from roiqa.embed import prepare
-    from roiqa.train_data import collate, sample_stream
+    from roiqa.stages.embed import prepare
+    from roiqa.train.data import collate, sample_stream
 
     if steps < 1 or batch_size < 2:
         raise ValueError(f"steps must be >= 1 and batch_size >= 2, got {steps}, {batch_size}")

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from roiqa import schema as S
-from roiqa import uri as uri_mod
-from roiqa.uri import IMAGE_EXTENSIONS
+from roiqa.io import uri as uri_mod
+from roiqa.io.uri import IMAGE_EXTENSIONS
 
 
 def error_string(stage: str, reason: str, message: str) -> str:
@@ -27,7 +27,7 @@ def parse_error(value: str) -> tuple[str, str, str]:
 
 def errors_table(rows: list[tuple[str, ...]], schema: pa.Schema = S.ERRORS_SCHEMA) -> pa.Table:
     """An errors table from (uri, stage, reason, message[, query_id]) rows, in `schema`'s column order."""
-    from roiqa.redact import redact
+    from roiqa.io.redact import redact
 
     rows = [(redact(u), st, r, redact(m), *rest) for u, st, r, m, *rest in rows]  # no credentials in a table
     cols = list(zip(*rows)) if rows else [[] for _ in schema.names]
@@ -100,7 +100,7 @@ def expand_tar(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> di
     are not images. Error rows (stage "read"): `unsafe_member` (absolute names, '..'), `not_a_file`, `too_large`
     (the tar header says more than `max_bytes`; not read), `undecodable_name` (not UTF-8; the URI shows the bytes
     as \\xNN) and `duplicate_uri` for every copy of a name but the last (the one tar extraction and
-    `roiqa.uri.read_bytes` give). A shard that cannot be opened, or that is corrupt or truncated part-way, gives an
+    `roiqa.io.uri.read_bytes` give). A shard that cannot be opened, or that is corrupt or truncated part-way, gives an
     error row for the shard itself after the members read before the damage.
     """
     uris, payloads, errors = [], [], []

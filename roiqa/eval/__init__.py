@@ -1,0 +1,1 @@
+"""Evaluation: metrics, classical baselines, the demo and evaluation collections, report tables and plots."""

@@ -1,0 +1,1 @@
+"""The published index: versions and CURRENT, the writers' lock, the faiss coarse index, region hubness."""

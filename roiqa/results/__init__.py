@@ -1,0 +1,1 @@
+"""What a query run writes: its tables and summary, report.html and heatmap overlays."""

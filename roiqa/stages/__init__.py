@@ -1,0 +1,1 @@
+"""Per-batch stages the pipelines put on Ray: decode and embed, complexity, masks, rerank, refine, verify."""

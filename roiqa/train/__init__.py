@@ -1,0 +1,1 @@
+"""Training: the matcher's objective and data, the patch network, task profiles, the verifier, tune spaces."""
