@@ -101,21 +101,27 @@ def json_ready(value: object) -> object:
     return value
 
 
-def index_bytes_per_image(index: str) -> float:
-    """(faiss index + embeddings Parquet + hubness reference bytes) / indexed images of the published version."""
+def index_bytes(index: str) -> dict[str, float]:
+    """Bytes per indexed image of the published version, by file: "embeddings" (the Parquet rows a rebuild reads),
+    "faiss" (what a query searches) and "hubness" (its reference; 0 without one)."""
     from roiqa.index import store
     from roiqa.io import uri as uri_mod
 
     version = store.open_index(index)
-    fs, faiss_path = uri_mod.filesystem(version.uri(store.FAISS))
-    _, emb_path = uri_mod.filesystem(version.uri(store.EMBEDDINGS))
-    total = fs.size(faiss_path) + fs.du(emb_path, total=True)
-    if version.manifest.get("hubness"):
-        total += fs.size(uri_mod.filesystem(version.uri(store.HUBNESS))[1])
     n = int(version.manifest["counts"]["indexed"])
     if n == 0:
         raise ValueError(f"{index}: the published version indexed no images")
-    return total / n
+    fs, faiss_path = uri_mod.filesystem(version.uri(store.FAISS))
+    _, emb_path = uri_mod.filesystem(version.uri(store.EMBEDDINGS))
+    out = {"embeddings": fs.du(emb_path, total=True) / n, "faiss": fs.size(faiss_path) / n, "hubness": 0.0}
+    if version.manifest.get("hubness"):
+        out["hubness"] = fs.size(uri_mod.filesystem(version.uri(store.HUBNESS))[1]) / n
+    return out
+
+
+def index_bytes_per_image(index: str) -> float:
+    """(faiss index + embeddings Parquet + hubness reference bytes) / indexed images of the published version."""
+    return sum(index_bytes(index).values())
 
 
 def gallery_rows(results: pd.DataFrame, ground_truth: pd.DataFrame) -> list[dict]:

@@ -19,12 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.index import Carried, Plan, embed_uris, listed, plan, record_failure, run_row, write_version
-from pipelines.sources import listing_made
+from pipelines.index import embed_uris
 from roiqa import schema as S
 from roiqa.config import RoiqaConfig, to_dict
 from roiqa.index import faiss_index, store
+from roiqa.index.version import Carried, Plan, listed, plan, record_failure, run_row, write_version
 from roiqa.io import uri as uri_mod
+from roiqa.io.listing import listing_made
+from roiqa.io.sources import parse_error
 from roiqa.progress import Progress
 
 # Config sections whose change makes every stored embedding stale.
@@ -93,6 +95,21 @@ def _listing_made(errors: pa.Table) -> pa.Array:
     return pa.array([listing_made(r, m) for r, m in pairs], pa.bool_())
 
 
+def same_coarse(manifest: dict, cfg: RoiqaConfig, images: int, dim: int) -> bool:
+    """Whether a version's coarse index (its manifest) is what `cfg` would build for `images` images: the same kind,
+    faiss factory, hubness and regions kept. Otherwise a re-index rebuilds faiss from every row."""
+    hub_k = cfg.index.hubness_k if cfg.index.coarse == "regions" else 0
+    hub = manifest.get("hubness") or {}
+    per_image = manifest.get("faiss_vectors", 0) / max(1, manifest.get("counts", {}).get("indexed", 0) or 1)
+    factory = faiss_index.choose_factory(cfg.index.faiss_factory, round(images * per_image), dim + int(hub_k > 0))
+    return (
+        manifest.get("coarse", "global") == cfg.index.coarse
+        and manifest.get("faiss_factory") == factory
+        and hub.get("k", 0) == hub_k
+        and hub.get("regions_per_image", 0) == (cfg.index.regions_per_image if hub_k else 0)
+    )
+
+
 def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Carried:
     """The parent's rows of unchanged sources, and its faiss index minus the changed and deleted images."""
     parent = store.open_index(p.index, p.parent)
@@ -103,14 +120,7 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
     removed = emb.filter(pc.invert(_rows_of(emb, keep))).column(S.IMAGE_ID).to_numpy()
     errors = errors.filter(pc.and_(_rows_of(errors, keep), pc.invert(_listing_made(errors))))
     n_after = kept.num_rows + len(d["new"]) + len(d["changed"])  # an upper bound of the new row count
-    per_image = parent.manifest.get("faiss_vectors", emb.num_rows) / max(1, emb.num_rows)  # regions per image
-    hub_k = cfg.index.hubness_k if cfg.index.coarse == "regions" else 0
-    same_kind = (
-        parent.manifest.get("coarse", "global") == cfg.index.coarse
-        and parent.manifest.get("faiss_factory")
-        == faiss_index.choose_factory(cfg.index.faiss_factory, round(n_after * per_image), p.dim)
-        and (parent.manifest.get("hubness") or {}).get("k", 0) == hub_k
-    )
+    same_kind = same_coarse(parent.manifest, cfg, n_after, p.dim)
     return Carried(
         kept,
         errors,
@@ -118,13 +128,14 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
         np.asarray(removed, np.int64),
         info,
         parent.hubness_reference() if same_kind else None,
+        (parent.manifest.get("hubness") or {}).get("regions_per_image", 0),
     )
 
 
 def _listing_errors_unchanged(p: Plan) -> bool:
     parent_errors = store.open_index(p.index, p.parent).errors().to_pylist()
     old = sorted((r[S.URI], r[S.REASON]) for r in parent_errors if listing_made(r[S.REASON], r[S.MESSAGE]))
-    return old == sorted((u, e.split(":", 2)[1]) for u, e in p.listing.errors)
+    return old == sorted((u, parse_error(e)[1]) for u, e in p.listing.errors)
 
 
 def run_reindex(
@@ -153,6 +164,9 @@ def run_reindex(
             changes = ", ".join(f"{len(d[k]):,} {k}" for k in ("new", "changed", "deleted", "unchanged"))
             progress.say(f"{mode} against version {p.parent}: {changes}" + (f" ({reason})" if reason else ""))
             nothing = not reason and not (d["new"] or d["changed"] or d["deleted"]) and _listing_errors_unchanged(p)
+            if nothing and not same_coarse(store.read_manifest(index, p.parent), cfg, len(p.listing.uris), p.dim):
+                nothing = False  # the images did not change, the coarse index settings did: faiss is rebuilt
+                progress.say("the coarse index settings changed: faiss is rebuilt from the stored rows")
             if nothing:
                 gone = store.collect_garbage(index, cfg.index.keep_versions, lock)
                 m = store.read_manifest(index, p.parent)["counts"]

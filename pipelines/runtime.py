@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pyarrow as pa
 import ray
@@ -91,3 +92,19 @@ def actor_resources(cpus: float, gpu_share: float = 1.0) -> dict:
     if cluster_gpus() > 0:
         return {"num_gpus": gpu_share, "num_cpus": 1}
     return {"num_gpus": 0, "num_cpus": cpus}
+
+
+_OPERATOR = re.compile(r"^Operator \d+ (.+?):", re.M)
+_WALL = re.compile(r"Remote wall time: .*?([\d.]+)(us|ms|s) total")
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+def stage_seconds(stats: str) -> dict[str, float]:
+    """{operator name: summed remote wall time in seconds} from `Dataset.stats()` text (tasks and actors alike)."""
+    out: dict[str, float] = {}
+    parts = _OPERATOR.split(stats)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        m = _WALL.search(body)
+        if m:
+            out[name] = out.get(name, 0.0) + float(m.group(1)) * _UNIT[m.group(2)]
+    return out

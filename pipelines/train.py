@@ -2,7 +2,7 @@
 
 Ray Data makes the samples (`roiqa.train.data`: self-supervised composites from unlabeled photographs, or pairs from
 a labelled manifest) in tasks beside training; each of N `TorchTrainer` workers (one GPU each when asked, gloo on
-CPU) reads its shard, computes the seed-003 objective (`roiqa.train.matcher.batch_losses`) and all-reduces gradients.
+CPU) reads its shard, takes `roiqa.train.matcher.TrainStep`s (the seed-003 objective), averaging gradients through DDP.
 Every epoch rank 0 writes a checkpoint directory (model.safetensors, optimizer.safetensors, state.json; nothing is
 pickled) that Ray persists under `<out>/<name>/`; a failed worker restarts the group from the last one
 (`FailureConfig`), and running again with `resume=True` continues the same run. At the end the final weights are
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -86,156 +85,31 @@ def sample_dataset(kind: str, uri: str, cfg: RoiqaConfig, rows: int):
     return ray.data.range(rows).map_batches(maker, batch_size=cfg.train.batch_size, num_cpus=0.5)
 
 
-# --- checkpoints (safetensors + JSON, never pickle) ----------------------------------------------------------------
-def save_state(directory: str, model, optimizer, state: dict) -> None:
-    """model.safetensors (a matcher checkpoint `roiqa query --model` reads), optimizer.safetensors, state.json."""
-    from safetensors.torch import save_file
-
-    from roiqa.models.checkpoint import save_matcher
-
-    save_matcher(model, os.path.join(directory, "model.safetensors"))
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors, steps = {}, {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
-                continue
-            name = names[id(p)]
-            tensors[f"exp_avg/{name}"] = st["exp_avg"].detach().cpu().contiguous()
-            tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().cpu().contiguous()
-            steps[name] = float(st["step"])
-    save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
-    with open(os.path.join(directory, "state.json"), "w") as f:
-        json.dump({**state, "optimizer_steps": steps}, f)
-
-
-def load_state(directory: str, model, optimizer) -> dict:
-    """Restore what `save_state` wrote into `model` and `optimizer`; returns state.json."""
-    import torch
-    from safetensors.torch import load_file
-
-    from roiqa.models.checkpoint import load_matcher
-
-    model.load_state_dict(load_matcher(os.path.join(directory, "model.safetensors")).state_dict())
-    with open(os.path.join(directory, "state.json")) as f:
-        state = json.load(f)
-    tensors = load_file(os.path.join(directory, "optimizer.safetensors"))
-    params = dict(model.named_parameters())
-    for name, step in state.pop("optimizer_steps", {}).items():
-        p = params[name]
-        optimizer.state[p] = {
-            "step": torch.tensor(step),
-            "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
-            "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
-        }
-    return state
-
-
 # --- the loop each worker runs --------------------------------------------------------------------------------------
-def learning_rate(cfg: RoiqaConfig, step: int) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to 5% of train.lr at the last step."""
-    t = cfg.train
-    total = max(1, t.epochs * t.steps_per_epoch)
-    warm = max(1, total // 20)
-    if step < warm:
-        return t.lr * (step + 1) / warm
-    frac = min(1.0, (step - warm) / max(1, total - warm))
-    return t.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def _all_reduce_grads(params, world: int) -> None:
-    """Average gradients over the workers: one flat all-reduce (data-parallel SGD, as DDP does in buckets)."""
-    import torch
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p)
-        offset += n
-
-
-def validate(model, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device) -> dict[str, float]:
-    """Held-in validation on fixed triples: val_map (each query's global descriptor ranks all 2V search images,
-    its positive the one relevant) and val_loc50 (fraction of positives whose best heatmap box at the true size has
-    IoU >= 0.5 with the truth), plus the validation loss."""
-    import torch
-
-    from roiqa.boxes import box_iou
-    from roiqa.eval.metrics import average_precision
-    from roiqa.io.imageio import resize_long_side
-    from roiqa.train.matcher import batch_losses, resize_hw
-
-    net = getattr(model, "module", model)
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        _, stats = batch_losses(net, batch, cfg, None, device)
-        images = np.concatenate([batch["image"], batch["negative"]])
-        feats = net.pyramid(torch.from_numpy(np.ascontiguousarray(images)).to(device))
-        g_img = net.global_descriptor(feats)
-        aps, hits = [], []
-        b = len(batch["query"])
-        for i in range(b):
-            h, w = (int(v) for v in batch["query_hw"][i])
-            patch = np.array(batch["query"][i, :h, :w])
-            small, _ = resize_long_side(patch, cfg.query.descriptor_size)
-            gq = net.global_descriptor(net.pyramid(torch.from_numpy(small[None].copy()).to(device)))[0]
-            order = torch.argsort(g_img @ gq, descending=True).cpu().numpy()
-            aps.append(average_precision(order == i, 1))
-            bx = batch["box"][i]
-            kh, kw = max(8, int(round(float(bx[3] - bx[1])))), max(8, int(round(float(bx[2] - bx[0]))))
-            kernel = net.patch_features(resize_hw(patch, (kh, kw)), cfg.query.context_pad)
-            fused = net.fuse(net.level_heatmaps(kernel, {lv: f[[i]] for lv, f in feats.items()}))[0]
-            best = net.peak_boxes(fused, (kh, kw), 1, cfg.query.nms_iou)[:1].numpy()
-            hits.append(float(box_iou(best, np.asarray(bx, np.float32)[None]).max()) >= 0.5)
-    net.train(was_training)
-    freeze_batchnorm(net)
-    return {"val_loss": stats["loss"], "val_map": float(np.mean(aps)), "val_loc50": float(np.mean(hits))}
-
-
-def freeze_batchnorm(model) -> None:
-    """BatchNorm layers keep their running statistics (eval mode) while the rest trains, as detection fine-tuning
-    does with frozen BN: query patches come one at a time, and inference uses the running statistics anyway."""
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 def train_loop(config: dict) -> None:
-    """The per-worker training function handed to `TorchTrainer`."""
+    """The per-worker training function handed to `TorchTrainer`: `roiqa.train.matcher.TrainStep` on this worker's
+    shard, its objective wrapped by `prepare_model` (DDP: gradients averaged across workers in the backward)."""
     import ray.train
     import ray.train.torch
-    import torch
 
     from roiqa.models.checkpoint import load_matcher
     from roiqa.stages.embed import set_threads
-    from roiqa.train.matcher import DescriptorQueue, batch_losses, center_head, trainable_parameters
+    from roiqa.train.matcher import TrainStep, center_head, load_state, save_state, validate
 
     cfg = from_dict(RoiqaConfig, config["cfg"])
     t = cfg.train
     set_threads(config.get("threads", 0))
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
 
     model = load_matcher(config.get("init_model"), cfg.model).to(device)
-    model.train()
-    freeze_batchnorm(model)
-    params = trainable_parameters(model, t.freeze)
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    train = TrainStep(model, cfg, device)
     start_epoch, history = 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = load_state(d, model, opt)
+            state = load_state(d, model, train.optimizer)
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         history.append({"event": "resumed", "from_epoch": int(state["epoch"]), "rank": rank})
 
@@ -243,8 +117,8 @@ def train_loop(config: dict) -> None:
     val = make_samples(config["kind"], config["uri"], cfg, ids, t.seed)  # the same on every rank
     if ckpt is None and config.get("init_model") is None:
         center_head(model, val, device)  # identical on every rank: the replicas stay equal
+    train.objective = ray.train.torch.prepare_model(train.objective, move_to_device=False)
 
-    queue = DescriptorQueue(t.queue_size)
     batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size, batch_format="numpy")
     it = iter(batches)
     for epoch in range(start_epoch, t.epochs):
@@ -257,26 +131,18 @@ def train_loop(config: dict) -> None:
             except StopIteration:  # a restarted worker re-reads its shard from the start
                 it = iter(ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size))
                 batch = next(it)
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(cfg, epoch * t.steps_per_epoch + steps)
-            loss, stats = batch_losses(model, batch, cfg, queue, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _all_reduce_grads(params, world)
-            torch.nn.utils.clip_grad_norm_(params, 5.0)
-            opt.step()
+            stats = train(batch, epoch * t.steps_per_epoch + steps)
             steps += 1
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics = {k: v / max(1, steps) for k, v in sums.items()}
-        metrics.update(epoch=epoch, steps=(epoch + 1) * t.steps_per_epoch, lr=opt.param_groups[0]["lr"])
+        metrics.update(epoch=epoch, steps=(epoch + 1) * t.steps_per_epoch, lr=train.optimizer.param_groups[0]["lr"])
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if rank == 0:
             metrics.update(validate(model, val, cfg, device))
             history.append(dict(metrics))
             with tempfile.TemporaryDirectory() as d:
-                save_state(d, model, opt, {"epoch": epoch, "history": history, "config": to_dict(cfg)})
+                save_state(d, model, train.optimizer, {"epoch": epoch, "history": history, "config": to_dict(cfg)})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

@@ -13,16 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.runtime import cluster_gpus, init_ray
-from pipelines.train import (
-    VAL_SEED_OFFSET,
-    freeze_batchnorm,
-    learning_rate,
-    load_state,
-    make_samples,
-    save_state,
-    storage,
-    validate,
-)
+from pipelines.train import VAL_SEED_OFFSET, make_samples, storage
 from roiqa import schema as S
 from roiqa.config import RoiqaConfig, from_dict, to_dict
 from roiqa.io import uri as uri_mod
@@ -74,13 +65,7 @@ def run_trial(
 
     from roiqa.models.checkpoint import load_matcher
     from roiqa.stages.embed import set_threads
-    from roiqa.train.matcher import (
-        DescriptorQueue,
-        batch_losses,
-        center_head,
-        refined_localization,
-        trainable_parameters,
-    )
+    from roiqa.train.matcher import TrainStep, center_head, load_state, refined_localization, save_state, validate
     from roiqa.train.tune_space import apply_overrides, objective
 
     set_threads(threads)
@@ -89,33 +74,22 @@ def run_trial(
     t = cfg.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_matcher(init_model, cfg.model).to(device)
-    model.train()
-    freeze_batchnorm(model)
-    trainable = trainable_parameters(model, t.freeze)
-    opt = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+    train = TrainStep(model, cfg, device)
     val = make_samples(kind, uri, cfg, np.arange(val_triples) + VAL_SEED_OFFSET, t.seed)
     start, resumed_from = 0, -1
     ckpt = ray.tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = load_state(d, model, opt)
+            state = load_state(d, model, train.optimizer)
         start = resumed_from = int(state["epoch"]) + 1
     elif init_model is None:
         center_head(model, val, device)
-    queue = DescriptorQueue(t.queue_size)
     t_start = time.perf_counter()
     for epoch in range(start, t.epochs):
         sums: dict[str, float] = {}
         for step in range(t.steps_per_epoch):
             ids = (epoch * t.steps_per_epoch + step) * t.batch_size + np.arange(t.batch_size)
-            batch = make_samples(kind, uri, cfg, ids, t.seed)
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(cfg, epoch * t.steps_per_epoch + step)  # PBT may have changed train.lr
-            loss, stats = batch_losses(model, batch, cfg, queue, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 5.0)
-            opt.step()
+            stats = train(make_samples(kind, uri, cfg, ids, t.seed), epoch * t.steps_per_epoch + step)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics = {f"train_{k}": v / t.steps_per_epoch for k, v in sums.items()}
@@ -125,7 +99,7 @@ def run_trial(
         metrics.update({"epoch": epoch, S.RESUMED_FROM: resumed_from, S.SECONDS: time.perf_counter() - t_start})
         metrics.update({S.param_column(k): float(v) for k, v in params.items()})
         with tempfile.TemporaryDirectory() as d:
-            save_state(d, model, opt, {"epoch": epoch, "config": to_dict(cfg), "params": params})
+            save_state(d, model, train.optimizer, {"epoch": epoch, "config": to_dict(cfg), "params": params})
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(d))
 
 

@@ -1,7 +1,8 @@
-"""The four losses of seed 003 (eqs. 6-8) and the heatmap targets they are computed against.
+"""Every training loss of roiqa: the four of seed 003 (eqs. 6-8) and the heatmap targets they are computed against,
+the patch network's symmetric InfoNCE (seed 001) and the task profiles' mask loss (seed 002).
 
 Every function takes plain tensors and returns a scalar (mean over the batch) so each term can be checked against a
-value computed by hand; `roiqa.train.matcher` wires them to the matcher.
+value computed by hand; `roiqa.train.matcher`, `roiqa.train.patchnet` and `roiqa.train.profile` wire them to models.
 """
 
 from __future__ import annotations
@@ -112,3 +113,16 @@ def window_targets(
     target = (ious >= iou).float()
     target[ious.argmax()] = 1.0
     return target.reshape(h, w)
+
+
+def symmetric_info_nce(queries: torch.Tensor, keys: torch.Tensor, tau: float) -> torch.Tensor:
+    """CLIP-style InfoNCE both ways: query i's positive is key i and the other keys its negatives, and the converse;
+    the mean of the two cross-entropies over logits queries @ keys.T / tau. (B, E) embeddings, used as given."""
+    logits = queries @ keys.T / tau  # (B, B)
+    target = torch.arange(len(queries), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """Per-pixel BCE (mean) + dice_weight * `dice_loss` (eps 1) of (B, H, W) logits against a (B, H, W) target."""
+    return F.binary_cross_entropy_with_logits(logits, target) + dice_weight * dice_loss(logits, target, eps=1.0)

@@ -150,3 +150,61 @@ def test_region_keys_and_reference_keys_name_the_same_images():
     ids = np.array([5, 1 << 55, 7], np.int64)
     keys = region_keys(ids, np.array([2, 1, 3]))
     assert (keys >> 12).tolist() == image_key(ids).repeat([2, 1, 3]).tolist()
+
+
+def test_least_hub_keeps_the_whole_image_and_the_least_hub_regions_of_each_image():
+    rng = np.random.default_rng(6)
+    counts = np.array([1, 3, 6, 9, 4])
+    keys = region_keys(rng.integers(1, 1 << 40, len(counts), dtype=np.int64), counts)
+    h = rng.uniform(0, 1, len(keys)).astype(np.float32)
+    h[5] = -5.0  # a low-hubness region that is not region 0 of its image
+    for per_image in (1, 2, 4):
+        want = np.zeros(len(keys), bool)
+        start = 0
+        for c in counts:  # naive: region 0, then the per_image others of lowest hubness, image by image
+            want[start] = True
+            others = sorted(range(start + 1, start + c), key=lambda i: (h[i], i))[:per_image]
+            want[others] = True
+            start += c
+        got = hubness.least_hub(keys, h, per_image)
+        assert got.tolist() == want.tolist()
+        assert got.sum() == sum(min(c, per_image + 1) for c in counts)
+    assert hubness.least_hub(keys, h, 0).all()
+    with pytest.raises(ValueError, match=">= 0"):
+        hubness.least_hub(keys, h, -1)
+
+
+def test_a_pruned_region_index_holds_the_least_hub_regions_and_updates_in_place():
+    rng = np.random.default_rng(7)
+    dim, k, per_image = 8, 3, 2
+    first = _table(rng, 20, dim)
+    coarse = faiss_index.build_coarse(first, dim, "regions", "Flat", k, 30, regions_per_image=per_image)
+    vectors, keys = faiss_index.coarse_vectors(first, dim, "regions")
+    ref, ref_keys = hubness.reference_arrays(coarse.reference, dim)
+    h = _naive_hubness(vectors, keys >> 12, ref, ref_keys, k)
+    keep = hubness.least_hub(keys, h, per_image)
+    assert coarse.index.ntotal == keep.sum() == faiss_index.coarse_count(first, dim, "regions", per_image)
+    for key, kept, hv in zip(keys, keep, h):
+        if kept:
+            assert coarse.index.reconstruct(int(key))[-1] == pytest.approx(float(hv), abs=1e-5)
+        else:
+            with pytest.raises(RuntimeError):
+                coarse.index.reconstruct(int(key))
+
+    added, kept_rows = _table(rng, 4, dim), first.slice(0, 16)
+    both = pa.concat_tables([kept_rows, added])
+    removed = first.slice(16).column(S.IMAGE_ID).to_numpy()
+    parent = faiss_index.Parent(coarse.index, removed, kept_rows.column(S.IMAGE_ID).to_numpy(), coarse.reference, 2)
+    upd = faiss_index.build_coarse(both, dim, "regions", "Flat", k, 30, parent, regions_per_image=per_image)
+    assert upd.how == "updated" and upd.index.ntotal == faiss_index.coarse_count(both, dim, "regions", per_image)
+    # another regions_per_image than the parent's: rebuilt whole
+    other = faiss_index.Parent(upd.index, removed[:0], both.column(S.IMAGE_ID).to_numpy(), upd.reference, 2)
+    assert faiss_index.build_coarse(both, dim, "regions", "Flat", k, 30, other, regions_per_image=3).how == "built"
+    with pytest.raises(ValueError, match="regions_per_image needs"):
+        faiss_index.build_coarse(first, dim, "regions", "Flat", 0, 30, regions_per_image=2)
+
+
+def test_auto_pq_factory_is_flat_when_small_and_opq_ivf_pq32_when_large():
+    assert faiss_index.choose_factory("auto-pq", 5_000, 113) == "Flat"
+    assert faiss_index.choose_factory("auto-pq", 330_000, 113) == "OPQ32_128,IVF2048,PQ32"
+    assert faiss_index.choose_factory("auto", 330_000, 113) == "IVF2048,SQ8"

@@ -81,7 +81,8 @@ def test_account_inputs_refuses_rows_that_do_not_match_the_listing(indexed, erro
 def test_an_input_lost_between_listing_and_publishing_fails_the_run(collection, tiny_cfg, tmp_path):
     """The embedding stage is given one input fewer than the listing holds (as a dropped block would): the version
     is not published and the error names the lost image."""
-    from pipelines.index import embed_uris, plan, write_version
+    from pipelines.index import embed_uris
+    from roiqa.index.version import plan, write_version
     from roiqa.io.sources import InputsLost
 
     index = str(tmp_path / "index")

@@ -13,7 +13,9 @@ from roiqa.losses import (
     dice_loss,
     focal_loss,
     info_nce,
+    mask_loss,
     scale_consistency_loss,
+    symmetric_info_nce,
     total_loss,
     triplet_region_loss,
     window_targets,
@@ -53,6 +55,27 @@ def test_focal_and_dice_hand_computed():
     # a confident perfect prediction has dice ~0
     sharp = (target * 2 - 1) * 30
     assert dice_loss(sharp, target, eps=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_mask_loss_hand_computed():
+    logits = torch.zeros(1, 2, 2)  # p = 0.5: BCE log 2 per pixel, dice 1 - 2 / 4 as above
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert mask_loss(logits, target, 1.0).item() == pytest.approx(math.log(2) + 0.5, abs=1e-6)
+    assert mask_loss(logits, target, 0.25).item() == pytest.approx(math.log(2) + 0.125, abs=1e-6)
+
+
+def test_symmetric_info_nce_hand_computed():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    k = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    tau = 0.5
+
+    # rows: q0 . k = (1, 0.6), q1 . k = (0, 0.8); columns: k0 . q = (1, 0), k1 . q = (0.6, 0.8)
+    def ce(row, i):
+        return -math.log(math.exp(row[i] / tau) / sum(math.exp(v / tau) for v in row))
+
+    rows = (ce([1.0, 0.6], 0) + ce([0.0, 0.8], 1)) / 2
+    cols = (ce([1.0, 0.0], 0) + ce([0.6, 0.8], 1)) / 2
+    assert symmetric_info_nce(q, k, tau).item() == pytest.approx((rows + cols) / 2, abs=1e-6)
 
 
 def test_triplet_region_hand_computed():

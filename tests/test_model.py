@@ -220,6 +220,85 @@ def test_level_heatmaps_and_fuse(model: Matcher) -> None:
     assert torch.all(fused <= up.amax(0) + 1e-5) and torch.all(fused >= up.amin(0) - 1e-5)
 
 
+def _naive_localize(model: Matcher, scales, feats, valid_hw, z, k: int, nms_iou: float):
+    """Reference for Matcher.localize with plain loops: crop, per-size heatmaps, a 3x3 local-maximum scan, windows
+    from the kernel-centre rule, greedy NMS by hand, LSE over the kept windows' region similarities."""
+    vh, vw = valid_hw
+    crop = {
+        lv: f[..., : math.ceil(vh / model.stride(lv)), : math.ceil(vw / model.stride(lv))] for lv, f in feats.items()
+    }
+    per = [model.fuse(model.level_heatmaps(qf, crop))[0] for _, qf in scales]
+    heat = torch.stack(per).amax(0)
+    h, w = heat.shape
+    s = model.stride(model.cfg.levels[0])
+    cands = []
+    for r in range(h):
+        for c in range(w):
+            around = heat[max(0, r - 1) : r + 2, max(0, c - 1) : c + 2]
+            if heat[r, c] >= around.max():
+                size = int(np.argmax([float(p[r, c]) for p in per]))  # the first size on a tie, as torch.max
+                qh, qw = scales[size][0]
+                x0, y0 = (c - math.ceil(qw / s) // 2) * s, (r - math.ceil(qh / s) // 2) * s
+                cands.append((float(heat[r, c]), [x0, y0, x0 + qw, y0 + qh], size))
+    cands = sorted(cands, key=lambda t: -t[0])[: 4 * k]
+
+    def iou(a, b):
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    kept = []
+    for cand in cands:
+        if all(iou(cand[1], other[1]) <= nms_iou for other in kept):
+            kept.append(cand)
+    kept = kept[:k]
+    boxes = torch.tensor([b for _, b, _ in kept], dtype=torch.float32)
+    rl = model.region_level
+    regions = model.region_descriptors(crop[rl], boxes, rl)
+    sims = regions @ z
+    score = torch.logsumexp(model.cfg.score_beta * sims, 0) - math.log(len(sims))
+    return heat, boxes, [v for v, _, _ in kept], [i for _, _, i in kept], score / model.cfg.score_beta
+
+
+@torch.no_grad()
+def test_localize_matches_a_naive_peak_search(model: Matcher) -> None:
+    image = _images(1, 96, 128, seed=8)
+    patch = np.asarray(image[0, 24:56, 40:88])
+    feats = model.pyramid(image)
+    small = np.ascontiguousarray(patch[4:28, 6:42])  # a second query size: a part of it
+    scales = [((32, 48), model.patch_features(patch, 16)), ((24, 36), model.patch_features(small, 16))]
+    z = model.query_descriptor(model.patch_features(patch, 16))[0]
+    loc = model.localize(scales, feats, z, peaks=4, nms_iou=0.3, valid_hw=(88, 120))
+    heat, boxes, vals, sizes, score = _naive_localize(model, scales, feats, (88, 120), z, 4, 0.3)
+    assert loc.heat.shape == (11, 15)
+    torch.testing.assert_close(loc.heat, heat)
+    torch.testing.assert_close(loc.boxes, boxes)
+    np.testing.assert_allclose(loc.peaks.numpy(), vals, rtol=1e-6)
+    assert loc.scales.tolist() == sizes
+    torch.testing.assert_close(loc.score, score, rtol=1e-5, atol=1e-6)
+    # one size and no descriptor: what training's validation asks
+    one = model.localize(scales[:1], feats, None, peaks=1)
+    assert one.score is None and one.boxes.shape == (1, 4) and one.heat.shape == (12, 16)
+
+
+@torch.no_grad()
+def test_forward_is_localize_per_image(model: Matcher) -> None:
+    images = _images(2, 64, 96, seed=10)
+    patch = np.ascontiguousarray(np.asarray(images[1, 16:48, 24:56]))
+    out = model(patch, images, peaks=3, nms_iou=0.3, pad=16)
+    qf = model.patch_features(patch, 16)
+    z = model.query_descriptor(qf)[0]
+    feats = model.pyramid(images)
+    for b in range(2):
+        loc = model.localize([((32, 32), qf)], {lv: f[b : b + 1] for lv, f in feats.items()}, z, 3, 0.3)
+        torch.testing.assert_close(out["heatmap"][b], loc.heat)
+        torch.testing.assert_close(out["score"][b], loc.score)
+        n = len(loc.boxes)
+        torch.testing.assert_close(out["boxes"][b, :n], loc.boxes)
+        assert torch.equal(out["boxes"][b, n:], loc.boxes[:1].expand(3 - n, 4))
+
+
 def test_same_seed_same_weights_different_seed_different() -> None:
     torch.manual_seed(123)
     before = torch.rand(3)

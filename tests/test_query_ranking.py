@@ -81,7 +81,7 @@ def test_query_images_outside_the_allowed_prefixes_are_refused(tmp_path):
 
 
 def test_stage_seconds_parses_ray_data_stats():
-    from pipelines.index import stage_seconds
+    from pipelines.runtime import stage_seconds
 
     text = (
         "Operator 1 FromArrow: 0 tasks executed, 1 blocks produced in 0s\n\n"

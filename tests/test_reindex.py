@@ -24,10 +24,10 @@ from PIL import Image
 
 from pipelines.index import run_index
 from pipelines.reindex import diff, run_reindex
-from pipelines.sources import list_images
 from roiqa import schema as S
 from roiqa.config import replace_section
 from roiqa.index import faiss_index, hubness, store
+from roiqa.io.listing import list_images
 from roiqa.io.sources import content_hash
 from roiqa.models.regions import image_key, split_key
 
@@ -117,7 +117,11 @@ def test_reindex_embeds_only_changes_and_equals_a_full_index(ray_local, collecti
 
     # the update keeps the parent's hubness reference and measures the new regions against it, like a naive loop
     assert v2.manifest["hubness"] == v1.manifest["hubness"]
-    assert v1.manifest["hubness"] == {"k": cfg.index.hubness_k, "reference": v1.manifest["faiss_vectors"]}  # < 20000
+    assert v1.manifest["hubness"] == {
+        "k": cfg.index.hubness_k,
+        "reference": v1.manifest["faiss_vectors"],
+        "regions_per_image": 0,
+    }  # < 20000
     ref_v, ref_k = hubness.reference_arrays(v2.hubness_reference(), dim)
     np.testing.assert_array_equal(ref_v, hubness.reference_arrays(v1.hubness_reference(), dim)[0])
     new_uri = os.path.join(folder, "new_a.jpg")
@@ -154,6 +158,39 @@ def test_reindex_is_full_when_the_model_changes(ray_local, collection, tiny_cfg,
     assert (r.status, r.mode, r.reason) == ("published", "full", "the model changed")
     assert r.counts["new"] == len(files)
     assert store.open_index(index).manifest["config"]["model"]["seed"] == 7
+
+
+def test_changed_coarse_settings_rebuild_faiss_from_the_stored_rows(ray_local, collection, tiny_cfg, tmp_path):
+    """Images unchanged, index.regions_per_image changed: a new version, nothing embedded, faiss rebuilt from the
+    carried rows with each image's least-hub regions (against a naive selection), the embeddings unchanged."""
+    folder = str(tmp_path / "images")
+    _gallery(collection, folder)
+    index = str(tmp_path / "index")
+    run_index(folder, index, tiny_cfg)
+    first = store.open_index(index)
+    assert run_reindex(folder, index, tiny_cfg).status == "unchanged"
+    pruned = replace_section(tiny_cfg, "index", regions_per_image=3)
+    r = run_reindex(folder, index, pruned)
+    assert (r.status, r.mode, r.counts["unchanged"], r.pipeline_seconds) == ("published", "incremental", 11, 0.0)
+    version = store.open_index(index)
+    assert version.manifest["hubness"]["regions_per_image"] == 3
+    assert version.embeddings().equals(first.embeddings())  # every stored row carried as it was
+    dim = version.manifest["embedding_dim"]
+    vectors, keys = faiss_index.coarse_vectors(version.embeddings(), dim, "regions")
+    ref, ref_keys = hubness.reference_arrays(version.hubness_reference(), dim)
+    h = hubness.hubness(vectors, split_key(keys)[0], ref, ref_keys, tiny_cfg.index.hubness_k)
+    want = {int(k) for k, kept in zip(keys, hubness.least_hub(keys, h, 3)) if kept}
+    got = {int(k) for k in keys if _holds(version.faiss(), int(k))}
+    assert got == want and version.faiss().ntotal == len(want) < len(keys)
+    assert run_reindex(folder, index, pruned).status == "unchanged"  # the same settings again: nothing to do
+
+
+def _holds(index, key: int) -> bool:
+    try:
+        index.reconstruct(key)
+        return True
+    except RuntimeError:
+        return False
 
 
 _CRASH = """

@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.index import split_duplicates
 from pipelines.reindex import _listing_made, _rows_of
-from pipelines.sources import list_images
 from roiqa import schema as S
 from roiqa.config import IndexConfig
+from roiqa.index.tables import split_duplicates
 from roiqa.io import uri as uri_mod
+from roiqa.io.listing import list_images
 from roiqa.io.sources import expand_tar, parse_error, read_files
 
 LIMIT = IndexConfig().max_image_bytes

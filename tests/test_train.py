@@ -72,8 +72,8 @@ def test_bad_sources_are_clear_errors(tmp_path):
 
 def test_checkpoint_state_round_trip(tmp_path):
     """save_state / load_state restore weights and AdamW moments exactly, from safetensors and JSON only."""
-    from pipelines.train import load_state, save_state
     from roiqa.models.matcher import Matcher
+    from roiqa.train.matcher import load_state, save_state
 
     model = Matcher(CFG.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -22,11 +22,13 @@ def choose_factory(spec: str, n: int, dim: int) -> str:
     product quantisation small enough for 64 B per image loses too many true neighbours for a shortlist that the
     reranker can only reorder.
     """
-    if spec != "auto":
+    if spec not in ("auto", "auto-pq"):
         return spec
     if n < AUTO_FLAT_LIMIT:
         return "Flat"
     nlist = int(2 ** round(np.log2(4 * np.sqrt(n))))
+    if spec == "auto-pq":  # 32 bytes a vector after a learned rotation to a multiple of 32 dimensions
+        return f"OPQ32_{-(-dim // 32) * 32},IVF{nlist},PQ32"
     return f"IVF{nlist},SQ8"
 
 
@@ -141,8 +143,9 @@ def with_current_regions(table, dim: int):
     return table.set_column(i, S.REGIONS_Q8, pa.array(blobs, pa.binary()))
 
 
-def coarse_count(table, dim: int, mode: str) -> int:
-    """How many vectors `coarse_vectors(table, dim, mode)` gives, without decoding them."""
+def coarse_count(table, dim: int, mode: str, regions_per_image: int = 0) -> int:
+    """How many vectors faiss holds for an embeddings table, without decoding them: `coarse_vectors`' count, or
+    with `regions_per_image` > 0 each image's whole-image region and at most that many others."""
     from roiqa import schema as S
     from roiqa.models.regions import region_count
 
@@ -150,8 +153,12 @@ def coarse_count(table, dim: int, mode: str) -> int:
     if mode == "global":
         return table.num_rows
     if S.REGIONS_Q8 in table.column_names:
-        return sum(region_count(b, dim) for b in table.column(S.REGIONS_Q8).to_pylist())
-    return sum(len(b or b"") for b in table.column(S.REGIONS).to_pylist()) // (2 * dim)  # float16: 2 bytes
+        counts = [region_count(b, dim) for b in table.column(S.REGIONS_Q8).to_pylist()]
+    else:
+        counts = [len(b or b"") // (2 * dim) for b in table.column(S.REGIONS).to_pylist()]  # float16: 2 bytes
+    if regions_per_image:
+        counts = [min(c, regions_per_image + 1) for c in counts]
+    return sum(counts)
 
 
 def coarse_vectors(table, dim: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -240,6 +247,7 @@ class Coarse:
     how: str  # "built" (from every vector) or "updated" (the parent's, in place)
     factory: str  # the faiss factory string it is built with
     reference: object | None  # pa.Table of roiqa.index.hubness.REFERENCE_SCHEMA; None: no hubness column
+    regions_per_image: int = 0  # regions kept per image besides the whole image (roiqa.index.hubness.least_hub); 0 all
 
 
 @dataclass
@@ -250,39 +258,59 @@ class Parent:
     removed_ids: np.ndarray  # image ids to take out of it (changed and deleted images)
     kept_ids: np.ndarray  # image ids of the rows it keeps
     reference: object | None  # the parent's hubness reference (None: it has none)
+    regions_per_image: int = 0  # what the parent's index kept of each image (0: every region)
 
 
 def build_coarse(
-    emb, dim: int, mode: str, factory: str, hubness_k: int, reference_size: int, parent: Parent | None = None
+    emb,
+    dim: int,
+    mode: str,
+    factory: str,
+    hubness_k: int,
+    reference_size: int,
+    parent: Parent | None = None,
+    regions_per_image: int = 0,
 ) -> Coarse:
     """faiss over the coarse vectors of embeddings table `emb`: the parent's index updated in place when it can be
-    (same kind, same hubness), else built from every vector. In a region index with `hubness_k` > 0, every region
-    is indexed as [r, h(r)] (roiqa.index.hubness); a build draws a new reference of `reference_size` regions, an update
-    measures the new regions against the parent's."""
+    (same kind, same hubness, same regions kept), else built from every vector. In a region index with `hubness_k`
+    > 0, every region is indexed as [r, h(r)] (roiqa.index.hubness); a build draws a new reference of
+    `reference_size` regions, an update measures the new regions against the parent's. `regions_per_image` > 0
+    keeps each image's whole-image region and that many others of lowest hubness (`hubness.least_hub`)."""
     from roiqa import schema as S
     from roiqa.index import hubness
 
     hub = mode == "regions" and hubness_k > 0
-    n = coarse_count(emb, dim, mode)
-    factory = choose_factory(factory, n, dim)
+    if regions_per_image and not hub:
+        raise ValueError("index.regions_per_image needs a region index with hubness (index.hubness_k > 0)")
+    n = coarse_count(emb, dim, mode, regions_per_image)
+    factory = choose_factory(factory, n, dim + int(hub))
     width = dim + int(hub)
-    if parent is not None and parent.index.d == width and (parent.reference is not None) == hub:
+    if (
+        parent is not None
+        and parent.index.d == width
+        and (parent.reference is not None) == hub
+        and parent.regions_per_image == regions_per_image
+    ):
         new = ~np.isin(np.asarray(emb.column(S.IMAGE_ID).to_numpy(), np.int64), parent.kept_ids)
         vectors, ids = coarse_vectors(emb.filter(new), dim, mode)
         if hub:
             ref, ref_keys = hubness.reference_arrays(parent.reference, dim)
-            vectors = hubness.augment(vectors, hubness.hubness(vectors, _image_keys(ids), ref, ref_keys, hubness_k))
+            h = hubness.hubness(vectors, _image_keys(ids), ref, ref_keys, hubness_k)
+            keep = hubness.least_hub(ids, h, regions_per_image)
+            vectors, ids = hubness.augment(vectors[keep], h[keep]), ids[keep]
         index = update_index(parent.index, parent.removed_ids, vectors, ids, regions=mode == "regions")
         if index is not None and index.ntotal == n:
-            return Coarse(index, "updated", factory, parent.reference)
+            return Coarse(index, "updated", factory, parent.reference, regions_per_image)
     vectors, ids = coarse_vectors(emb, dim, mode)
     reference = None
     if hub:
         keys = _image_keys(ids)
         reference = hubness.sample_reference(vectors, keys, reference_size)
         ref, ref_keys = hubness.reference_arrays(reference, dim)
-        vectors = hubness.augment(vectors, hubness.hubness(vectors, keys, ref, ref_keys, hubness_k))
-    return Coarse(build_index(vectors, ids, factory), "built", factory, reference)
+        h = hubness.hubness(vectors, keys, ref, ref_keys, hubness_k)
+        keep = hubness.least_hub(ids, h, regions_per_image)
+        vectors, ids = hubness.augment(vectors[keep], h[keep]), ids[keep]
+    return Coarse(build_index(vectors, ids, factory), "built", factory, reference, regions_per_image)
 
 
 def _image_keys(region_ids: np.ndarray) -> np.ndarray:

@@ -10,6 +10,10 @@ hubness reduction in nearest-neighbour retrieval. faiss keeps searching by inner
 
 The reference sample is drawn once, when faiss is built from every vector, and stored in the index version
 (`hubness.parquet`); a re-index scores its new regions against the same sample, so old and new rows agree.
+
+Hubness also says which regions an index can leave out (`least_hub`, `index.regions_per_image`): the regions most
+like other images' are the ones a query cannot single an image out by, and fewer regions per image let the
+regions a search fetches spread over more images.
 """
 
 from __future__ import annotations
@@ -88,3 +92,23 @@ def augment_queries(queries: np.ndarray, weight: float) -> np.ndarray:
     """Query rows [q, -weight]: (..., D) -> (..., D + 1), so <[q, -w], [r, h]> = <q, r> - w h(r)."""
     q = np.asarray(queries, np.float32)
     return np.concatenate([q, np.full(q.shape[:-1] + (1,), -float(weight), np.float32)], axis=-1)
+
+
+def least_hub(region_keys: np.ndarray, h: np.ndarray, per_image: int) -> np.ndarray:
+    """Row mask of the regions an index keeps: each image's whole-image region (region number 0) and its
+    `per_image` other regions of lowest hubness `h`; `per_image` 0 keeps every region. (N,) bool."""
+    from roiqa.models.regions import split_key
+
+    if per_image < 0:
+        raise ValueError(f"regions per image must be >= 0, got {per_image}")
+    if per_image == 0:
+        return np.ones(len(region_keys), bool)
+    image, region = split_key(region_keys)
+    h = np.where(region == 0, -np.inf, np.asarray(h, np.float64))  # the whole image first in its image's order
+    order = np.lexsort((region, h, image))  # by image, then hubness ascending (ties: region order)
+    image_sorted = image[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(image_sorted)) + 1]
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep = np.zeros(len(region_keys), bool)
+    keep[order[rank <= per_image]] = True
+    return keep

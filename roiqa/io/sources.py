@@ -211,3 +211,15 @@ def account_inputs(
         "indexed": len(indexed),
         "errors": n_errors,
     }
+
+
+def read_any(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Dispatch each URI of the batch to the shard expander or the file reader, keeping one output table; image
+    files and tar members over `max_bytes` become `too_large` rows unread."""
+    is_tar = np.array([str(u).lower().endswith(uri_mod.TAR_EXTENSIONS) for u in batch[S.URI]], dtype=bool)
+    parts = []
+    if (~is_tar).any():
+        parts.append(read_files({k: v[~is_tar] for k, v in batch.items()}, max_bytes))
+    if is_tar.any():
+        parts.append(expand_tar({S.URI: batch[S.URI][is_tar]}, max_bytes))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,4 +1,8 @@
-"""Matcher checkpoints: one safetensors file whose metadata holds the model config as JSON; loading never unpickles."""
+"""Checkpoints: safetensors files whose string metadata holds the model's config as JSON; loading never unpickles.
+
+`save_weights` / `load_weights` are the one way every model's weights are written and read (the matcher, the patch
+network, the ROI-mask verifier, task profiles, training state); the rest of this module is the matcher's.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,43 @@ BODY = "body.body."  # state-dict prefix of the backbone's body (what a body-les
 OPTIONAL = ("whitening.",)  # weights older checkpoints lack: they keep their initial (identity) values
 
 
+def save_weights(
+    state: dict[str, torch.Tensor], uri: str, metadata: dict[str, str], dtype: torch.dtype | None = None
+) -> bytes:
+    """Write a state dict with string `metadata` as safetensors to `uri`; returns the bytes written. `dtype`
+    stores floating-point tensors at that precision (`load_weights` casts them back to the module's)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    data = st_save(state, metadata=metadata)
+    uri_mod.write_bytes(uri, data)
+    return data
+
+
+def read_tensors(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors `data`; a ValueError naming `name` when it is not one."""
+    try:
+        return st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"{name}: not a safetensors checkpoint ({exc})") from exc
+
+
+def load_weights(module: torch.nn.Module, data: bytes, name: str, may_miss=None) -> torch.nn.Module:
+    """Load safetensors `data` into `module`, every tensor cast to the dtype of the module's own; `may_miss(key)`:
+    weights the file may lack (they keep their initial values). Errors are ValueErrors naming `name`."""
+    state = read_tensors(data, name)
+    ref = module.state_dict()
+    state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ValueError(f"{name}: weights do not match the config ({exc})") from exc
+    missing = [k for k in missing if not (may_miss and may_miss(k))]
+    if missing or unexpected:
+        raise ValueError(f"{name}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return module
+
+
 def save_matcher(
     model: Matcher,
     uri: str,
@@ -34,15 +75,10 @@ def save_matcher(
     """
     if not include_body and not model.cfg.backbone_weights:
         raise ValueError("include_body=False needs model.backbone_weights to load the body from")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
     if not include_body:
         state = {k: v for k, v in state.items() if not k.startswith(BODY)}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    meta = {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}
-    data = st_save(state, metadata=meta)
-    uri_mod.write_bytes(uri, data)
-    return data
+    return save_weights(state, uri, {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}, dtype)
 
 
 def read_metadata(data: bytes, name: str) -> dict[str, str]:
@@ -74,23 +110,17 @@ def load_matcher(uri: str | None, cfg: ModelConfig | None = None) -> Matcher:
     if uri is None:
         return Matcher(cfg or ModelConfig())
     data = uri_mod.read_bytes(uri)
-    meta = read_metadata(data, uri)  # validates the header before safetensors parses anything
-    try:
-        state = st_load(data)
-    except Exception as exc:  # noqa: BLE001 - safetensors' own error type
-        raise ValueError(f"{uri}: not a safetensors checkpoint ({exc})") from exc
-    with_body = _has_body(state)
-    model_cfg = _config(meta, uri, keep_weights=not with_body)
+    header = read_header(data, uri)  # validated before safetensors parses anything
+    with_body = _has_body(header)
+    model_cfg = _config(header.get("__metadata__", {}) or {}, uri, keep_weights=not with_body)
     if not with_body and not model_cfg.backbone_weights:
         raise ValueError(f"{uri}: checkpoint without body weights and without model.backbone_weights to load them")
     model = Matcher(model_cfg)
-    ref = model.state_dict()
-    state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(OPTIONAL) and (with_body or not k.startswith(BODY))]
-    if missing or unexpected:
-        raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
+
+    def may_miss(k: str) -> bool:
+        return k.startswith(OPTIONAL) or (not with_body and k.startswith(BODY))
+
+    return load_weights(model, data, uri, may_miss)
 
 
 def _has_body(names) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -51,6 +52,17 @@ def lse_score(sims: torch.Tensor, beta: float) -> torch.Tensor:
     return (torch.logsumexp(beta * sims, dim=-1) - math.log(k)) / beta
 
 
+@dataclass
+class Localization:
+    """Where a query is in one image: `Matcher.localize`'s answer."""
+
+    heat: torch.Tensor  # (H_f, W_f) fused eq. 4 heatmap, each cell's best over the query sizes
+    boxes: torch.Tensor  # (K, 4) CPU float32 peak windows in input pixels, best first, after NMS
+    peaks: torch.Tensor  # (K,) their heatmap values
+    scales: torch.Tensor  # (K,) CPU index of the query size each box came from
+    score: torch.Tensor | None  # eq. 5 LSE over the boxes' region similarities (None without a query descriptor)
+
+
 class Matcher(nn.Module):
     """Backbone + FPN shared by query and search images, with the heads of seed 003.
 
@@ -90,11 +102,13 @@ class Matcher(nn.Module):
             x = (x - self.mean) / self.std
         return x
 
-    def pyramid(self, images: torch.Tensor | np.ndarray) -> dict[int, torch.Tensor]:
-        """{level: (B, C, H / 2**l, W / 2**l)} FPN features."""
+    def pyramid(self, images: torch.Tensor | np.ndarray, bf16: bool = False) -> dict[int, torch.Tensor]:
+        """{level: (B, C, H / 2**l, W / 2**l)} float32 FPN features; `bf16` runs the backbone in bf16 autocast on
+        CUDA (inference: the features come back as float32)."""
         x = self.normalize(images)
-        out = self.body(x)
-        return {int(k): v for k, v in out.items()}
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16 and x.device.type == "cuda"):
+            out = self.body(x)
+        return {int(k): v.float() for k, v in out.items()}
 
     def stride(self, level: int) -> int:
         return 2**level
@@ -186,24 +200,71 @@ class Matcher(nn.Module):
         """Eq. 5: LSE over k of <z, r_k>; z (C,), regions (K, C) -> scalar."""
         return lse_score(regions @ z, self.cfg.score_beta)
 
-    def peak_boxes(self, heat: torch.Tensor, query_hw: tuple[int, int], k: int, nms_iou: float) -> torch.Tensor:
-        """(<= k, 4) CPU boxes, input pixels, best first: the windows of a (H_f, W_f) fused heatmap's local maxima
-        for a query of query_hw pixels, after NMS (no gradient flows through the boxes)."""
+    def heatmap(
+        self, scales: list[tuple[tuple[int, int], dict[int, torch.Tensor]]], feats: dict[int, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eqs. 3-4 for a query at one or more sizes: ((B, H_f, W_f) fused heatmap, each cell's best over the sizes;
+        (B, H_f, W_f) index of the size that gave it). `scales`: per size ((h, w) px, {level: (1, C, h_l, w_l)})."""
+        per_size = torch.stack([self.fuse(self.level_heatmaps(qf, feats)) for _, qf in scales])  # (S, B, H_f, W_f)
+        return per_size.max(dim=0)
+
+    def peak_boxes(
+        self,
+        heat: torch.Tensor,
+        sizes: list[tuple[int, int]],
+        k: int,
+        nms_iou: float,
+        size_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The windows of a (H_f, W_f) fused heatmap's local maxima after NMS: (boxes (<= k, 4) CPU, input pixels,
+        best first; their peak values; the index of each box's query size). `sizes`: the query sizes (h, w) in
+        pixels; `size_index` (H_f, W_f): which size each cell's value came from (None: the first). No gradient
+        flows through the boxes."""
         from roiqa.boxes import feature_window_to_boxes
         from roiqa.ops.peaks import local_maxima, nms_peaks
 
         vals, rows, cols = local_maxima(heat.detach(), k=4 * k)
-        n = len(vals)
-        qh, qw = torch.full((n,), float(query_hw[0])), torch.full((n,), float(query_hw[1]))
-        boxes = feature_window_to_boxes(rows.cpu(), cols.cpu(), qh, qw, self.stride(self.cfg.levels[0]))
-        return boxes[nms_peaks(boxes, vals.cpu(), nms_iou, k)]
+        rows, cols = rows.cpu(), cols.cpu()
+        idx = torch.zeros(len(vals), dtype=torch.long) if size_index is None else size_index[rows, cols].cpu()
+        hw = torch.tensor(sizes, dtype=torch.float32).reshape(-1, 2)[idx]
+        boxes = feature_window_to_boxes(rows, cols, hw[:, 0], hw[:, 1], self.stride(self.cfg.levels[0]))
+        keep = nms_peaks(boxes, vals.cpu(), nms_iou, k)
+        return boxes[keep], vals[keep.to(vals.device)], idx[keep]
+
+    def localize(
+        self,
+        scales: list[tuple[tuple[int, int], dict[int, torch.Tensor]]],
+        feats: dict[int, torch.Tensor],
+        z: torch.Tensor | None = None,
+        peaks: int = 5,
+        nms_iou: float = 0.3,
+        valid_hw: tuple[int, int] | None = None,
+    ) -> Localization:
+        """The query in one image: heatmap over the query sizes -> local maxima -> NMS'd windows -> eq. 5 score.
+
+        The one localisation path: the rerank, `forward`, and training's validation all call it. `feats`: the
+        image's pyramid {level: (1, C, H_l, W_l)}, cropped here to `valid_hw` pixels when given; `z`: the eq. 5
+        query descriptor (no score without it).
+        """
+        if valid_hw is not None:
+            vh, vw = (int(v) for v in valid_hw)
+            feats = {lv: f[..., : -(-vh // self.stride(lv)), : -(-vw // self.stride(lv))] for lv, f in feats.items()}
+        heat, size_index = self.heatmap(scales, feats)
+        heat, size_index = heat[0], size_index[0]
+        boxes, vals, box_sizes = self.peak_boxes(heat, [hw for hw, _ in scales], peaks, nms_iou, size_index)
+        score = None
+        if z is not None:
+            rl = self.region_level
+            score = self.score(z, self.region_descriptors(feats[rl], boxes.to(heat.device), rl))
+        return Localization(heat, boxes, vals, box_sizes, score)
 
     # --- the whole model -----------------------------------------------------------------------------------
-    def patch_features(self, patch: np.ndarray, pad: int = 0) -> dict[int, torch.Tensor]:
+    def patch_features(self, patch: np.ndarray, pad: int = 0, bf16: bool = False) -> dict[int, torch.Tensor]:
         """{level: (1, C, ceil(h / s), ceil(w / s))} features of one (h, w, 3) uint8 query patch, computed with
-        `pad` pixels of mirrored context around it (as the query pipeline does) and cropped back to its cells."""
+        `pad` pixels of mirrored context around it and cropped back to its cells: without the context the kernel's
+        border cells carry the network's zero-padding response, which then matches image borders."""
         x = np.pad(patch, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric") if pad else patch
-        feats = self.pyramid(torch.from_numpy(np.array(x[None])).to(self.mean.device))
+        feats = self.pyramid(torch.from_numpy(np.array(x[None])).to(self.mean.device), bf16)
         h, w = patch.shape[:2]
         out = {}
         for lv, f in feats.items():
@@ -224,15 +285,17 @@ class Matcher(nn.Module):
         qf = self.patch_features(query, pad)
         z = self.query_descriptor(qf)[0]
         feats = self.pyramid(images)
-        heat = self.fuse(self.level_heatmaps(qf, feats))  # (B, H_f, W_f)
-        rl, (h, w) = self.region_level, query.shape[:2]
-        all_boxes, scores = [], []
-        for b in range(len(heat)):
-            boxes = self.peak_boxes(heat[b], (h, w), peaks, nms_iou).to(heat.device)
-            scores.append(self.score(z, self.region_descriptors(feats[rl][b : b + 1], boxes, rl)))
+        heats, all_boxes, scores = [], [], []
+        for b in range(len(next(iter(feats.values())))):
+            loc = self.localize(
+                [(query.shape[:2], qf)], {lv: f[b : b + 1] for lv, f in feats.items()}, z, peaks, nms_iou
+            )
+            heats.append(loc.heat)
+            scores.append(loc.score)
+            boxes = loc.boxes.to(loc.heat.device)
             all_boxes.append(torch.cat([boxes, boxes[:1].expand(peaks - len(boxes), 4)]))
         return {
-            "heatmap": heat,
+            "heatmap": torch.stack(heats),
             "boxes": torch.stack(all_boxes),
             "score": torch.stack(scores),
             "global": self.global_descriptor(feats),

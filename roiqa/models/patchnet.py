@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.ops.misc import Conv2dNormActivation
@@ -349,22 +347,18 @@ def _config_json(cfg: PatchNetConfig) -> str:
 
 def save_patchnet(model: PatchNet, uri: str, extra: dict[str, str] | None = None) -> bytes:
     """Write weights (incl. learned thresholds and BatchNorm statistics) and config JSON to `uri` (.safetensors)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    data = st_save(state, metadata={CONFIG_KEY: _config_json(model.cfg), **(extra or {})})
-    uri_mod.write_bytes(uri, data)
-    return data
+    from roiqa.models.checkpoint import save_weights
+
+    return save_weights(model.state_dict(), uri, {CONFIG_KEY: _config_json(model.cfg), **(extra or {})})
 
 
 def load_patchnet(uri: str) -> PatchNet:
     """A PatchNet in eval mode from a checkpoint written by save_patchnet; never unpickles."""
-    from roiqa.models.checkpoint import read_metadata
+    from roiqa.models.checkpoint import load_weights, read_metadata
 
     data = uri_mod.read_bytes(uri)
     meta = read_metadata(data, uri)
     if CONFIG_KEY not in meta:
         raise ValueError(f"{uri}: safetensors file without {CONFIG_KEY!r} metadata is not a patch network")
     model = PatchNet(from_dict(PatchNetConfig, json.loads(meta[CONFIG_KEY]), f"{uri}:{CONFIG_KEY}"))
-    missing, unexpected = model.load_state_dict(st_load(data), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.eval()
+    return load_weights(model, data, uri).eval()

@@ -24,14 +24,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from roiqa.config import from_dict, to_dict
 from roiqa.io import uri as uri_mod
-from roiqa.models.checkpoint import read_metadata
+from roiqa.models.checkpoint import load_weights, read_metadata, save_weights
 
 CONFIG_KEY = "roiqa.roimask_config"
 ATTENTION = ("side", "hard", "none")
@@ -195,13 +193,7 @@ def save_roimask(
 
     `dtype` stores floating-point weights at that precision (None: as they are); loading casts back to float32.
     """
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    meta = {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}
-    data = st_save(state, metadata=meta)
-    uri_mod.write_bytes(uri, data)
-    return data
+    return save_weights(model.state_dict(), uri, {CONFIG_KEY: json.dumps(to_dict(model.cfg)), **(extra or {})}, dtype)
 
 
 def load_roimask(uri: str) -> tuple[RoiMaskNet, dict[str, str]]:
@@ -218,16 +210,5 @@ def load_roimask(uri: str) -> tuple[RoiMaskNet, dict[str, str]]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{uri}: {CONFIG_KEY} metadata is not JSON ({exc})") from exc
     model = RoiMaskNet(check_config(cfg))
-    try:
-        state = st_load(data)
-    except Exception as exc:  # safetensors raises its own SafetensorError on corrupt bodies
-        raise ValueError(f"{uri}: unreadable safetensors body ({exc})") from exc
-    ref = model.state_dict()
-    state = {k: v.to(ref[k].dtype) if k in ref and v.is_floating_point() else v for k, v in state.items()}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise ValueError(f"{uri}: weights do not match the config ({exc})") from exc
-    if missing or unexpected:
-        raise ValueError(f"{uri}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_weights(model, data, uri)
     return model.eval(), meta

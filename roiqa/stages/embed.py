@@ -233,3 +233,8 @@ class Embedder:
         out[S.REGIONS_Q8] = object_array(regions)
         out.update(cols)
         return out
+
+
+def decode(batch: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
+    """`Decoder(cfg)` on one batch, for a Ray Data task (the decoder holds no model)."""
+    return Decoder(cfg)(batch)

@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import nn
 
 from roiqa.config import MaskConfig
 from roiqa.io import uri as uri_mod
-from roiqa.models.checkpoint import read_metadata
+from roiqa.models.checkpoint import load_weights, read_metadata, save_weights
 from roiqa.weights import WEIGHTS_DIR
 
 PROFILES_DIR = os.path.join(WEIGHTS_DIR, "profiles")
@@ -124,11 +122,8 @@ def shipped_profiles() -> list[str]:
 
 def save_profile(profile: TaskProfile, estimator: ConfidenceEstimator, uri: str) -> bytes:
     """Write the estimator's weights with the profile (and estimator arch) as JSON metadata to `uri`."""
-    state = {k: v.detach().contiguous().cpu() for k, v in estimator.state_dict().items()}
     meta = {PROFILE_KEY: json.dumps(dataclasses.asdict(profile)), ESTIMATOR_KEY: json.dumps(estimator.arch())}
-    data = st_save(state, metadata=meta)
-    uri_mod.write_bytes(uri, data)
-    return data
+    return save_weights(estimator.state_dict(), uri, meta)
 
 
 def load_profile(name_or_uri: str) -> tuple[TaskProfile, ConfidenceEstimator]:
@@ -150,10 +145,7 @@ def load_profile(name_or_uri: str) -> tuple[TaskProfile, ConfidenceEstimator]:
         estimator = ConfidenceEstimator(**arch)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name_or_uri}: bad task profile metadata: {exc}") from exc
-    missing, unexpected = estimator.load_state_dict(st_load(data), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{name_or_uri}: weights do not match the estimator: missing {missing}, extra {unexpected}")
-    return profile, estimator.eval()
+    return profile, load_weights(estimator, data, name_or_uri).eval()
 
 
 # =============================================================================================================

@@ -8,13 +8,12 @@ import numpy as np
 import torch
 
 from roiqa import schema as S
-from roiqa.boxes import clip_boxes, feature_window_to_boxes
+from roiqa.boxes import clip_boxes
 from roiqa.config import RoiqaConfig
 from roiqa.io import uri as uri_mod
 from roiqa.io.imageio import DecodeError, decode_image, encode_png, resize_long_side
 from roiqa.io.sources import error_string, object_array
 from roiqa.models.matcher import Matcher
-from roiqa.ops.peaks import local_maxima, nms_peaks
 from roiqa.stages import geometry
 from roiqa.stages.embed import pick_device, set_threads
 
@@ -80,10 +79,7 @@ class QueryFeatures:
 
 def pyramid(model: Matcher, image: np.ndarray, device: torch.device) -> dict[int, torch.Tensor]:
     """float32 FPN features of one (H, W, 3) uint8 image; on CUDA the backbone runs in bf16 autocast."""
-    x = torch.from_numpy(np.ascontiguousarray(image[None])).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        feats = model.pyramid(x)
-    return {lv: f.float() for lv, f in feats.items()}
+    return model.pyramid(torch.from_numpy(np.ascontiguousarray(image[None])).to(device), bf16=device.type == "cuda")
 
 
 def rotate_patch(patch: np.ndarray, degrees: float) -> np.ndarray:
@@ -295,48 +291,17 @@ class Reranker:
         return self._cache[query_id]
 
     def patch_pyramid(self, patch: np.ndarray) -> dict[int, torch.Tensor]:
-        """{level: (1, C, ceil(h / s), ceil(w / s))} features of a (h, w, 3) patch, computed with context.
-
-        The patch is mirror-padded by `query.context_pad` pixels (a multiple of the coarsest stride) before the
-        backbone and the features are cropped back to the patch: without it the kernel's border cells carry the
-        network's zero-padding response, which then matches image borders instead of the object.
-        """
-        pad = self.cfg.query.context_pad
-        x = np.pad(patch, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric") if pad else patch
-        feats = pyramid(self.model, x, self.device)
-        h, w = patch.shape[:2]
-        out = {}
-        for lv, f in feats.items():
-            s = self.model.stride(lv)
-            o = pad // s
-            out[lv] = f[..., o : o + -(-h // s), o : o + -(-w // s)]
-        return out
+        """{level: (1, C, ceil(h / s), ceil(w / s))} features of a (h, w, 3) patch with `query.context_pad` pixels of
+        mirrored context (`Matcher.patch_features`)."""
+        return self.model.patch_features(patch, self.cfg.query.context_pad, bf16=self.device.type == "cuda")
 
     # --- one pair ------------------------------------------------------------------------------------------
     def match(self, q: QueryFeatures, feats: dict[int, torch.Tensor], valid_hw: tuple[int, int]):
         """Heatmap (H_f, W_f) over the valid region, best box (4,) in resized pixels, eq. 5 score, peak value, and
-        the index of the query size whose correlation gave the best peak."""
-        m, qc = self.model, self.cfg.query
-        finest = m.cfg.levels[0]
-        stride = m.stride(finest)
-        hf = -(-valid_hw[0] // stride)
-        wf = -(-valid_hw[1] // stride)
-        crop = {
-            lv: f[..., : -(-valid_hw[0] // m.stride(lv)), : -(-valid_hw[1] // m.stride(lv))] for lv, f in feats.items()
-        }
-        per_scale = torch.stack([m.fuse(m.level_heatmaps(qf, crop))[0] for _, qf in q.scales])  # (S, H_f, W_f)
-        heat, best_scale = per_scale.max(dim=0)  # (H_f, W_f)
-        vals, rows, cols = local_maxima(heat, k=4 * qc.peaks)
-        sizes = torch.tensor([hw for hw, _ in q.scales], dtype=torch.float32)[best_scale[rows, cols].cpu()]  # (K, 2)
-        boxes = feature_window_to_boxes(rows.cpu(), cols.cpu(), sizes[:, 0], sizes[:, 1], stride)
-        keep = nms_peaks(boxes, vals.cpu(), qc.nms_iou, qc.peaks)
-        scale_idx = int(best_scale[rows[keep[0]], cols[keep[0]]])
-        boxes, vals = boxes[keep], vals[keep]
-        rl = m.region_level
-        regions = m.region_descriptors(crop[rl], boxes.to(heat.device), rl)  # (K, C)
-        score = m.score(q.z, regions)
-        assert heat.shape == (hf, wf)
-        return heat, boxes[0].numpy(), float(score), float(vals[0]), scale_idx
+        the index of the query size whose correlation gave the best peak (`Matcher.localize`)."""
+        qc = self.cfg.query
+        loc = self.model.localize(q.scales, feats, q.z, qc.peaks, qc.nms_iou, valid_hw)
+        return loc.heat, loc.boxes[0].numpy(), float(loc.score), float(loc.peaks[0]), int(loc.scales[0])
 
     # --- optional stages -----------------------------------------------------------------------------------
     def refine(

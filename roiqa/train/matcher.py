@@ -10,6 +10,9 @@ pick), so the heatmap target is the box in correlation-window coordinates (`roiq
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,7 +129,7 @@ def batch_losses(
 
         sims = []
         for j, extra in ((0, bx[None]), (1, None)):
-            rb = net.peak_boxes(fused[j], (kh, kw), q.peaks, q.nms_iou)
+            rb, _, _ = net.peak_boxes(fused[j], [(kh, kw)], q.peaks, q.nms_iou)
             if extra is not None:  # the true box is always among the positive's regions
                 rb = torch.cat([extra, rb])
             regions = net.region_descriptors(feats[net.region_level][[b * j + i]], rb.to(device), net.region_level)
@@ -238,8 +241,7 @@ def refined_localization(
             kernel = net.patch_features(patch, cfg.query.context_pad)
             image = torch.from_numpy(np.ascontiguousarray(batch["image"][i : i + 1])).to(device)
             feats = net.pyramid(image)
-            fused = net.fuse(net.level_heatmaps(kernel, feats))[0]
-            box = net.peak_boxes(fused, (h, w), 1, cfg.query.nms_iou)[0].numpy()
+            box = net.localize([((h, w), kernel)], feats, None, 1, cfg.query.nms_iou).boxes[0].numpy()
             truth = np.asarray(batch["box"][i], np.float32)[None]
             query = {lv: f[0] for lv, f in kernel.items()}
             strides = {lv: net.stride(lv) for lv in query}
@@ -258,3 +260,147 @@ def refined_localization(
         "val_loc50_refined": float(np.mean(after)),
         "val_iou_refined": float(np.mean(ious)),
     }
+
+
+# --- the training step and validation, shared by `roiqa train` workers and `roiqa tune` trials ----------------------
+CLIP_NORM = 5.0  # gradients are clipped to this global L2 norm before each AdamW step
+
+
+def learning_rate(cfg: RoiqaConfig, step: int) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to 5% of train.lr at the last step."""
+    t = cfg.train
+    total = max(1, t.epochs * t.steps_per_epoch)
+    warm = max(1, total // 20)
+    if step < warm:
+        return t.lr * (step + 1) / warm
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    return t.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """BatchNorm layers keep their running statistics (eval mode) while the rest trains, as detection fine-tuning
+    does with frozen BN: query patches come one at a time, and inference uses the running statistics anyway."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+class Objective(torch.nn.Module):
+    """`batch_losses` as a module's forward, so that a data-parallel wrapper (DDP, through Ray Train's
+    `prepare_model`) sees the pass and averages the gradients of the matcher's parameters across workers."""
+
+    def __init__(self, model: Matcher) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, cfg: RoiqaConfig, queue, device) -> tuple[torch.Tensor, dict[str, float]]:
+        return batch_losses(self.model, batch, cfg, queue, device)
+
+
+class TrainStep:
+    """One optimisation step of the matcher: learning rate of the schedule, eq. 6 on a batch, backward, gradient
+    clipping, AdamW over `train.freeze`'s trainable parameters; BatchNorm statistics frozen.
+
+    `objective` is `Objective(model)`, or its data-parallel wrapper (whose forward averages gradients across
+    workers during the backward pass). The hard-negative queue of the descriptor loss lives here too.
+    """
+
+    def __init__(self, model: Matcher, cfg: RoiqaConfig, device: torch.device | str = "cpu") -> None:
+        t = cfg.train
+        self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        model.train()
+        freeze_batchnorm(model)
+        self.params = trainable_parameters(model, t.freeze)
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
+        self.objective: torch.nn.Module = Objective(model)
+        self.queue = DescriptorQueue(t.queue_size)
+
+    def __call__(self, batch: dict[str, np.ndarray], step: int) -> dict[str, float]:
+        """Train on `batch` as global step `step` (0-based, it sets the learning rate); returns its loss stats."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = learning_rate(self.cfg, step)
+        loss, stats = self.objective(batch, self.cfg, self.queue, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+        self.optimizer.step()
+        return stats
+
+
+def validate(
+    model: Matcher, batch: dict[str, np.ndarray], cfg: RoiqaConfig, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Held-in validation on fixed triples: val_map (each query's global descriptor ranks all 2V search images,
+    its positive the one relevant) and val_loc50 (fraction of positives whose best `Matcher.localize` box with the
+    query at its true size has IoU >= 0.5 with the truth), plus the validation loss."""
+    from roiqa.boxes import box_iou
+    from roiqa.eval.metrics import average_precision
+
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        _, stats = batch_losses(net, batch, cfg, None, device)
+        images = np.concatenate([batch["image"], batch["negative"]])
+        feats = net.pyramid(torch.from_numpy(np.ascontiguousarray(images)).to(device))
+        g_img = net.global_descriptor(feats)
+        aps, hits = [], []
+        for i in range(len(batch["query"])):
+            h, w = (int(v) for v in batch["query_hw"][i])
+            patch = np.array(batch["query"][i, :h, :w])
+            small, _ = resize_long_side(patch, cfg.query.descriptor_size)
+            gq = net.global_descriptor(net.pyramid(torch.from_numpy(small[None].copy()).to(device)))[0]
+            order = torch.argsort(g_img @ gq, descending=True).cpu().numpy()
+            aps.append(average_precision(order == i, 1))
+            bx = batch["box"][i]
+            kh, kw = max(8, int(round(float(bx[3] - bx[1])))), max(8, int(round(float(bx[2] - bx[0]))))
+            kernel = net.patch_features(resize_hw(patch, (kh, kw)), cfg.query.context_pad)
+            image = {lv: f[[i]] for lv, f in feats.items()}
+            best = net.localize([((kh, kw), kernel)], image, None, 1, cfg.query.nms_iou).boxes[:1].numpy()
+            hits.append(float(box_iou(best, np.asarray(bx, np.float32)[None]).max()) >= 0.5)
+    net.train(was_training)
+    freeze_batchnorm(net)
+    return {"val_loss": stats["loss"], "val_map": float(np.mean(aps)), "val_loc50": float(np.mean(hits))}
+
+
+# --- training state: model, AdamW moments, JSON (safetensors + JSON, never pickle) ---------------------------------
+def save_state(directory: str, model, optimizer, state: dict) -> None:
+    """model.safetensors (a matcher checkpoint `roiqa query --model` reads), optimizer.safetensors, state.json."""
+    from roiqa.models.checkpoint import save_matcher, save_weights
+
+    save_matcher(model, os.path.join(directory, "model.safetensors"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, steps = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            name = names[id(p)]
+            tensors[f"exp_avg/{name}"] = st["exp_avg"].detach().cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].detach().cpu().contiguous()
+            steps[name] = float(st["step"])
+    save_weights(tensors, os.path.join(directory, "optimizer.safetensors"), {})
+    with open(os.path.join(directory, "state.json"), "w") as f:
+        json.dump({**state, "optimizer_steps": steps}, f)
+
+
+def load_state(directory: str, model, optimizer) -> dict:
+    """Restore what `save_state` wrote into `model` and `optimizer`; returns state.json."""
+    from roiqa.io import uri as uri_mod
+    from roiqa.models.checkpoint import load_matcher, read_tensors
+
+    model.load_state_dict(load_matcher(os.path.join(directory, "model.safetensors")).state_dict())
+    with open(os.path.join(directory, "state.json")) as f:
+        state = json.load(f)
+    path = os.path.join(directory, "optimizer.safetensors")
+    tensors = read_tensors(uri_mod.read_bytes(path), path)
+    params = dict(model.named_parameters())
+    for name, step in state.pop("optimizer_steps", {}).items():
+        p = params[name]
+        optimizer.state[p] = {
+            "step": torch.tensor(step),
+            "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+            "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device),
+        }
+    return state

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from roiqa.losses import symmetric_info_nce
 from roiqa.models.patchnet import PatchNet, PatchNetConfig
 
 
@@ -29,9 +29,7 @@ def patchnet_loss(
     b = len(queries)
     emb, aux = model(torch.cat([queries, images]), torch.cat([query_hw, image_hw]), soft=True)
     q, g = emb[:b], emb[b:]
-    logits = q @ g.T / tau  # (B, B)
-    target = torch.arange(b, device=logits.device)
-    nce = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    nce = symmetric_info_nce(q, g, tau)
     cost = aux["cost"].mean()
     loss = nce + lambda_cost * cost
     parts = {"loss": loss.item(), "nce": nce.item(), "cost": cost.item(), "leaves": aux["leaves"].mean().item()}

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
 from roiqa.io import uri as uri_mod
+from roiqa.losses import mask_loss
 from roiqa.stages.masks import ConfidenceEstimator
 
 
@@ -23,15 +23,6 @@ def box_mask(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
     for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
         out[max(0, round(y0)) : max(0, round(y1)), max(0, round(x0)) : max(0, round(x1))] = 1.0
     return out
-
-
-def mask_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
-    """Mean per-pixel BCE + dice_weight * (1 - soft Dice per image, averaged); logits, target (B, H, W)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    p = torch.sigmoid(logits)
-    inter = (p * target).sum(dim=(1, 2))
-    dice = (2 * inter + 1.0) / (p.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)
-    return bce + dice_weight * (1 - dice).mean()
 
 
 def manifest_samples(
