@@ -5,15 +5,17 @@ evaluation queries and ground truth, encodes the queries as the query pipeline d
 region index with `roiqa.index.faiss_index.search_images` (an image scores its best region over every coarse view,
 hubness as the index has it). The published index is the reference; every variant is built from the same regions:
 
-- `regions R`: only each image's R regions of lowest hubness h(r) (the ones least like other images' regions, the
-  ones a query can single out); the whole-image region is always kept;
+- `regions R`: each image's whole-image region and its R other regions of lowest hubness h(r) (the ones least like
+  other images' regions, the ones a query can single out): `roiqa.index.hubness.least_hub`, as
+  `index.regions_per_image` R builds it;
 - a faiss factory: `IVF...,SQ8` (the default's encoding, one byte per dimension) or product quantisation
   (`OPQm_d,IVF...,PQm`: m bytes per region after a learned rotation to d dimensions).
 
 Bytes per image are the faiss file's (codes + 8-byte ids + the quantiser) over the images, the hubness reference
 included; the embeddings Parquet (a second copy of the regions the index is rebuilt from) is reported apart.
 
-    python -m benchmarks.exp_index_size --work /tmp/scale10k --variants all:Flat,all:IVF8192,SQ8,64:IVF4096,PQ16
+    python -m benchmarks.bench_scale --distractors 10000 --work /tmp/scale10k --keep   # once, about an hour
+    python -m benchmarks.exp_index_size --work /tmp/scale10k --variants 'all:published;32:Flat;32:auto-pq'
 """
 
 from __future__ import annotations
@@ -31,22 +33,6 @@ DEFAULT_VARIANTS = (
     "all:OPQ32_128,IVF8192,PQ32;all:OPQ16_128,IVF8192,PQ16;"
     "64:IVF4096,SQ8;64:OPQ32_128,IVF4096,PQ32;64:OPQ16_128,IVF4096,PQ16;32:OPQ16_128,IVF2048,PQ16"
 )
-
-
-def keep_least_hub(keys: np.ndarray, h: np.ndarray, per_image: int) -> np.ndarray:
-    """Row mask keeping each image's `per_image` regions of lowest hubness, and always its whole-image region
-    (region number 0 in `roiqa.models.regions.region_grid`'s order)."""
-    from roiqa.models.regions import split_key
-
-    image, region = split_key(keys)
-    order = np.lexsort((h, image))  # by image, then hubness ascending
-    img_sorted = image[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(img_sorted)) + 1]
-    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    keep = np.zeros(len(keys), bool)
-    keep[order[rank < per_image]] = True
-    keep[region == 0] = True
-    return keep
 
 
 def recall_at(scores_ids: tuple[np.ndarray, np.ndarray], qids: list[str], gt: set[tuple[str, int]], k: int) -> float:
@@ -108,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             index = version.faiss()
             n_rows = int(index.ntotal)
         else:
-            mask = np.ones(len(rows), bool) if regions == "all" else keep_least_hub(keys, h, int(regions))
+            mask = hubness.least_hub(keys, h, 0 if regions == "all" else int(regions))
             n_rows = int(mask.sum())
             index = faiss_index.build_index(rows[mask], keys[mask], factory)
         build_s = time.perf_counter() - tb

@@ -102,6 +102,7 @@ def same_coarse(manifest: dict, cfg: RoiqaConfig, images: int, dim: int) -> bool
     hub = manifest.get("hubness") or {}
     per_image = manifest.get("faiss_vectors", 0) / max(1, manifest.get("counts", {}).get("indexed", 0) or 1)
     factory = faiss_index.choose_factory(cfg.index.faiss_factory, round(images * per_image), dim + int(hub_k > 0))
+    # regions_per_image applies to a region index with hubness (roiqa.index.faiss_index.build_coarse)
     return (
         manifest.get("coarse", "global") == cfg.index.coarse
         and manifest.get("faiss_factory") == factory

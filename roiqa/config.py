@@ -40,12 +40,13 @@ class IndexConfig:
     read_batch_size: int = 32  # URIs per read/decode task batch
     torch_threads: int = 0  # torch threads per model actor; 0: every core of its node (Ray pins a 0.5-CPU actor to 1)
     coarse: str = "regions"  # what faiss indexes: "regions" (every image's regional descriptors) | "global" (one each)
-    # faiss index_factory string; "auto": Flat below 100k vectors, IVF,SQ8 above; "auto-pq": Flat, or OPQ + IVF + PQ32
-    faiss_factory: str = "auto"
+    # faiss index_factory string; "auto-pq": Flat below 100k vectors, OPQ + IVF + PQ32 (32 B a region) above;
+    # "auto": Flat below, IVF,SQ8 (a byte a dimension) above
+    faiss_factory: str = "auto-pq"
     faiss_nprobe: int = 256  # IVF cells visited per query (32 of 8192 lost 0.225 coarse recall@100 on 3.1M regions)
     hubness_k: int = 10  # h(r) = mean similarity to the k nearest other images' regions (roiqa.index.hubness); 0 off
     hubness_reference: int = 20000  # regions sampled from the collection, when faiss is built whole, to measure it
-    regions_per_image: int = 0  # >0: faiss keeps the whole image and this many least-hub regions of each; 0: all
+    regions_per_image: int = 32  # faiss keeps each image's whole-image region and this many of lowest hubness; 0: all
     keep_versions: int = 3  # published versions kept by `roiqa reindex` (older ones are garbage-collected); >= 1
     lock_ttl_s: float = 21600.0  # the writer's lease on LOCK, renewed every ttl/3 while it runs; unrenewed: stale; 6 h
     allowed_prefixes: tuple[str, ...] = ()  # URIs a Parquet manifest may point into; empty: the manifest's own folder

@@ -200,8 +200,8 @@ def test_a_pruned_region_index_holds_the_least_hub_regions_and_updates_in_place(
     # another regions_per_image than the parent's: rebuilt whole
     other = faiss_index.Parent(upd.index, removed[:0], both.column(S.IMAGE_ID).to_numpy(), upd.reference, 2)
     assert faiss_index.build_coarse(both, dim, "regions", "Flat", k, 30, other, regions_per_image=3).how == "built"
-    with pytest.raises(ValueError, match="regions_per_image needs"):
-        faiss_index.build_coarse(first, dim, "regions", "Flat", 0, 30, regions_per_image=2)
+    plain = faiss_index.build_coarse(first, dim, "regions", "Flat", 0, 30, regions_per_image=2)  # no hubness: all kept
+    assert plain.regions_per_image == 0 and plain.index.ntotal == faiss_index.coarse_count(first, dim, "regions")
 
 
 def test_auto_pq_factory_is_flat_when_small_and_opq_ivf_pq32_when_large():

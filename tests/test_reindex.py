@@ -120,7 +120,7 @@ def test_reindex_embeds_only_changes_and_equals_a_full_index(ray_local, collecti
     assert v1.manifest["hubness"] == {
         "k": cfg.index.hubness_k,
         "reference": v1.manifest["faiss_vectors"],
-        "regions_per_image": 0,
+        "regions_per_image": cfg.index.regions_per_image,
     }  # < 20000
     ref_v, ref_k = hubness.reference_arrays(v2.hubness_reference(), dim)
     np.testing.assert_array_equal(ref_v, hubness.reference_arrays(v1.hubness_reference(), dim)[0])

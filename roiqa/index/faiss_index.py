@@ -13,14 +13,15 @@ AUTO_FLAT_LIMIT = 100_000  # "auto" uses exact search below this many vectors
 
 
 def choose_factory(spec: str, n: int, dim: int) -> str:
-    """Resolve "auto" to a concrete faiss factory string for n vectors of dimension dim.
+    """Resolve "auto-pq" or "auto" to a concrete faiss factory string for n vectors of dimension dim.
 
-    Flat (exact, 4*dim + 8 bytes per vector) below AUTO_FLAT_LIMIT vectors; above, an inverted file with ~4*sqrt(n)
-    cells over 8-bit scalar-quantised vectors (dim + 8 bytes per vector for the code and the id). Chosen from
-    benchmarks/bench_faiss.py on 1M 256-d vectors: IVF4096,SQ8 kept recall@100 0.986 of exact search at 268 B per
-    vector and 26x exact's batch throughput, where IVF4096,PQ32 (44.5 B) kept 0.618 and PQ64 (76.5 B) 0.787:
-    product quantisation small enough for 64 B per image loses too many true neighbours for a shortlist that the
-    reranker can only reorder.
+    Both are Flat (exact, 4*dim + 8 bytes per vector) below AUTO_FLAT_LIMIT vectors. Above, an inverted file with
+    ~4*sqrt(n) cells over: "auto-pq" (the default), 32-byte product-quantised codes after a learned rotation to a
+    multiple of 32 dimensions (40 bytes per vector with the id); "auto", 8-bit scalar-quantised vectors (dim + 8).
+    On a region index of 10,064 images (33 least-hub regions each, benchmarks/exp_index_size.py) PQ32 kept the
+    images' coarse recall@100 at 0.850 against 0.875 for SQ8 and for exact search, at 1.7 KB per image against 4.3
+    KB: images only need one of their regions found. Vector-level recall is another matter (bench_faiss.py, 1M
+    256-d vectors: PQ32 kept 0.618 of the exact top 100, SQ8 0.986).
     """
     if spec not in ("auto", "auto-pq"):
         return spec
@@ -275,13 +276,13 @@ def build_coarse(
     (same kind, same hubness, same regions kept), else built from every vector. In a region index with `hubness_k`
     > 0, every region is indexed as [r, h(r)] (roiqa.index.hubness); a build draws a new reference of
     `reference_size` regions, an update measures the new regions against the parent's. `regions_per_image` > 0
-    keeps each image's whole-image region and that many others of lowest hubness (`hubness.least_hub`)."""
+    keeps each image's whole-image region and that many others of lowest hubness (`hubness.least_hub`); without
+    hubness (a global index, or `hubness_k` 0) every vector is kept."""
     from roiqa import schema as S
     from roiqa.index import hubness
 
     hub = mode == "regions" and hubness_k > 0
-    if regions_per_image and not hub:
-        raise ValueError("index.regions_per_image needs a region index with hubness (index.hubness_k > 0)")
+    regions_per_image = regions_per_image if hub else 0
     n = coarse_count(emb, dim, mode, regions_per_image)
     factory = choose_factory(factory, n, dim + int(hub))
     width = dim + int(hub)

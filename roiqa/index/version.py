@@ -95,12 +95,8 @@ def describe_model(model_uri: str | None, cfg: RoiqaConfig) -> dict:
 def plan(images: str, index: str, cfg: RoiqaConfig, model_uri: str | None) -> Plan:
     images, index = uri_mod.normalize(images), uri_mod.normalize(index)
     faiss_index.check_coarse(cfg.index.coarse)  # before any image is embedded
-    ic = cfg.index
-    if ic.regions_per_image < 0 or (ic.regions_per_image and (ic.coarse != "regions" or ic.hubness_k < 1)):
-        raise ValueError(
-            f"index.regions_per_image {ic.regions_per_image}: must be 0 (every region) or > 0 with index.coarse "
-            f"'regions' and index.hubness_k > 0 (it keeps the regions of lowest hubness)"
-        )
+    if cfg.index.regions_per_image < 0:
+        raise ValueError(f"index.regions_per_image must be >= 0 (0: every region), got {cfg.index.regions_per_image}")
     dim = descriptor_dim(model_config(model_uri, cfg.model))  # the checkpoint's own width when one is given
     stages_on = stage_settings(cfg)
     return Plan(
@@ -155,7 +151,7 @@ def write_version(
         )
     coarse = faiss_index.build_coarse(
         emb, p.dim, mode, ic.faiss_factory, ic.hubness_k, ic.hubness_reference, parent, ic.regions_per_image
-    )
+    )  # regions_per_image applies to a region index with hubness; others keep every vector
     index, factory = coarse.index, coarse.factory
     faiss_bytes = faiss_index.save(index, store.version_uri(p.index, p.version, store.FAISS))
     checksums = {store.FAISS: store.sha256(faiss_bytes)}
