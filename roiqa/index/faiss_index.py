@@ -18,10 +18,8 @@ def choose_factory(spec: str, n: int, dim: int) -> str:
     Both are Flat (exact, 4*dim + 8 bytes per vector) below AUTO_FLAT_LIMIT vectors. Above, an inverted file with
     ~4*sqrt(n) cells over: "auto-pq" (the default), 32-byte product-quantised codes after a learned rotation to a
     multiple of 32 dimensions (40 bytes per vector with the id); "auto", 8-bit scalar-quantised vectors (dim + 8).
-    On a region index of 10,064 images (33 least-hub regions each, benchmarks/exp_index_size.py) PQ32 kept the
-    images' coarse recall@100 at 0.850 against 0.875 for SQ8 and for exact search, at 1.7 KB per image against 4.3
-    KB: images only need one of their regions found. Vector-level recall is another matter (bench_faiss.py, 1M
-    256-d vectors: PQ32 kept 0.618 of the exact top 100, SQ8 0.986).
+    PQ32 loses many of a vector's exact nearest neighbours but few of the images a region index finds, since an
+    image needs only one of its regions found (benchmarks/RESULTS.md, "What faiss keeps" and "faiss").
     """
     if spec not in ("auto", "auto-pq"):
         return spec
