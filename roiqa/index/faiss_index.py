@@ -282,8 +282,8 @@ def build_coarse(
     hub = mode == "regions" and hubness_k > 0
     regions_per_image = regions_per_image if hub else 0
     n = coarse_count(emb, dim, mode, regions_per_image)
-    factory = choose_factory(factory, n, dim + int(hub))
     width = dim + int(hub)
+    factory = choose_factory(factory, n, width)
     if (
         parent is not None
         and parent.index.d == width

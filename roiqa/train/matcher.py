@@ -307,7 +307,7 @@ class TrainStep:
 
     def __init__(self, model: Matcher, cfg: RoiqaConfig, device: torch.device | str = "cpu") -> None:
         t = cfg.train
-        self.model, self.cfg, self.device = model, cfg, torch.device(device)
+        self.cfg, self.device = cfg, torch.device(device)
         model.train()
         freeze_batchnorm(model)
         self.params = trainable_parameters(model, t.freeze)
