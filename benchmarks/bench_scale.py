@@ -74,13 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.eval import index_bytes, index_bytes_per_image
     from pipelines.index import run_index
-    from pipelines.query import index_config, load_queries, read_results, run_query
+    from pipelines.query import run_query
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig
     from roiqa.eval.baselines import run_baseline
     from roiqa.eval.demo_data import build_distractors, build_eval_collection
     from roiqa.eval.metrics import evaluate_buckets
     from roiqa.index import store
+    from roiqa.io.queries import load_queries
+    from roiqa.results.output import read_results
+    from roiqa.results.ranking import index_config
     from roiqa.stages.rerank import load_patch
     from roiqa.weights import resolve_model
 

@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results", help="folder for exp_index_size.json / .md")
     args = p.parse_args(argv)
 
-    from pipelines.query import load_queries
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig
     from roiqa.index import faiss_index, hubness, store
+    from roiqa.io.queries import load_queries
     from roiqa.models.regions import split_key
     from roiqa.stages.rerank import QueryEncoder, coarse_views
     from roiqa.weights import resolve_model

@@ -68,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipelines.index import run_index
-    from pipelines.query import read_results, run_query
+    from pipelines.query import run_query
     from roiqa import schema as S
     from roiqa.config import RoiqaConfig, replace_section
     from roiqa.eval.demo_data import build_eval_collection
     from roiqa.eval.metrics import MAP, evaluate
     from roiqa.index import store
+    from roiqa.results.output import read_results
     from roiqa.weights import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         from pipelines.index import run_index
-        from pipelines.query import read_results, run_query
+        from pipelines.query import run_query
         from roiqa.eval.demo_data import build_demo_collection
         from roiqa.eval.metrics import MAP, N_QUERIES, evaluate, positives_found_key, recall_key
         from roiqa.index import store
+        from roiqa.results.output import read_results
         from roiqa.weights import resolve_model
 
         out = os.path.abspath(args.out)

@@ -162,13 +162,16 @@ def run_full(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
     from pipelines.index import run_index
-    from pipelines.query import index_config, load_queries, read_results, run_query
+    from pipelines.query import run_query
     from roiqa import schema as S
     from roiqa.eval.baselines import METHODS, run_baseline
     from roiqa.eval.demo_data import build_eval_collection
     from roiqa.eval.metrics import evaluate_buckets, pr_curve_points
     from roiqa.eval.report import INDEX_BYTES_PER_IMAGE, LATENCY, heatmap_gallery_png, markdown_table, pr_curves_png
     from roiqa.index import store
+    from roiqa.io.queries import load_queries
+    from roiqa.results.output import read_results
+    from roiqa.results.ranking import index_config
     from roiqa.stages.rerank import load_patch
     from roiqa.weights import resolve_model
 

@@ -1,26 +1,35 @@
-"""Query pipeline: queries -> descriptors (actors) -> faiss top-K -> Reranker actors -> results Parquet + overlays."""
+"""Query pipeline: queries -> descriptors (actors) -> faiss top-K -> geometric check and Reranker actors -> results
+Parquet, errors, overlays and report.html, published as one run."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import ray
 
 from pipelines.runtime import actor_pool, actor_resources, init_ray, pool_size, table_dataset
+from roiqa import errors as row_errors
 from roiqa import schema as S
-from roiqa.config import ModelConfig, PreprocessConfig, RoiqaConfig, from_dict, to_dict
-from roiqa.index import faiss_index, hubness, store
+from roiqa.config import RoiqaConfig, to_dict
+from roiqa.index import store
 from roiqa.io import uri as uri_mod
-from roiqa.io.sources import errors_table, parse_error
+from roiqa.io.queries import QueryMap, load_queries, query_map
 from roiqa.progress import Progress
 from roiqa.results import html as report
 from roiqa.results import output as query_output
+from roiqa.results.ranking import (
+    Coarse,
+    coarse_search,
+    index_config,
+    is_region_index,
+    query_errors,
+    rank_results,
+    split_failed,
+    with_uris,
+)
 from roiqa.stages.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
 
 
@@ -39,99 +48,68 @@ class QueryReport:
     report: str | None = None  # the run's report.html (None with query.report off)
 
 
-def load_queries(queries: str, allowed_prefixes: tuple[str, ...] = ()) -> pa.Table:
-    """Queries as QUERIES_SCHEMA: a Parquet file of query_id, uri[, box] or a folder of crops (id = file stem).
-
-    Every query image must lie inside `allowed_prefixes` (default: the Parquet's folder, or the folder of crops),
-    symbolic links resolved; one outside refuses the queries, as `index.allowed_prefixes` does for manifests."""
-    if queries.lower().endswith(".parquet"):
-        table = store.read_table(queries)
-        table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
-        base = uri_mod.normalize(queries).rsplit("/", 1)[0]
-        uris = [
-            uri_mod.normalize(u if ("://" in u or u.startswith("/")) else uri_mod.join(base, u))
-            for u in table.column(S.URI).to_pylist()
-        ]
-        table = table.set_column(table.schema.get_field_index(S.URI), S.URI, pa.array(uris, pa.string()))
-    else:
-        files = uri_mod.list_files(queries, uri_mod.IMAGE_EXTENSIONS)
-        if not files:
-            raise ValueError(f"{queries}: no query images found")
-        ids = [f.rsplit("/", 1)[-1].rsplit(".", 1)[0] for f in files]
-        table = pa.table({S.QUERY_ID: ids, S.URI: files})
-        table = S.check_columns(table, S.QUERIES_SCHEMA, queries)
-    folder = uri_mod.normalize(queries)
-    if queries.lower().endswith(".parquet"):
-        folder = folder.rsplit("/", 1)[0]
-    allowed = tuple(allowed_prefixes) or (folder,)
-    for qid, u in zip(table.column(S.QUERY_ID).to_pylist(), table.column(S.URI).to_pylist()):
-        if not any(uri_mod.inside(u, p) for p in allowed):
-            raise ValueError(
-                f"{queries}: query {qid!r} points outside the allowed prefixes {list(allowed)}: {u!r}; refusing the "
-                "queries (query.allowed_prefixes lists where query images may be read from)"
-            )
-    ids = pd.Series(table.column(S.QUERY_ID).to_pylist())
-    if ids.duplicated().any():
-        repeated = sorted(set(ids[ids.duplicated()]))[:5]
-        raise ValueError(f"{queries}: query_id values must be unique; repeated: {repeated}")
-    return table
-
-
-def query_map(qtable: pa.Table) -> dict[str, tuple[str, list[float] | None]]:
-    """{query_id: (uri, box or None)} for the rerank actors."""
-    boxes = [qtable.column(c).to_pylist() for c in S.BOX]
-    out = {}
-    for i, (q, u) in enumerate(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist())):
-        b = [col[i] for col in boxes]
-        out[q] = (u, None if all(v is None or v != v for v in b) else b)  # no box: the whole image
-    return out
-
-
-def index_config(version: store.IndexVersion, cfg: RoiqaConfig) -> RoiqaConfig:
-    """The user's settings with the model and preprocessing the index was built with."""
-    conf = version.manifest["config"]
-    return dataclasses.replace(
-        cfg,
-        model=from_dict(ModelConfig, conf["model"], "manifest.config.model"),
-        preprocess=from_dict(PreprocessConfig, conf["preprocess"], "manifest.config.preprocess"),
+def encode_stage(qtable: pa.Table, cfg: RoiqaConfig, model_uri: str | None, regions: bool, res: dict) -> pa.Table:
+    """The query descriptors (one actor: queries are few), with their error columns."""
+    qc = cfg.query
+    qds = table_dataset(qtable).map_batches(
+        QueryEncoder,
+        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "threads": qc.torch_threads, "regions": regions},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=32,
+        batch_format="numpy",
+        **res,
     )
+    return pa.concat_tables(ray.get(qds.to_arrow_refs()))
 
 
-def shortlist(
-    scores: np.ndarray,
-    ids: np.ndarray,
-    query_ids: list[str],
-    rerank: int,
-    start: int = 0,
-    extra: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
-) -> pa.Table:
-    """Candidate images grouped by image: {image_id, query_ids, coarse_scores}: each query's coarse ranks
-    [start, rerank), plus the (query_id, image_id) pairs of `extra` wherever they rank."""
-    by_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
-    for qid, srow, irow in zip(query_ids, scores, ids):
-        for rank, (s, i) in enumerate(zip(srow, irow)):
-            if i >= 0 and (start <= rank < rerank or (qid, int(i)) in extra):
-                by_image[int(i)][0].append(qid)
-                by_image[int(i)][1].append(float(s))
-    keys = sorted(by_image)
-    return pa.table(
-        {
-            S.IMAGE_ID: pa.array(keys, pa.int64()),
-            S.QUERY_IDS: pa.array([by_image[k][0] for k in keys], pa.list_(pa.string())),
-            S.COARSE_SCORES: pa.array([by_image[k][1] for k in keys], pa.list_(pa.float32())),
-        }
+def geometry_stage(
+    coarse: Coarse, uris: dict[int, str], qmap: QueryMap, cfg: RoiqaConfig, res: dict
+) -> tuple[set[tuple[str, int]], pd.DataFrame]:
+    """The geometric check of the coarse shortlist past the rerank budget: ((query_id, image_id) pairs verified,
+    which join the rerank; failed pairs)."""
+    gc, qc = cfg.geometry, cfg.query
+    failed = pd.DataFrame(columns=[S.QUERY_ID, S.IMAGE_ID, *row_errors.COLUMNS])
+    past = coarse.shortlist(min(gc.shortlist, qc.top_k), start=qc.rerank) if gc.enabled else None
+    if past is None or not past.num_rows:
+        return set(), failed
+    gds = table_dataset(with_uris(past, uris), 4 * max(qc.actors, qc.max_actors))
+    gds = gds.map_batches(
+        GeometryCheck,
+        fn_constructor_kwargs={"cfg": cfg, "queries": qmap},
+        compute=actor_pool(qc.actors, qc.max_actors),
+        batch_size=16,
+        batch_format="numpy",
+        **res,
     )
+    checked = pa.concat_tables(ray.get(gds.to_arrow_refs())).to_pandas()
+    ok_rows = checked[checked[S.INLIERS] >= gc.min_inliers]
+    return set(zip(ok_rows[S.QUERY_ID], ok_rows[S.IMAGE_ID].astype(int))), split_failed(checked)[1]
 
 
-def rank_results(reranked: pd.DataFrame, coarse: pd.DataFrame) -> pd.DataFrame:
-    """Final ranking per query: reranked images by score, then the rest of the coarse top-K by coarse score."""
-    rest = coarse.merge(reranked[[S.QUERY_ID, S.IMAGE_ID]], on=[S.QUERY_ID, S.IMAGE_ID], how="left", indicator=True)
-    rest = rest[rest["_merge"] == "left_only"].drop(columns="_merge")
-    reranked = reranked.assign(_tier=0, _key=-reranked[S.SCORE].fillna(-np.inf))
-    rest = rest.assign(_tier=1, _key=-rest[S.COARSE_SCORE])
-    both = pd.concat([reranked, rest], ignore_index=True).sort_values([S.QUERY_ID, "_tier", "_key", S.IMAGE_ID])
-    both[S.RANK] = both.groupby(S.QUERY_ID).cumcount().astype(np.int32) + 1
-    return both.drop(columns=["_tier", "_key"])
+def rerank_stage(
+    cand: pa.Table, qmap: QueryMap, cfg: RoiqaConfig, model_uri: str | None, overlays: str | None, res: dict
+) -> pd.DataFrame:
+    """One row per (query, candidate image) from the Reranker actors, with their error columns."""
+    qc = cfg.query
+    rds = table_dataset(cand, 4 * max(qc.actors, qc.max_actors))
+    rds = rds.map_batches(
+        Reranker,
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "queries": qmap,
+            "model_uri": model_uri,
+            "overlay_dir": overlays,
+            "threads": qc.torch_threads,
+        },
+        compute=actor_pool(qc.actors, qc.max_actors),
+        batch_size=qc.batch_size,
+        batch_format="numpy",
+        **res,
+    )
+    reranked = pa.concat_tables(ray.get(rds.to_arrow_refs())).to_pandas()
+    for c in (S.REFINE_STEPS, S.INLIERS):  # -1: not refined / not verified
+        reranked[c] = reranked[c].where(reranked[c] >= 0)
+    return reranked
 
 
 def report_stage(
@@ -176,6 +154,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     qtable = load_queries(queries, qc.allowed_prefixes)
     if qtable.num_rows == 0:
         raise ValueError(f"{queries}: no queries")
+    qmap = query_map(qtable)
     out = uri_mod.normalize(out)
     run = query_output.new_run(out)
     init_ray(progress_bars=progress.enabled)
@@ -184,120 +163,42 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     progress.say(f"read {qtable.num_rows:,} queries; index version {version.version}")
 
     # coarse: query descriptors on actors, then faiss in the driver (the index is one file)
-    regions = version.manifest.get("coarse", "global") == "regions"  # versions before region indexes: global
-    qds = table_dataset(qtable).map_batches(
-        QueryEncoder,
-        fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri, "threads": qc.torch_threads, "regions": regions},
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_size=32,
-        batch_format="numpy",
-        **res,
-    )
-    enc = pa.concat_tables(ray.get(qds.to_arrow_refs()))
-    qids = enc.column(S.QUERY_ID).to_pylist()
-    qerr = [str(e) for e in enc.column(S.ERROR).to_pylist()]
-    good = [i for i, e in enumerate(qerr) if not e]
+    encoded = encode_stage(qtable, cfg, model_uri, is_region_index(version), res)
     tc = time.perf_counter()
-    progress.done(f"encoded {len(good):,} queries ({len(qerr) - len(good):,} errors)", tc - te, len(qerr), "queries")
+    n_bad = int(row_errors.failed(encoded.select(row_errors.COLUMNS).to_pydict()).sum())
+    n = encoded.num_rows
+    progress.done(f"encoded {n - n_bad:,} queries ({n_bad:,} errors)", tc - te, n, "queries")
     uris = store.image_uris(version)
-    column = S.COARSE_QUERY if regions else S.EMBEDDING
-    emb = np.stack(enc.column(column).to_numpy(zero_copy_only=False))
-    if regions:
-        emb = emb.reshape(len(emb), len(coarse_views(qc)), -1)  # (Q, S, D)
-        if version.manifest.get("hubness"):  # regions indexed as [r, h(r)]: score <q, r> - weight * h(r)
-            emb = hubness.augment_queries(emb, qc.hubness)
-    image_ids = np.fromiter(uris, np.int64, len(uris)) if regions else None
-    scores, ids = (
-        faiss_index.search_images(
-            version.faiss(), emb[good], qc.top_k, cfg.index.faiss_nprobe, image_ids, qc.coarse_regions
-        )
-        if good
-        else ([], [])
-    )
-    good_ids = [qids[i] for i in good]
-    coarse = pd.DataFrame(
-        [
-            (q, int(i), uris[int(i)], float(s))
-            for q, srow, irow in zip(good_ids, scores, ids)
-            for s, i in zip(srow, irow)
-            if i >= 0
-        ],
-        columns=[S.QUERY_ID, S.IMAGE_ID, S.URI, S.COARSE_SCORE],
-    )
+    coarse = coarse_search(version, encoded, cfg, len(coarse_views(qc)))
     t1 = time.perf_counter()
-    searched = f"top {qc.top_k} of {len(uris):,} images for {len(good):,} queries"
-    progress.done(f"coarse search: {searched}, {len(coarse):,} candidates", t1 - tc)
+    searched = f"top {qc.top_k} of {len(uris):,} images for {len(coarse.query_ids):,} queries"
+    progress.done(f"coarse search: {searched}, {len(coarse.frame):,} candidates", t1 - tc)
 
     # geometric verification of the coarse shortlist past the rerank budget: verified images join the rerank
-    gc = cfg.geometry
-    qmap = query_map(qtable)
-    most = max(qc.actors, qc.max_actors)  # the rerank pools' largest size: blocks enough to keep them busy
-    verified: set[tuple[str, int]] = set()
-    geo_errors = pd.DataFrame(columns=[S.QUERY_ID, S.IMAGE_ID, S.ERROR])
-    n_geo = min(gc.shortlist, qc.top_k) if gc.enabled else 0
-    past = shortlist(np.asarray(scores), np.asarray(ids), good_ids, n_geo, start=qc.rerank) if good else None
-    if past is not None and past.num_rows:
-        past = past.append_column(S.URI, pa.array([uris[i] for i in past.column(S.IMAGE_ID).to_pylist()]))
-        gds = table_dataset(past, 4 * most)
-        gds = gds.map_batches(
-            GeometryCheck,
-            fn_constructor_kwargs={"cfg": cfg, "queries": qmap},
-            compute=actor_pool(qc.actors, qc.max_actors),
-            batch_size=16,
-            batch_format="numpy",
-            **res,
-        )
-        checked = pa.concat_tables(ray.get(gds.to_arrow_refs())).to_pandas()
-        ok_rows = checked[checked[S.INLIERS] >= gc.min_inliers]
-        verified = set(zip(ok_rows[S.QUERY_ID], ok_rows[S.IMAGE_ID].astype(int)))
-        geo_errors = checked[checked[S.ERROR].astype(str) != ""]
-        n = len(checked)
-        progress.done(
-            f"geometric check of {n:,} pairs ({len(verified):,} verified)", time.perf_counter() - t1, n, "pairs"
-        )
+    verified, geo_failed = geometry_stage(coarse, uris, qmap, cfg, res)
+    if cfg.geometry.enabled:
+        progress.done(f"geometric check ({len(verified):,} pairs verified)", time.perf_counter() - t1)
 
     # rerank: one row per candidate image, with every query that shortlisted it
-    cand = shortlist(np.asarray(scores), np.asarray(ids), good_ids, qc.rerank, extra=verified) if good else None
-    reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + [S.ERROR])
+    cand = coarse.shortlist(qc.rerank, extra=verified)
+    reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + list(row_errors.COLUMNS))
     if cand is not None and cand.num_rows:
         tr = time.perf_counter()
         pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
         progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {pool_size(qc.actors, qc.max_actors)})")
-        cand = cand.append_column(S.URI, pa.array([uris[i] for i in cand.column(S.IMAGE_ID).to_pylist()]))
-        rds = table_dataset(cand, 4 * most)
-        rds = rds.map_batches(
-            Reranker,
-            fn_constructor_kwargs={
-                "cfg": cfg,
-                "queries": qmap,
-                "model_uri": model_uri,
-                "overlay_dir": run.uri(query_output.HEATMAPS) if qc.overlays else None,
-                "threads": qc.torch_threads,
-            },
-            compute=actor_pool(qc.actors, qc.max_actors),
-            batch_size=qc.batch_size,
-            batch_format="numpy",
-            **res,
-        )
-        reranked = pa.concat_tables(ray.get(rds.to_arrow_refs())).to_pandas()
-        for c in (S.REFINE_STEPS, S.INLIERS):  # -1: not refined / not verified
-            reranked[c] = reranked[c].where(reranked[c] >= 0)
+        overlays = run.uri(query_output.HEATMAPS) if qc.overlays else None
+        reranked = rerank_stage(with_uris(cand, uris), qmap, cfg, model_uri, overlays, res)
         progress.done(f"reranked {pairs:,} pairs", time.perf_counter() - tr, pairs, "pairs")
     t2 = time.perf_counter()
 
-    rerr = reranked[reranked[S.ERROR].astype(str) != ""] if len(reranked) else reranked
-    ok = reranked[reranked[S.ERROR].astype(str) == ""].drop(columns=[S.ERROR]) if len(reranked) else reranked
-    results = rank_results(ok.drop(columns=[S.ERROR], errors="ignore"), coarse)
+    ok, rerank_failed = split_failed(reranked)
+    results = rank_results(ok, coarse.frame)
     tp = time.perf_counter()
     results, thumbs = report_stage(results, qmap, run, cfg)
     shown = len(report.shown_queries(list(qmap), qc.report_queries)) if qc.report else 0
     progress.done(f"named overlays by rank, drew the report's thumbnails ({shown:,} queries)", time.perf_counter() - tp)
     table = S.check_columns(pa.Table.from_pandas(results, preserve_index=False), S.RESULTS_SCHEMA, "results")
-    query_uri = dict(zip(qtable.column(S.QUERY_ID).to_pylist(), qtable.column(S.URI).to_pylist()))
-    err_rows = [(query_uri[q], *parse_error(e), q) for q, e in zip(qids, qerr) if e]
-    err_rows += [(r[S.URI], *parse_error(r[S.ERROR]), r[S.QUERY_ID]) for _, r in rerr.iterrows()]
-    err_rows += [(uris[int(r[S.IMAGE_ID])], *parse_error(r[S.ERROR]), r[S.QUERY_ID]) for _, r in geo_errors.iterrows()]
-    errors = errors_table(err_rows, S.QUERY_ERRORS_SCHEMA)
+    errors = query_errors(qmap, encoded, rerank_failed, geo_failed, uris)
     summary = {
         "index": version.root,
         "version": version.version,
@@ -338,8 +239,3 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
         run.folder,
         run.uri(query_output.REPORT) if qc.report else None,
     )
-
-
-def read_results(out: str) -> pd.DataFrame:
-    """The results table of the query run published at `out` as a DataFrame."""
-    return query_output.open_results(out).results().to_pandas()

@@ -26,7 +26,6 @@ from roiqa.index import faiss_index, store
 from roiqa.index.version import Carried, Plan, listed, plan, record_failure, run_row, write_version
 from roiqa.io import uri as uri_mod
 from roiqa.io.listing import listing_made
-from roiqa.io.sources import parse_error
 from roiqa.progress import Progress
 
 # Config sections whose change makes every stored embedding stale.
@@ -136,7 +135,7 @@ def carry(p: Plan, cfg: RoiqaConfig, d: dict[str, list[str]], info: dict) -> Car
 def _listing_errors_unchanged(p: Plan) -> bool:
     parent_errors = store.open_index(p.index, p.parent).errors().to_pylist()
     old = sorted((r[S.URI], r[S.REASON]) for r in parent_errors if listing_made(r[S.REASON], r[S.MESSAGE]))
-    return old == sorted((u, parse_error(e)[1]) for u, e in p.listing.errors)
+    return old == sorted((u, e.reason) for u, e in p.listing.errors)
 
 
 def run_reindex(

@@ -55,7 +55,10 @@ def mask_columns(profile: str) -> tuple[str, str, str]:
 
 # transient columns inside the pipelines (never written to the published tables)
 BYTES = "bytes"  # binary, encoded image
-ERROR = "error"  # string, empty when the row is good: "<stage>:<reason>:<message>"
+# a row's failure (roiqa.errors.RowError), one string column per field, each empty when the row is good
+ERROR_STAGE = "error_stage"
+ERROR_REASON = "error_reason"
+ERROR_MESSAGE = "error_message"
 IMAGE = "image"  # (S, S, 3) uint8, resized and zero-padded
 VALID_HW = "valid_hw"  # (2,) int32, the resized image's size inside the padded square
 SCALE = "scale"  # float32, resized pixels per original pixel

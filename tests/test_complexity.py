@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.config import ComplexityConfig
 from roiqa.eval.demo_data import load_photo
@@ -212,7 +213,7 @@ def test_png_decodes_to_the_requested_size_and_values():
 
 def _batch(size: int = 128) -> dict[str, np.ndarray]:
     images, hw = _prepared(["astronaut", "coffee", "rocket", "moon"], size)
-    errors = np.array(["", "decode:corrupt:bad bytes", "", ""], dtype=object)
+    errors = row_errors.columns([None, row_errors.RowError("decode", "corrupt", "bad bytes"), None, None])
     hw = hw.numpy().astype(np.int32)
     hw[3] = (0, 0)  # a good row whose valid size is broken: it must fail alone
     return {
@@ -220,7 +221,7 @@ def _batch(size: int = 128) -> dict[str, np.ndarray]:
         S.IMAGE: images.numpy(),
         S.VALID_HW: hw,
         S.SCALE: np.ones(4, np.float32),
-        S.ERROR: errors,
+        **errors,
     }
 
 
@@ -232,10 +233,11 @@ def test_stage_keeps_columns_and_marks_error_rows(tmp_path):
     cfg = ComplexityConfig(enabled=True, map_size=32, model=uri)
     out = ComplexityStage(cfg, device="cpu")(dict(batch))
     for k, v in batch.items():
-        if k != S.ERROR:
+        if k not in row_errors.COLUMNS:
             assert out[k] is v  # every input column passes through (the next stage needs IMAGE)
-    assert list(out[S.ERROR][:3]) == ["", "decode:corrupt:bad bytes", ""]
-    assert out[S.ERROR][3].startswith("complexity:failed:")
+    errs = row_errors.read(out)
+    assert errs[:3] == [None, row_errors.RowError("decode", "corrupt", "bad bytes"), None]
+    assert (errs[3].stage, errs[3].reason) == ("complexity", "failed")
     for col in (S.COMPLEXITY_MEAN, S.COMPLEXITY_STD, S.COMPLEXITY_P90):
         assert out[col].dtype == np.float32 and out[col].shape == (4,)
         assert np.isfinite(out[col][[0, 2]]).all() and np.isnan(out[col][[1, 3]]).all()
@@ -260,7 +262,7 @@ def test_stage_keeps_columns_and_marks_error_rows(tmp_path):
 
 def test_stage_without_model_has_no_embedding_column():
     out = ComplexityStage(ComplexityConfig(enabled=True), device="cpu")(_batch())
-    assert S.PATCH_EMBEDDING not in out and len(out[S.ERROR]) == 4
+    assert S.PATCH_EMBEDDING not in out and len(out[S.ERROR_STAGE]) == 4
 
 
 # --- the patch network -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.config import (
     IndexConfig,
@@ -26,7 +27,7 @@ from roiqa.config import (
 )
 from roiqa.index import faiss_index as fi
 from roiqa.io import uri
-from roiqa.io.sources import expand_tar, parse_error, read_files, safe_member_name
+from roiqa.io.sources import expand_tar, read_files, safe_member_name
 
 # --- faiss ----------------------------------------------------------------------------------------------------
 
@@ -423,9 +424,9 @@ def test_expand_tar_good_evil_and_non_image(tmp_path) -> None:
     assert out[S.URI].tolist() == [f"{shard}#k1/img.jpg", f"{shard}#../evil.jpg", f"{shard}#k2.png"]
     assert out[S.BYTES][0] == good1 and out[S.BYTES][2] == good2
     assert out[S.BYTES][1] == b""
-    assert out[S.ERROR][0] == "" and out[S.ERROR][2] == ""
-    assert out[S.ERROR][1].startswith("read:unsafe_member:")
-    assert parse_error(out[S.ERROR][1])[:2] == ("read", "unsafe_member")
+    errs = row_errors.read(out)
+    assert errs[0] is None and errs[2] is None
+    assert (errs[1].stage, errs[1].reason) == ("read", "unsafe_member") and "refused" in errs[1].message
 
 
 def test_expand_tar_truncated_shard(tmp_path) -> None:
@@ -440,8 +441,9 @@ def test_expand_tar_truncated_shard(tmp_path) -> None:
         f.write(data[:cut])
     out = expand_tar(_batch(shard))
     assert out[S.URI].tolist() == [f"{shard}#a.jpg", shard]
-    assert out[S.BYTES][0] == first and out[S.ERROR][0] == ""
-    assert out[S.ERROR][1].startswith("read:corrupt_tar:")
+    errs = row_errors.read(out)
+    assert out[S.BYTES][0] == first and errs[0] is None
+    assert (errs[1].stage, errs[1].reason) == ("read", "corrupt_tar")
 
 
 def test_expand_tar_missing_and_not_a_tar(tmp_path) -> None:
@@ -450,8 +452,7 @@ def test_expand_tar_missing_and_not_a_tar(tmp_path) -> None:
     missing = str(tmp_path / "missing.tar")
     out = expand_tar(_batch(missing, str(junk)))
     assert out[S.URI].tolist() == [missing, str(junk)]
-    assert out[S.ERROR][0].startswith("read:read_failed:")
-    assert out[S.ERROR][1].startswith("read:corrupt_tar:")
+    assert [(e.stage, e.reason) for e in row_errors.read(out)] == [("read", "read_failed"), ("read", "corrupt_tar")]
 
 
 def test_read_files(tmp_path) -> None:
@@ -460,6 +461,7 @@ def test_read_files(tmp_path) -> None:
     missing = str(tmp_path / "nope.jpg")
     out = read_files(_batch(str(good), missing))
     assert out[S.URI].tolist() == [str(good), missing]
-    assert out[S.BYTES][0] == b"\xff\xd8abc" and out[S.ERROR][0] == ""
+    errs = row_errors.read(out)
+    assert out[S.BYTES][0] == b"\xff\xd8abc" and errs[0] is None
     assert out[S.BYTES][1] == b""
-    assert out[S.ERROR][1].startswith("read:not_found:")
+    assert (errs[1].stage, errs[1].reason) == ("read", "not_found")

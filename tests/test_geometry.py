@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.boxes import box_iou
 from roiqa.config import GeometryConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
@@ -116,7 +117,7 @@ def test_rerank_takes_the_homography_box_and_bonus(tmp_path):
     queries = {"face": (str(paths["q"]), None)}
     on = Reranker(CFG, queries)(batch)
     off = Reranker(dataclasses.replace(CFG, geometry=GeometryConfig(enabled=False)), queries)(batch)
-    assert list(on[S.ERROR]) == ["", ""]
+    assert row_errors.read(on) == [None, None]
     gc = CFG.geometry
     hit_box = np.array([on[c][0] for c in S.BOX])
     assert on[S.INLIERS][0] >= 15 and box_iou(hit_box, truth)[0, 0] >= 0.85
@@ -154,5 +155,6 @@ def test_geometry_check_rows(tmp_path):
     face, hit = geometry.sift_features(FACE), geometry.sift_features(image)  # 512 px: the rerank's own size
     assert out[S.INLIERS][0] == geometry.match(face, hit).inliers >= 15
     assert out[S.INLIERS][1] < CFG.geometry.min_inliers and out[S.INLIERS][2] < CFG.geometry.min_inliers
-    assert out[S.INLIERS][3] == -1 and out[S.ERROR][3].startswith("geometry:image_unreadable")
-    assert list(out[S.ERROR][:3]) == ["", "", ""]
+    errs = row_errors.read(out)
+    assert out[S.INLIERS][3] == -1 and (errs[3].stage, errs[3].reason) == ("geometry", "image_unreadable")
+    assert errs[:3] == [None, None, None]

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.config import MaskConfig, ModelConfig, TrainConfig
 from roiqa.io.imageio import encode_png
@@ -253,13 +254,13 @@ def batch_of(n: int = 3, size: int = 64, error_row: int | None = None) -> dict[s
     valid = np.array([[size, size - 16 * (i % 2)] for i in range(n)], np.int32)
     for i, (h, w) in enumerate(valid):
         images[i, h:], images[i, :, w:] = 0, 0
-    errors = ["" if i != error_row else "decode:corrupt:boom" for i in range(n)]
+    errors = [None if i != error_row else row_errors.RowError("decode", "corrupt", "boom") for i in range(n)]
     return {
         S.URI: object_array([f"img{i}.png" for i in range(n)]),
         S.IMAGE: images,
         S.VALID_HW: valid,
         S.SCALE: np.ones(n, np.float32),
-        S.ERROR: object_array(errors),
+        **row_errors.columns(errors),
     }
 
 
@@ -270,7 +271,7 @@ def embedder_off():
 
 def test_embedder_masks_off_unchanged(embedder_off):
     batch = batch_of()
-    ref_keys = {S.URI, S.ERROR, S.EMBEDDING, S.REGIONS_Q8}
+    ref_keys = {S.URI, *row_errors.COLUMNS, S.EMBEDDING, S.REGIONS_Q8}
     out = embedder_off(dict(batch))
     assert set(out) == ref_keys
     np.testing.assert_array_equal(out[S.EMBEDDING], embedder_off.embed(batch[S.IMAGE], batch[S.VALID_HW]))
@@ -286,7 +287,8 @@ def test_embedder_mask_columns(tmp_path, embedder_off):
     batch = batch_of()
     out = e(dict(batch))
     cov_c, thr_c, rle_c = S.mask_columns("test-profile")
-    assert set(out) == {S.URI, S.ERROR, S.EMBEDDING, S.REGIONS_Q8, cov_c, thr_c, rle_c, S.MASK_PROBE, S.ACTOR, S.BATCH}
+    extra = {cov_c, thr_c, rle_c, S.MASK_PROBE, S.ACTOR, S.BATCH}
+    assert set(out) == {S.URI, *row_errors.COLUMNS, S.EMBEDDING, S.REGIONS_Q8, *extra}
     assert out[cov_c].dtype == np.float32 and out[thr_c].dtype == np.float32 and out[rle_c].dtype == object
     np.testing.assert_array_equal(out[S.EMBEDDING], embedder_off(dict(batch))[S.EMBEDDING])  # apply is off
     assert np.isnan(out[S.MASK_PROBE]).all() and (out[thr_c] == np.float32(0.12)).all()
@@ -325,7 +327,8 @@ def test_embedder_error_row_passes_through(tmp_path):
     e = Embedder(MODEL, device="cpu", masks=MaskConfig(enabled=True, profiles=(uri,), apply=True))
     out = e(dict(batch_of(error_row=1)))
     cov_c, thr_c, rle_c = S.mask_columns("test-profile")
-    assert out[S.ERROR][1] == "decode:corrupt:boom" and not out[S.EMBEDDING][1].any()
+    assert row_errors.read(out)[1] == row_errors.RowError("decode", "corrupt", "boom")
+    assert not out[S.EMBEDDING][1].any()
     assert np.isnan(out[cov_c][1]) and np.isnan(out[thr_c][1]) and out[rle_c][1] == ""
     assert np.isfinite(out[cov_c][[0, 2]]).all() and all(out[rle_c][[0, 2]])
     assert np.isfinite(out[S.MASK_PROBE]).all()  # the batch's probe is reported on every row

@@ -14,14 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.index import run_index
-from pipelines.query import read_results, run_query
+from pipelines.query import run_query
 from roiqa import schema as S
 from roiqa.eval.metrics import evaluate
 from roiqa.index import faiss_index, store
 from roiqa.io.ids import image_id
 from roiqa.io.imageio import encode_png
 from roiqa.io.sources import read_files
-from roiqa.results.output import open_results
+from roiqa.results.output import open_results, read_results
 from roiqa.stages.embed import Decoder, Embedder
 from roiqa.stages.rerank import Reranker
 

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.query import load_queries, query_map, rank_results, shortlist
 from roiqa import schema as S
+from roiqa.io.queries import load_queries, query_map
+from roiqa.results.ranking import rank_results, shortlist
 
 
 def test_rank_results_reranked_first_by_score_then_coarse_order():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import skimage.data
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.boxes import box_iou
 from roiqa.config import GeometryConfig, ModelConfig, PreprocessConfig, QueryConfig, RoiqaConfig, VerifyConfig
@@ -58,7 +59,7 @@ def rerank(cfg: RoiqaConfig, paths: dict, images: list[str]) -> dict:
 def test_pasted_query_is_found_and_outscores_a_distractor(scene):
     paths, truth = scene
     out = rerank(CFG, paths, [paths["hit.png"], paths["miss.jpg"]])
-    assert list(out[S.ERROR]) == ["", ""]
+    assert row_errors.read(out) == [None, None]
     box = np.array([out[c][0] for c in S.BOX])
     assert box_iou(box, truth)[0, 0] >= 0.7
     assert out[S.SCORE][0] > out[S.SCORE][1] + 0.05  # measured 0.185 vs 0.111 with the untrained seed-0 model
@@ -110,7 +111,8 @@ def test_bad_settings_and_inputs(scene, tmp_path):
             assert info.value.reason == "bad_box"
     gone = str(tmp_path / "gone.jpg")
     out = rerank(CFG, paths, [gone])
-    assert out[S.ERROR][0].startswith("rerank:image_unreadable") and np.isnan(out[S.SCORE][0])
+    err = row_errors.read(out)[0]
+    assert (err.stage, err.reason) == ("rerank", "image_unreadable") and np.isnan(out[S.SCORE][0])
 
 
 def test_refinement_grows_a_box_found_at_the_wrong_scale(tmp_path):
@@ -140,7 +142,7 @@ def test_refinement_grows_a_box_found_at_the_wrong_scale(tmp_path):
             S.COARSE_SCORES: [[0.0]],
         }
         out = rr(batch)
-        assert list(out[S.ERROR]) == [""]
+        assert row_errors.read(out) == [None]
         boxes[name] = np.array([out[c][0] for c in S.BOX])
         steps = int(out[S.REFINE_STEPS][0])
         assert (steps >= 1) if name == "on" else (steps == -1)

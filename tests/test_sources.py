@@ -12,12 +12,13 @@ import pytest
 from PIL import Image
 
 from pipelines.reindex import _listing_made, _rows_of
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.config import IndexConfig
 from roiqa.index.tables import split_duplicates
 from roiqa.io import uri as uri_mod
 from roiqa.io.listing import list_images
-from roiqa.io.sources import expand_tar, parse_error, read_files
+from roiqa.io.sources import expand_tar, read_files
 
 LIMIT = IndexConfig().max_image_bytes
 
@@ -59,7 +60,7 @@ def write_tar(path, *members: bytes) -> str:
 
 def rows(out: dict) -> list[tuple[str, int, str]]:
     """(uri, bytes read, reason) of each output row."""
-    return [(u, len(b), parse_error(e)[1] if e else "") for u, b, e in zip(out[S.URI], out[S.BYTES], out[S.ERROR])]
+    return [(u, len(b), e.reason if e else "") for u, b, e in zip(out[S.URI], out[S.BYTES], row_errors.read(out))]
 
 
 def batch(*uris: str) -> dict[str, np.ndarray]:
@@ -76,7 +77,7 @@ def test_a_member_name_twice_gives_a_row_for_the_earlier_copy_and_the_last_is_re
     assert rows(out) == [(f"{shard}#a.png", 0, "duplicate_uri"), (f"{shard}#b.png", len(green), "")] + [
         (f"{shard}#a.png", len(blue), "")
     ]
-    assert "appears again later" in out[S.ERROR][0]
+    assert "appears again later" in out[S.ERROR_MESSAGE][0]
     assert out[S.BYTES][2] == blue
     # reading the URI back gives the same copy as the index read
     assert uri_mod.read_bytes(f"{shard}#a.png") == blue
@@ -122,7 +123,7 @@ def test_a_sparse_member_over_the_limit_is_a_row_and_not_read(tmp_path):
         assert tar.getmember("big.png").size == size
     out = expand_tar(batch(shard), max_bytes=LIMIT)
     assert rows(out) == [(f"{shard}#ok.png", len(png((1, 2, 3))), ""), (f"{shard}#big.png", 0, "too_large")]
-    message = parse_error(out[S.ERROR][1])[2]
+    message = out[S.ERROR_MESSAGE][1]
     assert str(size) in message and str(LIMIT) in message and "index.max_image_bytes" in message
     with pytest.raises(uri_mod.TooLarge, match=str(size)):
         uri_mod.read_bytes(f"{shard}#big.png", max_bytes=LIMIT)
@@ -143,11 +144,11 @@ def test_a_shard_is_streamed_and_a_large_member_skipped_with_little_memory(tmp_p
         "import numpy as np\nfrom roiqa.io.sources import expand_tar\n"
         "before()\nout = expand_tar({'uri': np.array([sys.argv[1]], dtype=object)}, max_bytes=int(sys.argv[2]))\n"
         "sizes = [len(b) for b in out['bytes']]\n"
-        "print(json.dumps({'grew_mib': after(), 'sizes': sizes, 'errors': list(out['error'])}))"
+        "print(json.dumps({'grew_mib': after(), 'sizes': sizes, 'errors': list(out['error_reason'])}))"
     )
     got = run_measured(code, str(path), str(LIMIT))
     assert got["sizes"] == [len(png((9, 9, 9))), 0, len(png((7, 7, 7)))]
-    assert parse_error(got["errors"][1])[1] == "too_large" and got["errors"][0] == got["errors"][2] == ""
+    assert got["errors"] == ["", "too_large", ""]
     assert got["grew_mib"] < 50  # reading the shard whole (or the member) would take over 400 MiB
 
 
@@ -161,8 +162,8 @@ def test_a_file_over_the_limit_is_a_row_and_not_read(tmp_path):
     for b in (listed, batch(str(small), str(big))):
         out = read_files(b, max_bytes=limit)
         assert rows(out) == [(str(small), small.stat().st_size, ""), (str(big), 0, "too_large")]
-        assert str(limit) in out[S.ERROR][1]
-    assert "99999 bytes" in read_files(listed, max_bytes=limit)[S.ERROR][1]
+        assert str(limit) in out[S.ERROR_MESSAGE][1]
+    assert "99999 bytes" in read_files(listed, max_bytes=limit)[S.ERROR_MESSAGE][1]
     assert read_files(batch(str(big)))[S.BYTES][0] == big.read_bytes()  # no limit given: read whole
     listing = list_images(str(tmp_path))
     assert listing.sizes == {str(small): small.stat().st_size, str(big): big.stat().st_size}
@@ -179,7 +180,7 @@ def test_names_with_chain_and_member_separators_are_read_as_files(tmp_path):
     assert listing.uris == [str(tmp_path / "a::b.png"), str(tmp_path / "x.tar#y.png")] and not listing.errors
     assert uri_mod.filesystem(str(tmp_path / "a::b.png"))[1] == str(tmp_path / "a::b.png")
     out = read_files(batch(*listing.uris))
-    assert list(out[S.BYTES]) == [a, b] and list(out[S.ERROR]) == ["", ""]
+    assert list(out[S.BYTES]) == [a, b] and row_errors.read(out) == [None, None]
     # a shard x.tar without y.png does not hide the file; one that holds y.png is read as its member
     write_tar(tmp_path / "x.tar", member("other.png", a))
     assert uri_mod.read_bytes(str(tmp_path / "x.tar#y.png")) == b
@@ -198,7 +199,7 @@ def test_a_file_name_that_is_not_utf8_is_a_row_showing_its_bytes(tmp_path):
     assert listing.uris == [str(tmp_path / "good.png")]
     [(uri, err)] = listing.errors
     assert uri == str(tmp_path) + "/bad\\xffname.png"
-    assert parse_error(err)[:2] == ("read", "undecodable_name")
+    assert (err.stage, err.reason) == ("read", "undecodable_name")
     assert set(listing.signatures) == set(listing.sizes) == {str(tmp_path / "good.png")}
     pa.array([uri, *listing.uris], pa.string())  # every URI can go into a table
 

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from pipelines.index import run_index
-from pipelines.query import read_results, run_query
+from pipelines.query import run_query
 from roiqa import schema as S
 from roiqa.config import ComplexityConfig, MaskConfig, RefineConfig, VerifyConfig, replace_section, to_dict
 from roiqa.index import store
 from roiqa.io.sources import read_files
-from roiqa.results.output import open_results
+from roiqa.results.output import open_results, read_results
 from roiqa.stages.embed import Decoder, Embedder
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -131,7 +131,7 @@ def test_bad_inputs_still_land_in_errors_with_stages_on(collection, tiny_cfg, tm
 
 
 def test_query_with_refinement_and_verification(collection, tiny_cfg, staged_index, tmp_path):
-    from pipelines.query import load_queries, query_map
+    from roiqa.io.queries import load_queries, query_map
     from roiqa.stages.rerank import Reranker
 
     _, index, _ = staged_index  # the stages of the index do not change how queries run against it

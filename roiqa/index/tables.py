@@ -7,8 +7,9 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
-from roiqa.io.sources import errors_table, parse_error
+from roiqa.errors import RowError, errors_table
 
 
 def _column(values: np.ndarray, field: pa.Field) -> pa.Array:
@@ -26,14 +27,14 @@ def _column(values: np.ndarray, field: pa.Field) -> pa.Array:
 
 def embeddings_table(batch: dict[str, np.ndarray], schema: pa.Schema) -> pa.Table:
     """Good rows of an embedded batch as a table of `schema` (the embeddings schema with its stage columns)."""
-    ok = np.array([not e for e in batch[S.ERROR]], dtype=bool)
+    ok = ~row_errors.failed(batch)
     return pa.table({f.name: _column(batch[f.name][ok], f) for f in schema}, schema=schema)
 
 
 def controller_table(batch: dict[str, np.ndarray], profiles: tuple[str, ...]) -> pa.Table:
     """The masks controller's history: one row per (actor, batch, profile) seen in an embedded batch."""
     rows: dict[tuple, tuple] = {}
-    for i in range(len(batch[S.ERROR])):
+    for i in range(len(batch[S.URI])):
         for p in profiles:
             key = (str(batch[S.ACTOR][i]), int(batch[S.BATCH][i]), p)
             thr = float(batch[S.mask_columns(p)[1]][i])
@@ -45,7 +46,7 @@ def controller_table(batch: dict[str, np.ndarray], profiles: tuple[str, ...]) ->
 
 def batch_errors(batch: dict[str, np.ndarray]) -> pa.Table:
     """Failed rows of a batch as an errors-schema table."""
-    rows = [(str(u), *parse_error(str(e))) for u, e in zip(batch[S.URI], batch[S.ERROR]) if e]
+    rows = [(str(u), e) for u, e in zip(batch[S.URI], row_errors.read(batch)) if e is not None]
     return errors_table(rows)
 
 
@@ -97,5 +98,5 @@ def split_duplicates(emb: pa.Table) -> tuple[pa.Table, pa.Table]:
                 message = f"{n} inputs (a file and a tar member, ...) are read as this URI; none is indexed"
             else:
                 message = f"its image id {i} is already that of {first}"
-            rows.append((uris[r], "read", "duplicate_uri", message))
+            rows.append((uris[r], RowError("read", "duplicate_uri", message)))
     return emb.filter(pa.array(keep)), errors_table(rows)

@@ -14,12 +14,13 @@ import pyarrow as pa
 
 from roiqa import schema as S
 from roiqa.config import RoiqaConfig, to_dict
+from roiqa.errors import errors_table
 from roiqa.index import faiss_index, store
 from roiqa.index.tables import final_thresholds, split_duplicates
 from roiqa.io import uri as uri_mod
 from roiqa.io.listing import Listing, list_images
 from roiqa.io.redact import redact
-from roiqa.io.sources import account_inputs, errors_table, parse_error
+from roiqa.io.sources import account_inputs
 from roiqa.models.backbone import descriptor_dim
 from roiqa.models.checkpoint import describe, model_config
 from roiqa.progress import Progress
@@ -132,7 +133,7 @@ def write_version(
     if collided.num_rows:  # rewrite the embeddings without them, so that readers see exactly the indexed rows
         uri_mod.delete(emb_uri, recursive=True)
         store.write_table(emb, uri_mod.join(emb_uri, "deduplicated.parquet"))
-    listing_errors = errors_table([(u, *parse_error(e)) for u, e in p.listing.errors])
+    listing_errors = errors_table(p.listing.errors)
     read_errors = pa.concat_tables([done.errors, *([carried.errors] if carried else []), collided])
     counts = account_inputs(  # before faiss and the manifest are written: a lost input fails the run
         p.listing.uris,

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from roiqa import schema as S
+from roiqa.errors import RowError
 from roiqa.io import uri as uri_mod
 from roiqa.io.redact import has_credentials, redact
-from roiqa.io.sources import error_string
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Listing:
 
     kind: str  # "files" (images and/or .tar shards) or "manifest"
     uris: list[str]  # image file URIs and shard URIs to read
-    errors: list[tuple[str, str]]  # (uri, error string) found while listing (duplicates in a manifest, ...)
+    errors: list[tuple[str, RowError]]  # (uri, why) found while listing (duplicates in a manifest, ...)
     # {uri: what identifies its stored version (ETag, or size + mtime); None: listed but not found}
     signatures: dict[str, str | None] = field(default_factory=dict)
     sizes: dict[str, int | None] = field(default_factory=dict)  # {uri: bytes when the listing says; None: unknown}
@@ -38,9 +38,9 @@ LISTING_ERRORS = {
 LISTING_REASONS = tuple(LISTING_ERRORS)
 
 
-def listing_error(uri: str, reason: str) -> tuple[str, str]:
-    """A (uri, error string) the listing gives."""
-    return uri, error_string("read", reason, LISTING_ERRORS[reason])
+def listing_error(uri: str, reason: str) -> tuple[str, RowError]:
+    """A (uri, error) the listing gives."""
+    return uri, RowError("read", reason, LISTING_ERRORS[reason])
 
 
 def listing_made(reason: str, message: str) -> bool:

@@ -7,31 +7,11 @@ import posixpath
 import tarfile
 
 import numpy as np
-import pyarrow as pa
 
 from roiqa import schema as S
+from roiqa.errors import RowError, columns
 from roiqa.io import uri as uri_mod
 from roiqa.io.uri import IMAGE_EXTENSIONS
-
-
-def error_string(stage: str, reason: str, message: str) -> str:
-    """The transient `error` column's format: "<stage>:<reason>:<message>"; "" means no error."""
-    return f"{stage}:{reason}:{message}"
-
-
-def parse_error(value: str) -> tuple[str, str, str]:
-    """Inverse of `error_string`."""
-    stage, reason, message = (value.split(":", 2) + ["", ""])[:3]
-    return stage, reason, message
-
-
-def errors_table(rows: list[tuple[str, ...]], schema: pa.Schema = S.ERRORS_SCHEMA) -> pa.Table:
-    """An errors table from (uri, stage, reason, message[, query_id]) rows, in `schema`'s column order."""
-    from roiqa.io.redact import redact
-
-    rows = [(redact(u), st, r, redact(m), *rest) for u, st, r, m, *rest in rows]  # no credentials in a table
-    cols = list(zip(*rows)) if rows else [[] for _ in schema.names]
-    return pa.table({n: pa.array(list(c), pa.string()) for n, c in zip(schema.names, cols)}, schema=schema)
 
 
 def content_hash(data: bytes) -> str:
@@ -53,17 +33,13 @@ def object_array(values: list) -> np.ndarray:
     return out
 
 
-def _rows(uris: list[str], payloads: list[bytes], errors: list[str]) -> dict[str, np.ndarray]:
-    return {
-        S.URI: object_array(uris),
-        S.BYTES: object_array(payloads),
-        S.ERROR: object_array(errors),
-    }
+def _rows(uris: list[str], payloads: list[bytes], errors: list[RowError | None]) -> dict[str, np.ndarray]:
+    return {S.URI: object_array(uris), S.BYTES: object_array(payloads), **columns(errors)}
 
 
 def read_files(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """{uri[, size_bytes]} -> {uri, bytes, error}: each URI's bytes, or an error row (stage "read") when it cannot
-    be read.
+    """{uri[, size_bytes]} -> {uri, bytes, error columns}: each URI's bytes, or an error row (stage "read") when
+    it cannot be read.
 
     With `max_bytes`, an input over it is a `too_large` row and is not read: decided from the listed `size_bytes`
     when the batch has it (>= 0), else by reading no more than `max_bytes + 1` bytes.
@@ -77,15 +53,15 @@ def read_files(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> di
             if max_bytes is not None and listed > max_bytes:
                 raise uri_mod.TooLarge(u, listed, max_bytes)
             data = uri_mod.read_bytes(u, max_bytes if listed < 0 else None)
-            err = ""
+            err = None
         except FileNotFoundError:
-            data, err = b"", error_string("read", "not_found", "no such file or object")
+            data, err = b"", RowError("read", "not_found", "no such file or object")
         except uri_mod.TooLarge as exc:
-            data, err = b"", error_string("read", "too_large", f"{exc.message} (index.max_image_bytes); not read")
+            data, err = b"", RowError("read", "too_large", f"{exc.message} (index.max_image_bytes); not read")
         except uri_mod.StorageUnavailable:
             raise  # the store is down, not the input bad: fail the run (nothing is published) rather than record it
         except Exception as exc:  # noqa: BLE001 - any other storage failure is recorded against its input
-            data, err = b"", error_string("read", "read_failed", f"{type(exc).__name__}: {exc}")
+            data, err = b"", RowError.raised("read", "read_failed", exc)
         uris.append(u)
         payloads.append(data)
         errors.append(err)
@@ -111,7 +87,7 @@ def expand_tar(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> di
         except uri_mod.StorageUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001
-            rows = [(shard, b"", error_string("read", "read_failed", f"{type(exc).__name__}: {exc}"))]
+            rows = [(shard, b"", RowError.raised("read", "read_failed", exc))]
         for u, data, err in rows:
             uris.append(u)
             payloads.append(data)
@@ -119,10 +95,10 @@ def expand_tar(batch: dict[str, np.ndarray], max_bytes: int | None = None) -> di
     return _rows(uris, payloads, errors)
 
 
-def _expand_one(shard: str, max_bytes: int | None) -> list[tuple[str, bytes, str]]:
+def _expand_one(shard: str, max_bytes: int | None) -> list[tuple[str, bytes, RowError | None]]:
     """(uri, bytes, error) rows of one shard; a failure to reach the store propagates (the whole shard is retried)."""
     fs, path = uri_mod.filesystem(shard)
-    rows: list[tuple[str, bytes, str]] = []
+    rows: list[tuple[str, bytes, RowError | None]] = []
     last: dict[str, int] = {}  # member name -> the row of its latest copy
     with fs.open(path, "rb") as f:
         try:
@@ -133,13 +109,13 @@ def _expand_one(shard: str, max_bytes: int | None) -> list[tuple[str, bytes, str
                     if info.name in last:  # an earlier copy: the later one stands for the URI
                         u = rows[last[info.name]][0]
                         message = f"tar member {info.name!r} appears again later in the shard; its last copy is read"
-                        rows[last[info.name]] = (u, b"", error_string("read", "duplicate_uri", message))
+                        rows[last[info.name]] = (u, b"", RowError("read", "duplicate_uri", message))
                     last[info.name] = len(rows)
                     rows.append(_member_row(shard, tar, info, max_bytes))
         except (tarfile.TarError, EOFError, OSError) as exc:
             if uri_mod.is_transient(exc):
                 raise
-            rows.append((shard, b"", error_string("read", "corrupt_tar", f"{type(exc).__name__}: {exc}")))
+            rows.append((shard, b"", RowError.raised("read", "corrupt_tar", exc)))
     return rows
 
 
@@ -148,20 +124,20 @@ def _member_row(shard: str, tar: tarfile.TarFile, info: tarfile.TarInfo, max_byt
     name = info.name
     if uri_mod.undecodable(name):
         message = "tar member name is not valid UTF-8 (its bytes are shown as \\xNN)"
-        return f"{shard}#{uri_mod.printable(name)}", b"", error_string("read", "undecodable_name", message)
+        return f"{shard}#{uri_mod.printable(name)}", b"", RowError("read", "undecodable_name", message)
     u = f"{shard}#{name}"
     if not safe_member_name(name):
-        return u, b"", error_string("read", "unsafe_member", f"tar member {name!r} refused")
+        return u, b"", RowError("read", "unsafe_member", f"tar member {name!r} refused")
     if not info.isfile():
-        return u, b"", error_string("read", "not_a_file", f"tar member {name!r} refused")
+        return u, b"", RowError("read", "not_a_file", f"tar member {name!r} refused")
     if max_bytes is not None and info.size > max_bytes:
         message = f"tar member {name!r}: {info.size} bytes exceeds the limit of {max_bytes} bytes"
-        return u, b"", error_string("read", "too_large", f"{message} (index.max_image_bytes); not read")
+        return u, b"", RowError("read", "too_large", f"{message} (index.max_image_bytes); not read")
     f = tar.extractfile(info)
     body = f.read() if f is not None else b""
     if len(body) != info.size:
         raise tarfile.ReadError(f"member {name!r} truncated ({len(body)} of {info.size} bytes)")
-    return u, body, ""
+    return u, body, None
 
 
 class InputsLost(RuntimeError):

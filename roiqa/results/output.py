@@ -8,6 +8,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+import pandas as pd
 import pyarrow as pa
 
 from roiqa.index import store
@@ -87,6 +88,11 @@ def open_results(out: str, run_id: str | None = None) -> QueryRun:
     if not uri_mod.exists(run.uri(SUMMARY)):
         raise FileNotFoundError(f"{run.folder}: not a finished query run (no {SUMMARY})")
     return run
+
+
+def read_results(out: str) -> pd.DataFrame:
+    """The results table of the query run published at `out` as a DataFrame."""
+    return open_results(out).results().to_pandas()
 
 
 def list_runs(out: str) -> list[str]:

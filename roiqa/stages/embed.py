@@ -9,11 +9,13 @@ import uuid
 import numpy as np
 import torch
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.config import MaskConfig, ModelConfig, PreprocessConfig
+from roiqa.errors import RowError
 from roiqa.io.ids import image_id
 from roiqa.io.imageio import DecodeError, decode_image, pad_to_square, resize_long_side
-from roiqa.io.sources import content_hash, error_string, object_array
+from roiqa.io.sources import content_hash, object_array
 from roiqa.models.regions import encode_regions
 
 
@@ -24,7 +26,8 @@ def prepare(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int], 
 
 
 class Decoder:
-    """{uri, bytes, error} -> decoded, resized, padded images with their metadata; bad bytes become error rows."""
+    """{uri, bytes, error columns} -> decoded, resized, padded images with their metadata; bad bytes become error
+    rows."""
 
     def __init__(self, cfg: PreprocessConfig) -> None:
         self.cfg = cfg
@@ -38,22 +41,22 @@ class Decoder:
         height = np.zeros(n, dtype=np.int32)
         nbytes = np.zeros(n, dtype=np.int64)
         hashes, errors = [], []
-        for i, (u, data, err) in enumerate(zip(batch[S.URI], batch[S.BYTES], batch[S.ERROR])):
+        for i, (u, data, err) in enumerate(zip(batch[S.URI], batch[S.BYTES], row_errors.read(batch))):
             data = data or b""
             nbytes[i] = len(data)
             hashes.append(content_hash(data) if data else "")
-            if err:
+            if err is not None:
                 errors.append(err)
                 continue
             try:
                 img = decode_image(data, uri=str(u), max_pixels=self.cfg.max_pixels)
                 images[i], valid[i], scale[i] = prepare(img, size)
                 height[i], width[i] = img.shape[:2]
-                errors.append("")
+                errors.append(None)
             except DecodeError as exc:
-                errors.append(error_string("decode", exc.reason, str(exc)))
+                errors.append(RowError("decode", exc.reason, str(exc)))
             except Exception as exc:  # noqa: BLE001 - an unexpected failure is still recorded against its input
-                errors.append(error_string("decode", "corrupt", f"{type(exc).__name__}: {exc}"))
+                errors.append(RowError.raised("decode", "corrupt", exc))
         return {
             S.IMAGE_ID: np.array([image_id(str(u)) for u in batch[S.URI]], dtype=np.int64),
             S.URI: batch[S.URI],
@@ -64,7 +67,7 @@ class Decoder:
             S.IMAGE: images,
             S.VALID_HW: valid,
             S.SCALE: scale,
-            S.ERROR: object_array(errors),
+            **row_errors.columns(errors),
         }
 
 
@@ -89,8 +92,8 @@ def probe_confidence(masked: np.ndarray, full: np.ndarray) -> float:
     retrieves its own whole-image descriptor first among the batch's (B, D) whole-image descriptors.
 
     A plain cosine of masked vs whole descriptors is no signal here: the global descriptors share a large common
-    component, and on the evaluation collection it stayed above 0.999 with 85% of the pixels masked. Self-retrieval
-    asks what the index needs, that a masked image is still found as itself. With one image it is 1.0 when the
+    component, so it stays near 1 however much is masked (benchmarks/RESULTS.md). Self-retrieval asks what the
+    index needs, that a masked image is still found as itself. With one image it is 1.0 when the
     cosine beats 0.5.
     """
     m = masked / np.maximum(np.linalg.norm(masked, axis=1, keepdims=True), 1e-12)
@@ -105,8 +108,7 @@ class Embedder:
     """Loads the matcher once; {image, valid_hw, error, ...} -> the same rows with `embedding`, without `image`.
 
     Error rows pass through with a zero embedding (the pipeline routes them to the errors table). Weights are
-    channels_last (on CPU, batch 4-16 at 512x512, that measured 5-10% more images/s than NCHW weights in
-    benchmarks/bench_model.py); on CUDA the model also runs in bf16 autocast.
+    channels_last (faster than NCHW in benchmarks/bench_model.py); on CUDA the model also runs in bf16 autocast.
 
     With `masks` enabled (seed 002, roiqa.stages.masks), every profile's confidence map is thresholded at its
     controller's current threshold and three columns per profile are added (S.mask_columns: coverage, threshold,
@@ -207,7 +209,7 @@ class Embedder:
         return cols
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([not e for e in batch[S.ERROR]], dtype=bool)
+        ok = ~row_errors.failed(batch)
         emb = np.zeros((len(ok), self.dim), dtype=np.float32)
         regions = [b""] * len(ok)
         self.calls += 1
@@ -221,10 +223,10 @@ class Embedder:
                 for i, r in zip(np.flatnonzero(ok), good):
                     regions[i] = r
             except Exception as exc:  # noqa: BLE001 - a failing batch is recorded, not lost
-                errors = list(batch[S.ERROR])
+                errors = row_errors.read(batch)
                 for i in np.flatnonzero(ok):
-                    errors[i] = error_string("embed", "model_failed", f"{type(exc).__name__}: {exc}")
-                batch[S.ERROR] = object_array(errors)
+                    errors[i] = RowError.raised("embed", "model_failed", exc)
+                batch.update(row_errors.columns(errors))
                 cols = self._mask_columns(len(ok)) if self.masker is not None else {}
                 emb[:] = 0
                 regions = [b""] * len(ok)

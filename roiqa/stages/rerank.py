@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.boxes import clip_boxes
 from roiqa.config import RoiqaConfig
+from roiqa.errors import RowError
 from roiqa.io import uri as uri_mod
 from roiqa.io.imageio import DecodeError, decode_image, encode_png, resize_long_side
-from roiqa.io.sources import error_string, object_array
+from roiqa.io.sources import object_array
 from roiqa.models.matcher import Matcher
 from roiqa.stages import geometry
 from roiqa.stages.embed import pick_device, set_threads
@@ -110,7 +112,7 @@ def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
 
 
 class QueryEncoder:
-    """{query_id, uri[, x0..y1]} -> {query_id, embedding, coarse_query, error}: the descriptors the coarse faiss
+    """{query_id, uri[, x0..y1]} -> {query_id, embedding, coarse_query, error columns}: the descriptors the coarse faiss
     search needs: the global one (`embedding`) for a global index, or one per coarse view (`coarse_views`: each
     size at each rotation, so objects turned in the image still find their region) in `coarse_query` for a region
     index (`regions`); the other column is zeros."""
@@ -146,16 +148,16 @@ class QueryEncoder:
                 else:
                     small, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
                     emb[i] = self.model.global_descriptor(pyramid(self.model, small, self.device))[0].cpu().numpy()
-                errors.append("")
+                errors.append(None)
             except uri_mod.StorageUnavailable:
                 raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except (DecodeError, ValueError, OSError) as exc:
-                errors.append(error_string("query", getattr(exc, "reason", "bad_query"), str(exc)))
+                errors.append(RowError("query", getattr(exc, "reason", "bad_query"), str(exc)))
         return {
             S.QUERY_ID: batch[S.QUERY_ID],
             S.EMBEDDING: emb,
             S.COARSE_QUERY: coarse,
-            S.ERROR: object_array(errors),
+            **row_errors.columns(errors),
         }
 
     def coarse_descriptors(self, patch: np.ndarray) -> np.ndarray:
@@ -171,11 +173,11 @@ class QueryEncoder:
 
 
 class GeometryCheck:
-    """{image_id, uri, query_ids, coarse_scores} -> {query_id, image_id, inliers, error}: the geometric verification
-    (`roiqa.stages.geometry.match`) of coarse candidates past the dense rerank budget, so that a verified image is
-    reranked wherever the coarse stage ranked it (DELG-style verification of the shortlist). Cheap beside the dense
-    rerank: per image a decode, a resize and SIFT once; per query a ratio test and RANSAC. An unreadable image gives
-    error rows (inliers -1)."""
+    """{image_id, uri, query_ids, coarse_scores} -> {query_id, image_id, inliers, error columns}: the geometric
+    verification (`roiqa.stages.geometry.match`) of coarse candidates past the dense rerank budget, so that a
+    verified image is reranked wherever the coarse stage ranked it (DELG-style verification of the shortlist).
+    Cheap beside the dense rerank: per image a decode, a resize and SIFT once; per query a ratio test and RANSAC.
+    An unreadable image gives error rows (inliers -1)."""
 
     def __init__(self, cfg: RoiqaConfig, queries: dict[str, tuple[str, list[float] | None]]) -> None:
         self.cfg = cfg
@@ -198,11 +200,11 @@ class GeometryCheck:
             try:
                 img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
                 feats = geometry.sift_features(resize_long_side(img, self.cfg.preprocess.image_size)[0])
-                err = ""
+                err = None
             except uri_mod.StorageUnavailable:
                 raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
-                feats, err = None, error_string("geometry", "image_unreadable", str(exc))
+                feats, err = None, RowError("geometry", "image_unreadable", str(exc))
             for qid in qids:
                 n = -1
                 if feats is not None:
@@ -211,16 +213,16 @@ class GeometryCheck:
                     except uri_mod.StorageUnavailable:
                         raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
                     except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
-                        err = error_string("geometry", "failed", str(exc))
+                        err = RowError("geometry", "failed", str(exc))
                 qids_out.append(str(qid))
                 iids_out.append(int(iid))
                 inliers_out.append(n)
-                errors.append(err if n < 0 else "")
+                errors.append(err if n < 0 else None)
         return {
             S.QUERY_ID: object_array(qids_out),
             S.IMAGE_ID: np.array(iids_out, dtype=np.int64),
             S.INLIERS: np.array(inliers_out, dtype=np.int32),
-            S.ERROR: object_array(errors),
+            **row_errors.columns(errors),
         }
 
 
@@ -351,7 +353,7 @@ class Reranker:
     # --- batch ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cols = (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX, S.HEATMAP_URI, S.ERROR)
+        cols = (S.QUERY_ID, S.IMAGE_ID, S.URI, S.SCORE, S.COARSE_SCORE, *S.BOX, S.HEATMAP_URI, "error")
         cols += (S.REFINE_STEPS, S.REFINE_LOSS, S.VERIFY_PROB, S.INLIERS)
         out: dict[str, list] = {k: [] for k in cols}
 
@@ -367,16 +369,7 @@ class Reranker:
                 raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
                 for qid, cs in zip(qids, coarse):
-                    emit(
-                        qid,
-                        iid,
-                        u,
-                        np.nan,
-                        cs,
-                        [np.nan] * 4,
-                        None,
-                        error_string("rerank", "image_unreadable", str(exc)),
-                    )
+                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, RowError("rerank", "image_unreadable", str(exc)))
                 continue
             resized, scale = resize_long_side(img, self.cfg.preprocess.image_size)
             valid = tuple(resized.shape[:2])
@@ -387,7 +380,7 @@ class Reranker:
                 raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - a missing or bad depth map fails this image's rows, visibly
                 for qid, cs in zip(qids, coarse):
-                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("refine", "depth", str(exc)))
+                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, RowError("refine", "depth", str(exc)))
                 continue
             image_sift = None  # SIFT of the resized image, computed for its first query
             for qid, cs in zip(qids, coarse):
@@ -412,10 +405,10 @@ class Reranker:
                 except uri_mod.StorageUnavailable:
                     raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
                 except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
-                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, error_string("rerank", "failed", str(exc)))
+                    emit(qid, iid, u, np.nan, cs, [np.nan] * 4, None, RowError("rerank", "failed", str(exc)))
                     continue
                 heat_uri = self.write_overlay(str(qid), int(iid), img, heat, valid, box) if self.overlay_dir else None
-                emit(qid, iid, u, score, cs, box, heat_uri, "", steps, loss, prob, inliers)
+                emit(qid, iid, u, score, cs, box, heat_uri, None, steps, loss, prob, inliers)
         return {
             S.QUERY_ID: object_array(out[S.QUERY_ID]),
             S.IMAGE_ID: np.array(out[S.IMAGE_ID], dtype=np.int64),
@@ -424,7 +417,7 @@ class Reranker:
             S.COARSE_SCORE: np.array(out[S.COARSE_SCORE], dtype=np.float32),
             **{c: np.array(out[c], dtype=np.float32) for c in S.BOX},
             S.HEATMAP_URI: object_array(out[S.HEATMAP_URI]),
-            S.ERROR: object_array(out[S.ERROR]),
+            **row_errors.columns(out["error"]),
             S.REFINE_STEPS: np.array(out[S.REFINE_STEPS], dtype=np.int32),  # -1: not refined (null when written)
             S.REFINE_LOSS: np.array(out[S.REFINE_LOSS], dtype=np.float32),
             S.VERIFY_PROB: np.array(out[S.VERIFY_PROB], dtype=np.float32),
