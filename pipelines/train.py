@@ -119,23 +119,19 @@ def train_loop(config: dict) -> None:
         center_head(model, val, device)  # identical on every rank: the replicas stay equal
     train.objective = ray.train.torch.prepare_model(train.objective, move_to_device=False)
 
-    batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size, batch_format="numpy")
-    it = iter(batches)
+    def shard():  # read again from the start when it ends (a restarted worker's shard does)
+        while True:
+            n = 0
+            for batch in ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size):
+                n += 1
+                yield batch
+            if n == 0:
+                raise RuntimeError(f"rank {rank}: its training shard is empty")
+
+    batches = shard()
     for epoch in range(start_epoch, t.epochs):
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        steps = 0
-        for _ in range(t.steps_per_epoch):
-            try:
-                batch = next(it)
-            except StopIteration:  # a restarted worker re-reads its shard from the start
-                it = iter(ray.train.get_dataset_shard("train").iter_batches(batch_size=t.batch_size))
-                batch = next(it)
-            stats = train(batch, epoch * t.steps_per_epoch + steps)
-            steps += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        metrics = {k: v / max(1, steps) for k, v in sums.items()}
+        metrics = train.epoch(batches, epoch)
         metrics.update(epoch=epoch, steps=(epoch + 1) * t.steps_per_epoch, lr=train.optimizer.param_groups[0]["lr"])
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if rank == 0:

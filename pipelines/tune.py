@@ -4,7 +4,6 @@ metrics each epoch; the sweep lands as a trials table, the best config as YAML a
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -19,13 +18,6 @@ from roiqa.config import RoiqaConfig, from_dict, to_dict
 from roiqa.io import uri as uri_mod
 from roiqa.train import data as train_data
 
-SCHEDULERS = ("pbt", "pb2", "asha")
-SEARCHERS = ("random", "optuna")
-TRIALS = "trials.parquet"
-TRIALS_MD = "trials.md"
-BEST_CONFIG = "best.yaml"
-BEST_MODEL = "best/model.safetensors"
-SUMMARY = "summary.json"
 RAY_DIR = "ray"  # Ray Tune's own experiment folder (trial checkpoints, experiment state) under --out
 
 
@@ -86,13 +78,12 @@ def run_trial(
         center_head(model, val, device)
     t_start = time.perf_counter()
     for epoch in range(start, t.epochs):
-        sums: dict[str, float] = {}
-        for step in range(t.steps_per_epoch):
-            ids = (epoch * t.steps_per_epoch + step) * t.batch_size + np.arange(t.batch_size)
-            stats = train(make_samples(kind, uri, cfg, ids, t.seed), epoch * t.steps_per_epoch + step)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        metrics = {f"train_{k}": v / t.steps_per_epoch for k, v in sums.items()}
+        first = epoch * t.steps_per_epoch * t.batch_size
+        batches = (
+            make_samples(kind, uri, cfg, first + s * t.batch_size + np.arange(t.batch_size), t.seed)
+            for s in range(t.steps_per_epoch)
+        )
+        metrics = {f"train_{k}": v for k, v in train.epoch(batches, epoch).items()}
         metrics.update(validate(model, val, cfg, device))
         metrics.update(refined_localization(model, val, cfg, device))
         metrics[S.OBJECTIVE] = objective(metrics, weights)
@@ -104,15 +95,6 @@ def run_trial(
 
 
 # --- the sweep (driver) -------------------------------------------------------------------------------------------
-def default_point(cfg: RoiqaConfig, space) -> dict[str, float]:
-    """The config's own values of the searched keys (the sweep's reference trial)."""
-    out = {}
-    for p in space.params:
-        section, field = p.key.split(".", 1)
-        out[p.key] = getattr(getattr(cfg, section), field)
-    return out
-
-
 def ray_space(space) -> dict:
     """The search space as Ray Tune sampling objects, keyed by dotted config key."""
     from ray import tune
@@ -148,21 +130,6 @@ def make_scheduler(name: str, space, epochs: int, interval: int):
     return ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=1, reduction_factor=2)
 
 
-def check_args(scheduler: str, search: str, samples: int, cfg: RoiqaConfig) -> None:
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    if search not in SEARCHERS:
-        raise ValueError(f"--search must be one of {SEARCHERS}, got {search!r}")
-    if search == "optuna" and scheduler != "asha":
-        raise ValueError("--search optuna goes with --scheduler asha (PBT and PB2 choose new values themselves)")
-    if samples < 2 and scheduler in ("pbt", "pb2"):
-        raise ValueError(f"--samples must be >= 2 for {scheduler} (a population), got {samples}")
-    if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
-    if cfg.train.epochs < 2:
-        raise ValueError(f"train.epochs must be >= 2 for a sweep (one report per epoch), got {cfg.train.epochs}")
-
-
 def run_tune(
     out: str,
     cfg: RoiqaConfig,
@@ -192,10 +159,10 @@ def run_tune(
     """
     from ray import tune
 
-    from roiqa.train.tune_space import load_search_space
+    from roiqa.train.tune_space import check_sweep, default_point, load_search_space
 
     t0 = time.perf_counter()
-    check_args(scheduler, search, samples, cfg)
+    check_sweep(scheduler, search, samples, cfg)
     space = load_search_space(space_uri)
     if (images is None) == (manifest is None):
         raise ValueError("give exactly one of images (a folder / prefix, or 'bundled') and manifest")
@@ -263,24 +230,11 @@ def run_tune(
     return write_outputs(results, out, cfg, space, scheduler, search, default, time.perf_counter() - t0)
 
 
-def default_trial(table, keys: list[str], default: dict[str, float]) -> tuple[str, float] | None:
-    """(trial id, objective at its last report) of the trial that started from the config's own values."""
-    df = table.to_pandas().sort_values([S.TRIAL_ID, S.ITERATION])
-    for trial_id, g in df.groupby(S.TRIAL_ID):
-        first = g.iloc[0]
-        if all(np.isclose(first[S.param_column(k)], float(default[k]), rtol=1e-9, atol=0) for k in keys):
-            return str(trial_id), float(g[S.OBJECTIVE].iloc[-1])
-    return None
-
-
 def write_outputs(
     results, out: str, cfg: RoiqaConfig, space, scheduler: str, search: str, default: dict, seconds: float
 ) -> TuneReport:
     """trials.parquet / .md, best.yaml, best/, plots and summary.json from a finished ResultGrid."""
-    import yaml
-
-    from roiqa.eval.tune_report import best_trial, curves_png, markdown_trials, schedule_png, trials_table
-    from roiqa.train.tune_space import apply_overrides
+    from roiqa.eval import tune_report
 
     keys = [p.key for p in space.params]
     rows, checkpoints, errors = [], {}, {}
@@ -290,70 +244,24 @@ def write_outputs(
         if df is None or len(df) == 0 or trial_id is None:
             errors[trial_id or f"#{len(errors)}"] = str(res.error)
             continue
-        df = df.sort_values("training_iteration").drop_duplicates("training_iteration", keep="last")
-        last_iter = int(df["training_iteration"].iloc[-1])
+        last_iter = int(df["training_iteration"].max())
         status = "ERROR" if res.error else ("COMPLETE" if last_iter >= cfg.train.epochs else "STOPPED")
         checkpoints[trial_id] = res.checkpoint
-        for _, r in df.iterrows():
-            row = {
-                S.TRIAL_ID: trial_id,
-                S.ITERATION: int(r["training_iteration"]),
-                S.STATUS: status,
-                S.TRIAL_CONFIG: json.dumps({k: float(r[S.param_column(k)]) for k in keys}),
-                S.SECONDS: float(r[S.SECONDS]),
-                S.RESUMED_FROM: int(r[S.RESUMED_FROM]),
-            }
-            for col in (S.OBJECTIVE, S.VAL_LOSS, S.VAL_MAP, S.VAL_LOC50, S.VAL_LOC50_REFINED):
-                row[col] = float(r[col])
-            row.update({S.param_column(k): float(r[S.param_column(k)]) for k in keys})
-            rows.append(row)
+        rows += tune_report.trial_rows(trial_id, df, status, keys)
+    summary = {"scheduler": scheduler, "search": search, "objective_weights": dict(space.objective)}
+    summary.update({"errors": errors, "seconds": seconds})
     if not rows:  # interrupted before any trial reported (or every trial failed at once): nothing to rank yet
-        summary = {"scheduler": scheduler, "search": search, "trials": 0, "errors": errors, "seconds": seconds}
-        uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
+        tune_report.write_summary(out, {**summary, "trials": 0})
         return TuneReport(out, 0, "", float("nan"), None, seconds)
-    table = trials_table(rows, keys)
-    from roiqa.index import store
-
-    store.write_table(table, uri_mod.join(out, TRIALS))
-    best_id, best_iter, best_value = best_trial(table, S.OBJECTIVE, "max", "last")
-    last = table.filter(_eq(table, S.TRIAL_ID, best_id)).to_pandas().sort_values(S.ITERATION).iloc[-1]
-    best_params = {k: float(last[S.param_column(k)]) for k in keys}
-    best_cfg = apply_overrides(cfg, best_params)
-    header = (
-        f"# Best config of the sweep in {out} (trial {best_id}, objective {best_value:.4f} at iteration {best_iter}).\n"
-        f"# {scheduler} / {search}; searched: {', '.join(keys)}\n"
-    )
-    text = header + yaml.safe_dump(to_dict(best_cfg), sort_keys=False)
-    uri_mod.write_bytes(uri_mod.join(out, BEST_CONFIG), text.encode())
-    ckpt = checkpoints.get(best_id)
+    summary = tune_report.write_sweep(rows, out, cfg, keys, default, summary)
+    best = summary["best"]
+    ckpt = checkpoints.get(best["trial_id"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             for fname in ("model.safetensors", "state.json"):
                 with open(os.path.join(d, fname), "rb") as f:
-                    uri_mod.write_bytes(uri_mod.join(out, "best", fname), f.read())
-    curves_png(table, S.OBJECTIVE, uri_mod.join(out, f"curves_{S.OBJECTIVE}.png"))
-    curves_png(table, S.VAL_MAP, uri_mod.join(out, f"curves_{S.VAL_MAP}.png"))
-    for k in keys:
-        if k in ("refine.rate", "train.lr"):
-            schedule_png(table, k, uri_mod.join(out, f"schedule_{k.replace('.', '_')}.png"))
-    uri_mod.write_bytes(uri_mod.join(out, TRIALS_MD), markdown_trials(table, keys, S.OBJECTIVE).encode())
-    ref = default_trial(table, keys, default)
-    summary = {
-        "default_trial": None if ref is None else {"trial_id": ref[0], S.OBJECTIVE: ref[1], "params": default},
-        "scheduler": scheduler,
-        "search": search,
-        "trials": int(len(set(table.column(S.TRIAL_ID).to_pylist()))),
-        "best": {"trial_id": best_id, "iteration": best_iter, S.OBJECTIVE: best_value, "params": best_params},
-        "objective_weights": dict(space.objective),
-        "errors": errors,
-        "seconds": seconds,
-    }
-    uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
-    n = summary["trials"]
-    return TuneReport(out, n, best_id, float(best_value), None if ref is None else ref[1], seconds)
-
-
-def _eq(table, column: str, value):
-    import pyarrow.compute as pc
-
-    return pc.equal(table.column(column), value)
+                    uri_mod.write_bytes(uri_mod.join(out, tune_report.BEST, fname), f.read())
+    tune_report.write_summary(out, summary)
+    ref = summary["default_trial"]
+    ref_value = None if ref is None else ref[S.OBJECTIVE]
+    return TuneReport(out, summary["trials"], best["trial_id"], float(best[S.OBJECTIVE]), ref_value, seconds)

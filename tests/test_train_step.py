@@ -3,6 +3,7 @@ data-parallel: two gloo processes through DDP step on the mean of their two grad
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -141,3 +142,25 @@ def test_data_parallel_step_uses_the_mean_gradient_and_keeps_replicas_equal(tmp_
             torch.testing.assert_close(g, clipped[k], rtol=1e-3, atol=1e-6, msg=k)
     for k in ranks[0]:
         torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
+
+
+def test_epoch_is_its_steps_in_order_with_the_mean_of_their_stats():
+    """`TrainStep.epoch` against the steps taken one at a time: the same global steps (so learning rates), the same
+    weights after, the mean of each statistic; it takes no more than steps_per_epoch batches from the stream."""
+    torch.manual_seed(0)
+    a = Matcher(CFG.model)
+    b = Matcher(CFG.model)
+    b.load_state_dict(a.state_dict())
+    batches = [_batch(10 + i) for i in range(3)]
+    cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, steps_per_epoch=2))
+    step_a, step_b = TrainStep(a, cfg), TrainStep(b, cfg)
+    stream = iter(batches)
+    got = step_a.epoch(stream, epoch=1)
+    assert next(stream) is batches[2]  # the third batch is left for the next epoch
+    by_hand = [step_b(batches[0], 2), step_b(batches[1], 3)]  # epoch 1 of 2 steps: global steps 2 and 3
+    assert set(got) == set(by_hand[0])
+    for k in got:
+        assert got[k] == (by_hand[0][k] + by_hand[1][k]) / 2
+    for (name, pa_), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa_, pb), name
+    assert step_a.optimizer.param_groups[0]["lr"] == learning_rate(cfg, 3)

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -297,3 +298,41 @@ def test_dataclass_params_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         space.params[0].low = 0.0  # type: ignore[misc]
     assert objective({"val_map": 0.1, "val_loc50_refined": 0.2}, space.objective) == pytest.approx(0.15)
+
+
+def _reports(values: list[tuple[int, float, float]]) -> pd.DataFrame:
+    rows = []
+    for it, lr, obj in values:
+        rows.append(
+            {
+                "training_iteration": it,
+                S.param_column("train.lr"): lr,
+                S.SECONDS: float(it),
+                S.RESUMED_FROM: -1,
+                S.OBJECTIVE: obj,
+                S.VAL_LOSS: 1.0 - obj,
+                S.VAL_MAP: obj,
+                S.VAL_LOC50: obj / 2,
+                S.VAL_LOC50_REFINED: obj / 2,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_trial_rows_keep_the_last_report_of_an_iteration_and_default_trial_finds_the_reference():
+    from roiqa.eval.tune_report import default_trial, trial_rows
+
+    keys = ["train.lr"]
+    # trial a reported iteration 2 twice (restored from its checkpoint): the later report stands
+    a = trial_rows("a", _reports([(1, 1e-3, 0.1), (2, 1e-3, 0.2), (2, 1e-3, 0.25)]), "COMPLETE", keys)
+    b = trial_rows("b", _reports([(2, 5e-4, 0.4), (1, 3e-4, 0.3)]), "STOPPED", keys)
+    assert [(r[S.TRIAL_ID], r[S.ITERATION], r[S.OBJECTIVE]) for r in a + b] == [
+        ("a", 1, 0.1),
+        ("a", 2, 0.25),
+        ("b", 1, 0.3),
+        ("b", 2, 0.4),
+    ]
+    assert json.loads(b[0][S.TRIAL_CONFIG]) == {"train.lr": 3e-4} and b[0][S.STATUS] == "STOPPED"
+    table = trials_table(a + b, keys)
+    assert default_trial(table, keys, {"train.lr": 1e-3}) == ("a", 0.25)  # started at the default; its last
+    assert default_trial(table, keys, {"train.lr": 5e-4}) is None  # b only moved there later

@@ -1,4 +1,5 @@
-"""Report pieces of a tune sweep: the trials table, the best trial, metric curves and parameter schedules, Markdown."""
+"""What a tune sweep writes: the trials table, the best trial and its config, metric curves and parameter schedules,
+Markdown and the summary."""
 
 from __future__ import annotations
 
@@ -7,11 +8,20 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
 from roiqa import schema as S
+from roiqa.config import RoiqaConfig, to_dict
 from roiqa.eval.report import _PALETTE, _font, _save_png
+from roiqa.io import uri as uri_mod
+
+TRIALS = "trials.parquet"
+TRIALS_MD = "trials.md"
+BEST_CONFIG = "best.yaml"
+BEST = "best"  # the best trial's last checkpoint: model.safetensors (a matcher checkpoint) and state.json
+SUMMARY = "summary.json"
 
 _MODES, _SCOPES = ("max", "min"), ("last", "all")
 
@@ -247,3 +257,80 @@ def markdown_trials(table: pa.Table, param_keys: Sequence[str], metric: str = S.
         cells += [_fmt(row.get(c)) for c in extra] + [_fmt(row[S.param_column(k)]) for k in param_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def trial_rows(trial_id: str, metrics: pd.DataFrame, status: str, param_keys: Sequence[str]) -> list[dict]:
+    """The trials-table rows of one trial from its reports (one row per training iteration, the last report of an
+    iteration that was reported again after a restore)."""
+    df = metrics.sort_values("training_iteration").drop_duplicates("training_iteration", keep="last")
+    rows = []
+    for _, r in df.iterrows():
+        row = {
+            S.TRIAL_ID: trial_id,
+            S.ITERATION: int(r["training_iteration"]),
+            S.STATUS: status,
+            S.TRIAL_CONFIG: json.dumps({k: float(r[S.param_column(k)]) for k in param_keys}),
+            S.SECONDS: float(r[S.SECONDS]),
+            S.RESUMED_FROM: int(r[S.RESUMED_FROM]),
+        }
+        for col in (S.OBJECTIVE, S.VAL_LOSS, S.VAL_MAP, S.VAL_LOC50, S.VAL_LOC50_REFINED):
+            row[col] = float(r[col])
+        row.update({S.param_column(k): float(r[S.param_column(k)]) for k in param_keys})
+        rows.append(row)
+    return rows
+
+
+def default_trial(table: pa.Table, keys: list[str], default: dict[str, float]) -> tuple[str, float] | None:
+    """(trial id, objective at its last report) of the trial that started from the config's own values."""
+    df = table.to_pandas().sort_values([S.TRIAL_ID, S.ITERATION])
+    for trial_id, g in df.groupby(S.TRIAL_ID):
+        first = g.iloc[0]
+        if all(np.isclose(first[S.param_column(k)], float(default[k]), rtol=1e-9, atol=0) for k in keys):
+            return str(trial_id), float(g[S.OBJECTIVE].iloc[-1])
+    return None
+
+
+def write_sweep(
+    rows: list[dict],
+    out: str,
+    cfg: RoiqaConfig,
+    keys: list[str],
+    default: dict[str, float],
+    summary: dict,
+) -> dict:
+    """trials.parquet / .md, best.yaml and the plots under `out` from the trials' rows; returns `summary` with the
+    sweep's trials, best trial and default trial added (the caller writes it with `write_summary`)."""
+    import yaml
+
+    from roiqa.index import store
+    from roiqa.train.tune_space import apply_overrides
+
+    table = trials_table(rows, keys)
+    store.write_table(table, uri_mod.join(out, TRIALS))
+    best_id, best_iter, best_value = best_trial(table, S.OBJECTIVE, "max", "last")
+    last = table.to_pandas().query(f"{S.TRIAL_ID} == @best_id").sort_values(S.ITERATION).iloc[-1]
+    best_params = {k: float(last[S.param_column(k)]) for k in keys}
+    header = (
+        f"# Best config of the sweep in {out} (trial {best_id}, objective {best_value:.4f} at iteration {best_iter}).\n"
+        f"# {summary.get('scheduler')} / {summary.get('search')}; searched: {', '.join(keys)}\n"
+    )
+    text = header + yaml.safe_dump(to_dict(apply_overrides(cfg, best_params)), sort_keys=False)
+    uri_mod.write_bytes(uri_mod.join(out, BEST_CONFIG), text.encode())
+    curves_png(table, S.OBJECTIVE, uri_mod.join(out, f"curves_{S.OBJECTIVE}.png"))
+    curves_png(table, S.VAL_MAP, uri_mod.join(out, f"curves_{S.VAL_MAP}.png"))
+    for k in keys:
+        if k in ("refine.rate", "train.lr"):
+            schedule_png(table, k, uri_mod.join(out, f"schedule_{k.replace('.', '_')}.png"))
+    uri_mod.write_bytes(uri_mod.join(out, TRIALS_MD), markdown_trials(table, keys, S.OBJECTIVE).encode())
+    ref = default_trial(table, keys, default)
+    return {
+        "default_trial": None if ref is None else {"trial_id": ref[0], S.OBJECTIVE: ref[1], "params": default},
+        **summary,
+        "trials": int(len(set(table.column(S.TRIAL_ID).to_pylist()))),
+        "best": {"trial_id": best_id, "iteration": best_iter, S.OBJECTIVE: best_value, "params": best_params},
+    }
+
+
+def write_summary(out: str, summary: dict) -> None:
+    """summary.json, written last: a sweep's outputs are complete once it exists."""
+    uri_mod.write_bytes(uri_mod.join(out, SUMMARY), json.dumps(summary, indent=2).encode())

@@ -10,9 +10,11 @@ pick), so the heatmap target is the box in correlation-window coordinates (`roiq
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,7 +181,7 @@ def center_head(model: Matcher, batch: dict[str, np.ndarray], device: torch.devi
     """Data-dependent start for the descriptor head: its output bias becomes minus the mean pooled feature.
 
     GeM pools clamped (positive) features, so every untrained descriptor shares one large component and all cosines
-    sit near 1 (measured: positive and negative region similarities 0.98 vs 0.98), which leaves the triplet and
+    sit near 1 for positives and negatives alike (benchmarks/RESULTS.md), which leaves the triplet and
     InfoNCE terms almost no gradient. With the head's last layer still zero, head(x) = x - mean: descriptors start
     centred on the pooled features of `batch` (its images' global and ground-truth region poolings). Returns the mean.
     """
@@ -325,6 +327,18 @@ class TrainStep:
         torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
         self.optimizer.step()
         return stats
+
+    def epoch(self, batches: Iterable[dict[str, np.ndarray]], epoch: int) -> dict[str, float]:
+        """Epoch `epoch` of the schedule: `train.steps_per_epoch` steps on the next batches of `batches` (fewer when
+        it ends first); returns the mean of each loss statistic."""
+        per_epoch = self.cfg.train.steps_per_epoch
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in itertools.islice(batches, per_epoch):
+            for k, v in self(batch, epoch * per_epoch + steps).items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+        return {k: v / max(1, steps) for k, v in sums.items()}
 
 
 def validate(

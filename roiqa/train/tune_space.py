@@ -215,3 +215,32 @@ def objective(metrics: dict, weights: dict) -> float:
     if missing:
         raise ValueError(f"objective: metric(s) {missing} not reported; reported: {sorted(map(str, metrics))}")
     return float(sum(float(w) * float(metrics[m]) for m, w in weights.items()))
+
+
+SCHEDULERS = ("pbt", "pb2", "asha")
+SEARCHERS = ("random", "optuna")
+
+
+def check_sweep(scheduler: str, search: str, samples: int, cfg: RoiqaConfig) -> None:
+    """A clear error for a sweep that cannot run, before Ray starts."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if search not in SEARCHERS:
+        raise ValueError(f"--search must be one of {SEARCHERS}, got {search!r}")
+    if search == "optuna" and scheduler != "asha":
+        raise ValueError("--search optuna goes with --scheduler asha (PBT and PB2 choose new values themselves)")
+    if samples < 2 and scheduler in ("pbt", "pb2"):
+        raise ValueError(f"--samples must be >= 2 for {scheduler} (a population), got {samples}")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    if cfg.train.epochs < 2:
+        raise ValueError(f"train.epochs must be >= 2 for a sweep (one report per epoch), got {cfg.train.epochs}")
+
+
+def default_point(cfg: RoiqaConfig, space: SearchSpace) -> dict[str, float]:
+    """The config's own values of the searched keys (the sweep's reference trial)."""
+    out = {}
+    for p in space.params:
+        section, field = p.key.split(".", 1)
+        out[p.key] = getattr(getattr(cfg, section), field)
+    return out
