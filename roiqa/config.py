@@ -43,7 +43,7 @@ class IndexConfig:
     # faiss index_factory string; "auto-pq": Flat below 100k vectors, OPQ + IVF + PQ32 (32 B a region) above;
     # "auto": Flat below, IVF,SQ8 (a byte a dimension) above
     faiss_factory: str = "auto-pq"
-    faiss_nprobe: int = 256  # IVF cells visited per query (32 of 8192 lost 0.225 coarse recall@100 on 3.1M regions)
+    faiss_nprobe: int = 256  # IVF cells visited per query (fewer lose coarse recall: benchmarks/RESULTS.md)
     hubness_k: int = 10  # h(r) = mean similarity to the k nearest other images' regions (roiqa.index.hubness); 0 off
     hubness_reference: int = 20000  # regions sampled from the collection, when faiss is built whole, to measure it
     regions_per_image: int = 32  # faiss keeps each image's whole-image region and this many of lowest hubness; 0: all
@@ -163,7 +163,7 @@ class RefineConfig:
 class VerifyConfig:
     """Seed 004: verify each reranked region with the ROI-mask classifier (same instance as the query or not)."""
 
-    enabled: bool = True  # add verify_prob to every reranked row (measured: +0.19 / +0.20 mAP, docs/stages.md)
+    enabled: bool = True  # add verify_prob to every reranked row (its measured gain: docs/stages.md)
     model: str | None = None  # URI of a trained verifier (safetensors); None with enabled: the shipped one
     weight: float = 0.5  # final score = score + weight * (verify_prob - 0.5); 0 leaves the ranking unchanged
 

@@ -25,9 +25,8 @@ def xcorr_direct(query: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
 def xcorr_fft(query: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
     """The same as `xcorr_direct` through the FFT: irfft2(sum_c rfft2(X_c) * conj(rfft2(q_c))).
 
-    Cost O(C H' W' log(H' W')) whatever the kernel size, against O(C H' W' h w) for the convolution: on a 64x48
-    level-3 map with C = 128 on 2 CPU threads, a 28x20 kernel took 35 ms direct and 12 ms here, a 5x4 kernel 1.3 ms
-    direct and 5.7 ms here (hence FFT_MIN_CELLS).
+    Cost O(C H' W' log(H' W')) whatever the kernel size, against O(C H' W' h w) for the convolution, so large
+    kernels take this path and small ones the direct one (FFT_MIN_CELLS; timings in benchmarks/RESULTS.md).
     """
     _, _, hp, wp = padded.shape
     _, kh, kw = query.shape

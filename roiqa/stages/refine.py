@@ -137,9 +137,8 @@ def perceptual_loss(
 
     - cos_l: cosine of the flattened maps after subtracting the query's mean feature (a C vector) from both, as
       the matcher's correlation does (Matcher.level_heatmaps, cfg.center). FPN features share a large common
-      component that keeps uncentred cosines near 1 for any box: on the face pair of tests/test_refine.py,
-      1 - cos (levels combined) grows from the true box to a 0.75x box by 0.013 uncentred and 0.043 centred, to a
-      box shifted by 15% by 0.04 and 0.12.
+      component that keeps uncentred cosines near 1 for any box; centred, 1 - cos grows about three times as fast
+      away from the true box (docs/stages.md).
     - dis_l: edge-weighted mean over cells of ||q_hat - r_hat||_1 / sqrt(C), q_hat and r_hat the per-cell
       L2-normalised centred features; the 1 / sqrt(C) puts it in [0, 2] like 1 - cos, whatever C is.
 
