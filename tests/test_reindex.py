@@ -23,10 +23,11 @@ import pytest
 from PIL import Image
 
 from pipelines.index import run_index
-from pipelines.reindex import diff, run_reindex
+from pipelines.reindex import run_reindex
 from roiqa import schema as S
 from roiqa.config import replace_section
 from roiqa.index import faiss_index, hubness, store
+from roiqa.index.incremental import diff
 from roiqa.io.listing import list_images
 from roiqa.io.sources import content_hash
 from roiqa.models.regions import image_key, split_key

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines.reindex import _listing_made, _rows_of
 from roiqa import errors as row_errors
 from roiqa import schema as S
 from roiqa.config import IndexConfig
+from roiqa.index.incremental import listing_rows, rows_of
 from roiqa.index.tables import split_duplicates
 from roiqa.io import uri as uri_mod
 from roiqa.io.listing import list_images
@@ -107,9 +107,9 @@ def test_a_reindex_carries_rows_of_unchanged_shards_and_lists_anew_only_the_list
             ],
         }
     )
-    assert _listing_made(errors).to_pylist() == [False, True, False]
+    assert listing_rows(errors).to_pylist() == [False, True, False]
     # a file named like a tar member (no shard x.tar) is its own source
-    assert _rows_of(errors, {"/d/s.tar", "/d/x.tar#y.png"}).to_pylist() == [True, False, True]
+    assert rows_of(errors, {"/d/s.tar", "/d/x.tar#y.png"}).to_pylist() == [True, False, True]
 
 
 # ---------------------------------------------------------------- size limits
