@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default="benchmarks/results", help="folder for bench_scale.json / .md")
     p.add_argument(
+        "--config", default=None, help="YAML config for the index and the queries (default: the built-in settings)"
+    )
+    p.add_argument(
         "--hubness", type=float, default=None, help="query.hubness for the queries (default: the config's default)"
     )
     p.add_argument(
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.index import run_index
     from pipelines.query import run_query
     from roiqa import schema as S
-    from roiqa.config import RoiqaConfig
+    from roiqa.config import load_config, to_dict
     from roiqa.eval.baselines import run_baseline
     from roiqa.eval.demo_data import build_distractors, build_eval_collection
     from roiqa.eval.metrics import evaluate_buckets
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or tempfile.mkdtemp(prefix="bench-scale-")
     os.makedirs(work, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = RoiqaConfig()
+    cfg = load_config(args.config)
     if args.hubness is not None:
         cfg = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, hubness=args.hubness))
     index = os.path.join(work, "index")
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "positives": len(gt),
         "top_k": cfg.query.top_k,
         "hubness": {"k": cfg.index.hubness_k, "weight": cfg.query.hubness},
+        "config": args.config,
+        "geometry": to_dict(cfg.geometry),
         "index": {**index_report, "bytes_per_image_by_file": index_bytes(index)},
         "runs": {},
     }
