@@ -50,10 +50,12 @@ class Coarse:
         return shortlist(self.scores, self.ids, self.query_ids, rerank, start, extra)
 
 
-def coarse_search(version: store.IndexVersion, encoded: pa.Table, cfg: RoiqaConfig, views: int) -> Coarse:
-    """faiss top-K of the encoded queries that have no error (`encoded`: the QueryEncoder's rows; `views`: query
-    descriptors per query in a region index)."""
-    qc, uris = cfg.query, store.image_uris(version)
+def coarse_search(
+    version: store.IndexVersion, uris: dict[int, str], encoded: pa.Table, cfg: RoiqaConfig, views: int
+) -> Coarse:
+    """faiss top-K of the encoded queries that have no error (`uris`: store.image_uris of the version; `encoded`:
+    the QueryEncoder's rows; `views`: query descriptors per query in a region index)."""
+    qc = cfg.query
     good = [i for i, e in enumerate(row_errors.read(encoded.select(row_errors.COLUMNS).to_pydict())) if e is None]
     regions = is_region_index(version)
     emb = np.stack(encoded.column(S.COARSE_QUERY if regions else S.EMBEDDING).to_numpy(zero_copy_only=False))
