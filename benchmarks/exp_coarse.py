@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from roiqa.io.imageio import decode_image, pad_to_square, resize_long_side
     from roiqa.models.checkpoint import load_matcher
     from roiqa.models.regions import WINDOWS, Whitening, box_gem, region_grid
-    from roiqa.stages.rerank import coarse_views, load_patch, rotate_patch
+    from roiqa.stages.rerank import MIN_PART_SIDE, coarse_views, load_patch, query_parts, rotate_patch
     from roiqa.weights import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -139,18 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         qmaps.append(views)
         parts = []
         h, w = patch.shape[:2]
-        aspect = max(h, w) / min(h, w)
-        if args.parts and aspect > 1.6:
-            n, side = int(np.ceil(aspect)), min(h, w)
-            for j in range(n):  # square crops spread evenly along the long axis, first and last at the ends
-                o = int(round(j * (max(h, w) - side) / (n - 1)))
-                crop = patch[o : o + side] if h > w else patch[:, o : o + side]
-                for vsize, rot in coarse_views(cfg.query):
-                    pv, _ = resize_long_side(
-                        rotate_patch(np.ascontiguousarray(crop), rot), max(48, int(vsize / aspect))
-                    )
-                    with torch.inference_mode():
-                        parts.append(model.pyramid(pv[None])[lv][0].float())
+        shrink = min(h, w) / max(h, w)
+        for crop in query_parts(patch, 1.6 if args.parts else 0.0):  # as QueryEncoder.coarse_descriptors
+            for vsize, rot in coarse_views(cfg.query):
+                pv, _ = resize_long_side(rotate_patch(crop, rot), max(MIN_PART_SIDE, int(vsize * shrink)))
+                with torch.inference_mode():
+                    parts.append(model.pyramid(pv[None])[lv][0].float())
         pmaps.append(parts)
     gt = store.read_table(os.path.join(col_dir, "ground_truth.parquet")).to_pandas()
     positives = {q: set(os.path.basename(u) for u in g[S.URI]) for q, g in gt.groupby(S.QUERY_ID)}

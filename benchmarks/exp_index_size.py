@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from roiqa.index import faiss_index, hubness, store
     from roiqa.io.queries import load_queries
     from roiqa.models.regions import split_key
-    from roiqa.stages.rerank import QueryEncoder, coarse_views
+    from roiqa.stages.rerank import QueryEncoder, coarse_slots
     from roiqa.weights import resolve_model
 
     t0 = time.perf_counter()
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = {k: np.array(v, dtype=object) for k, v in qtable.to_pydict().items()}
     enc = QueryEncoder(cfg, resolve_model(None), threads=0, regions=True)(batch)
     qids = [str(q) for q in enc[S.QUERY_ID]]
-    queries = hubness.augment_queries(enc[S.COARSE_QUERY].reshape(len(qids), len(coarse_views(qc)), dim), qc.hubness)
+    queries = hubness.augment_queries(enc[S.COARSE_QUERY].reshape(len(qids), coarse_slots(qc), dim), qc.hubness)
     uris = store.image_uris(version)
     by_uri = {u: i for i, u in uris.items()}
     gt_table = store.read_table(os.path.join(args.work, "collection", "ground_truth.parquet")).to_pandas()

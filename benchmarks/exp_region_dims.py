@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from roiqa.config import RoiqaConfig
     from roiqa.eval.demo_data import build_distractors, build_eval_collection
     from roiqa.index import faiss_index, store
-    from roiqa.stages.rerank import QueryEncoder, coarse_views
+    from roiqa.stages.rerank import QueryEncoder, coarse_slots
     from roiqa.weights import resolve_model
 
     work = args.work or tempfile.mkdtemp(prefix="exp-region-dims-")
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = QueryEncoder(cfg, model, regions=True)(
         {c: np.asarray(queries.column(c).to_pylist(), dtype=object) for c in queries.column_names}
     )
-    views = len(coarse_views(cfg.query))
+    views = coarse_slots(cfg.query)
     qvec = np.stack(enc[S.COARSE_QUERY]).reshape(len(queries), views, dim)
     gt = store.read_table(col.ground_truth_uri).to_pandas()
     positives = {q: set(g[S.URI]) for q, g in gt.groupby(S.QUERY_ID)}

@@ -30,7 +30,7 @@ from roiqa.results.ranking import (
     split_failed,
     with_uris,
 )
-from roiqa.stages.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_views
+from roiqa.stages.rerank import GeometryCheck, QueryEncoder, Reranker, coarse_slots
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     n = encoded.num_rows
     progress.done(f"encoded {n - n_bad:,} queries ({n_bad:,} errors)", tc - te, n, "queries")
     uris = store.image_uris(version)
-    coarse = coarse_search(version, uris, encoded, cfg, len(coarse_views(qc)))
+    coarse = coarse_search(version, uris, encoded, cfg, coarse_slots(qc))
     t1 = time.perf_counter()
     searched = f"top {qc.top_k} of {len(uris):,} images for {len(coarse.query_ids):,} queries"
     progress.done(f"coarse search: {searched}, {len(coarse.frame):,} candidates", t1 - tc)

@@ -60,6 +60,10 @@ class QueryConfig:
     coarse_sizes: tuple[int, ...] = (64, 96, 128)  # query long sides (pixels) whose descriptors search the regions
     coarse_rotations: tuple[float, ...] = (0.0, -30.0, 30.0)  # query rotations (degrees) searched at each coarse size
     coarse_regions: int = 4096  # regions fetched per query descriptor before they are grouped into images
+    # a query whose long side is over this multiple of its short side also searches square parts of itself along
+    # its long axis (at most 4, roiqa.stages.rerank.query_parts), so a thin object's part meets a window that is
+    # mostly object; 0: whole queries only
+    coarse_parts: float = 0.0
     hubness: float = 0.5  # a region scores <q, r> - hubness * h(r) in a region index built with index.hubness_k
     query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
     descriptor_size: int = 112  # query long side for the global and region descriptors

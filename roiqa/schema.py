@@ -12,7 +12,7 @@ HEIGHT = "height"  # int32, original image height in pixels
 SIZE_BYTES = "size_bytes"  # int64, encoded size
 CONTENT_HASH = "content_hash"  # string, BLAKE2b-128 hex of the encoded bytes
 EMBEDDING = "embedding"  # fixed_size_list<float32, D>, L2-normalised global descriptor
-COARSE_QUERY = "coarse_query"  # float32 (S * D): a query's whitened descriptors, one per coarse view (transient)
+COARSE_QUERY = "coarse_query"  # float32 (S * D): whitened descriptors per coarse slot, unused ones zeros (transient)
 REGIONS_Q8 = "regions_q8"  # binary: whitened regional descriptors (roiqa.models.regions grid), R float16 row scales
 # then R x D int8 (roiqa.models.regions.encode_regions)
 REGIONS = "regions"  # binary, float16 (R, D) row-major: the same descriptors in versions written before regions_q8

@@ -145,6 +145,80 @@ def test_search_images_matches_brute_force() -> None:
     assert isinstance(index, faiss.Index)
 
 
+def test_search_images_skips_unused_slots() -> None:
+    """Descriptors marked unused find nothing: the same ranking as searching the used ones alone, whatever the
+    unused rows hold."""
+    rng = np.random.default_rng(4)
+    ids = rng.integers(1, 1 << 62, size=20, dtype=np.int64)
+    counts = rng.integers(1, 6, size=20)
+    vec = rng.normal(size=(counts.sum(), 8)).astype(np.float32)
+    index = build_index(vec, region_keys(ids, counts), "Flat")
+    q = rng.normal(size=(2, 4, 8)).astype(np.float32)
+    used = np.array([[True, False, True, False], [False, False, False, True]])
+    scores, got = search_images(index, q, 6, image_ids=ids, regions=1000, used=used)
+    for i in range(2):
+        ref_s, ref_i = search_images(index, q[i : i + 1, used[i]], 6, image_ids=ids, regions=1000)
+        assert got[i].tolist() == ref_i[0].tolist()
+        np.testing.assert_allclose(scores[i], ref_s[0])
+    none_s, none_i = search_images(index, q, 6, image_ids=ids, regions=1000, used=np.zeros((2, 4), bool))
+    assert (none_i == -1).all() and np.isneginf(none_s).all()
+
+
+def test_query_parts_are_square_crops_along_the_long_axis() -> None:
+    from roiqa.stages.rerank import MAX_PARTS, query_parts
+
+    tall = np.arange(100 * 30 * 3, dtype=np.uint8).reshape(100, 30, 3)
+    parts = query_parts(tall, 1.6)
+    assert len(parts) == 4  # ceil(100 / 30)
+    for part, top in zip(parts, (0, 23, 47, 70)):  # evenly spread, first and last flush with the ends
+        np.testing.assert_array_equal(part, tall[top : top + 30])
+    wide = np.ascontiguousarray(tall.transpose(1, 0, 2))
+    np.testing.assert_array_equal(query_parts(wide, 1.6)[-1], wide[:, 70:100])
+    assert len(query_parts(np.zeros((20, 400, 3), np.uint8), 1.6)) == MAX_PARTS  # aspect 20, capped
+    assert query_parts(tall, 0.0) == [] and query_parts(tall, 4.0) == [] and query_parts(tall[:40], 1.6) == []
+
+
+def test_long_queries_fill_their_part_slots_and_short_ones_leave_them_zero(tmp_path) -> None:
+    """QueryEncoder with query.coarse_parts: the whole query's views first, as without parts, then each part at
+    each view, as the model describes the crop on its own; a square query leaves the part slots zero."""
+    import dataclasses
+
+    from roiqa.config import RoiqaConfig
+    from roiqa.eval.demo_data import load_photo
+    from roiqa.io.imageio import resize_long_side
+    from roiqa.stages.rerank import QueryEncoder, coarse_slots, coarse_views, pyramid, query_parts
+    from roiqa.weights import SHIPPED
+
+    base = RoiqaConfig()
+    qc = dataclasses.replace(base.query, coarse_sizes=(64, 96), coarse_rotations=(), coarse_parts=1.6)
+    enc = QueryEncoder(dataclasses.replace(base, query=qc), SHIPPED, threads=2, regions=True)
+    plain = QueryEncoder(base, SHIPPED, threads=2, regions=True)
+    plain.cfg = dataclasses.replace(base, query=dataclasses.replace(qc, coarse_parts=0.0))
+    assert coarse_slots(qc) == 2 * 5 and coarse_slots(plain.cfg.query) == 2
+    with pytest.raises(ValueError, match="coarse_parts"):
+        coarse_slots(dataclasses.replace(qc, coarse_parts=0.5))
+    photo = load_photo("astronaut")
+    tall = np.ascontiguousarray(photo[0:300, 100:200])  # aspect 3: three parts
+    d = enc.coarse_descriptors(tall)
+    assert d.shape == (2 + 3 * 2, enc.model.dim)
+    np.testing.assert_allclose(d[:2], plain.coarse_descriptors(tall), atol=1e-6)
+    with torch.inference_mode():
+        for j, part in enumerate(query_parts(tall, 1.6)):
+            for v, (size, _) in enumerate(coarse_views(qc)):
+                p, _ = resize_long_side(part, max(48, int(size / 3)))
+                want = enc.model.coarse_query_descriptor(pyramid(enc.model, p, enc.device))[0].numpy()
+                np.testing.assert_allclose(d[2 + 2 * j + v], want, atol=1e-6)
+    assert len(enc.coarse_descriptors(np.ascontiguousarray(photo[0:100, 0:120]))) == 2  # aspect 1.2: no parts
+    for name, patch in (("tall", tall), ("square", photo[0:100, 0:120])):
+        Image.fromarray(np.ascontiguousarray(patch)).save(tmp_path / f"{name}.png")
+    out = enc(
+        {"query_id": np.array(["t", "s"]), "uri": np.array([str(tmp_path / "tall.png"), str(tmp_path / "square.png")])}
+    )
+    rows = out["coarse_query"].reshape(2, 10, -1)
+    np.testing.assert_allclose(rows[0, :8], d, atol=1e-6)
+    assert not rows[0, 8:].any() and rows[1, :2].any() and not rows[1, 2:].any()
+
+
 def test_bodyless_checkpoint_loads_the_body_from_the_package(tmp_path) -> None:
     m = Matcher(ModelConfig())
     with torch.no_grad():

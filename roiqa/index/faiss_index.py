@@ -208,12 +208,14 @@ def search_images(
     nprobe: int = 256,
     image_ids: np.ndarray | None = None,
     regions: int = 4096,
+    used: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best images per query: (scores (Q, k), image ids (Q, k)), -inf / -1 past the results.
 
     Without `image_ids` the index holds one vector per image and `queries` is (Q, D). With `image_ids` (every
-    indexed image id) it holds region keys and `queries` is (Q, S, D), S descriptors per query (one per query
-    size): each fetches its `regions` best regions, and an image scores its best region over all S.
+    indexed image id) it holds region keys and `queries` is (Q, S, D), S descriptors per query (its coarse views):
+    each fetches its `regions` best regions, and an image scores its best region over all S. `used` (Q, S) bool:
+    the descriptors to search (default all); the others are unused slots and find nothing.
     """
     if image_ids is None:
         return search(index, queries, k, nprobe)
@@ -222,7 +224,11 @@ def search_images(
     queries = np.asarray(queries, np.float32)
     q, s, d = queries.shape
     lookup = dict(zip(image_key(image_ids).tolist(), np.asarray(image_ids, np.int64).tolist()))
-    sc, keys = search(index, queries.reshape(q * s, d), max(k, regions), nprobe)
+    rows = np.ones(q * s, bool) if used is None else np.asarray(used, bool).reshape(q * s)
+    kk = max(1, min(max(k, regions), index.ntotal)) if index.ntotal else 1
+    sc, keys = np.full((q * s, kk), -np.inf, np.float32), np.full((q * s, kk), -1, np.int64)
+    if rows.any():
+        sc[rows], keys[rows] = search(index, queries.reshape(q * s, d)[rows], kk, nprobe)
     out_s = np.full((q, k), -np.inf, np.float32)
     out_i = np.full((q, k), -1, np.int64)
     for i in range(q):

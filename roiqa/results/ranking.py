@@ -54,14 +54,15 @@ def coarse_search(
     version: store.IndexVersion, uris: dict[int, str], encoded: pa.Table, cfg: RoiqaConfig, views: int
 ) -> Coarse:
     """faiss top-K of the encoded queries that have no error (`uris`: store.image_uris of the version; `encoded`:
-    the QueryEncoder's rows; `views`: query descriptors per query in a region index)."""
+    the QueryEncoder's rows; `views`: query descriptor slots per query in a region index, `coarse_slots`)."""
     qc = cfg.query
     good = [i for i, e in enumerate(row_errors.read(encoded.select(row_errors.COLUMNS).to_pydict())) if e is None]
     regions = is_region_index(version)
     emb = np.stack(encoded.column(S.COARSE_QUERY if regions else S.EMBEDDING).to_numpy(zero_copy_only=False))
-    image_ids = None
+    image_ids = used = None
     if regions:
         emb = emb.reshape(len(emb), views, -1)  # (Q, S, D)
+        used = np.any(emb != 0, axis=-1)  # (Q, S): a long query's part slots it does not fill are zeros
         if version.manifest.get("hubness"):  # regions indexed as [r, h(r)]: score <q, r> - weight * h(r)
             emb = hubness.augment_queries(emb, qc.hubness)
         image_ids = np.fromiter(uris, np.int64, len(uris))
@@ -71,7 +72,13 @@ def coarse_search(
         empty = np.zeros((0, qc.top_k))
         return Coarse([], empty, empty.astype(np.int64), _coarse_frame([], [], [], uris))
     scores, ids = faiss_index.search_images(
-        version.faiss(), emb[good], qc.top_k, cfg.index.faiss_nprobe, image_ids, qc.coarse_regions
+        version.faiss(),
+        emb[good],
+        qc.top_k,
+        cfg.index.faiss_nprobe,
+        image_ids,
+        qc.coarse_regions,
+        None if used is None else used[good],
     )
     scores, ids = np.asarray(scores), np.asarray(ids)
     return Coarse(good_ids, scores, ids, _coarse_frame(good_ids, scores, ids, uris))

@@ -104,6 +104,34 @@ def coarse_views(qc) -> list[tuple[int, float]]:
     return [(size, rot) for size in qc.coarse_sizes for rot in (qc.coarse_rotations or (0.0,))]
 
 
+MAX_PARTS = 4  # square parts of a long query (`query.coarse_parts`)
+MIN_PART_SIDE = 48  # pixels: a part's coarse views are never smaller than this
+
+
+def coarse_slots(qc) -> int:
+    """Coarse query descriptors per query: every coarse view of the whole query and, with `query.coarse_parts`,
+    of up to MAX_PARTS parts (unused slots are zero rows, which the search skips)."""
+    if qc.coarse_parts and qc.coarse_parts <= 1.0:
+        raise ValueError(f"query.coarse_parts: expected 0 (off) or an aspect ratio above 1, got {qc.coarse_parts}")
+    return len(coarse_views(qc)) * (1 + (MAX_PARTS if qc.coarse_parts else 0))
+
+
+def query_parts(patch: np.ndarray, min_aspect: float) -> list[np.ndarray]:
+    """Square crops of a long query along its long axis: ceil(aspect) of them (at most MAX_PARTS), side its short
+    side, the first and last flush with its ends; none when its aspect (long / short side) is `min_aspect` or less
+    or `min_aspect` is 0."""
+    h, w = patch.shape[:2]
+    aspect = max(h, w) / max(1, min(h, w))
+    if not min_aspect or aspect <= min_aspect:
+        return []
+    n, side = min(MAX_PARTS, int(np.ceil(aspect))), min(h, w)
+    parts = []
+    for j in range(n):
+        o = int(round(j * (max(h, w) - side) / (n - 1)))
+        parts.append(np.ascontiguousarray(patch[o : o + side] if h > w else patch[:, o : o + side]))
+    return parts
+
+
 def query_boxes(batch: dict[str, np.ndarray], i: int) -> np.ndarray | None:
     """The optional box of row i of a queries batch (None when the columns are absent)."""
     if S.X0 not in batch:
@@ -136,15 +164,15 @@ class QueryEncoder:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, dim = len(batch[S.QUERY_ID]), self.model.dim
-        views = coarse_views(self.cfg.query)
         emb = np.zeros((n, dim), dtype=np.float32)
-        coarse = np.zeros((n, len(views) * dim), dtype=np.float32)
+        coarse = np.zeros((n, coarse_slots(self.cfg.query) * dim), dtype=np.float32)
         errors = []
         for i, u in enumerate(batch[S.URI]):
             try:
                 patch = load_patch(str(u), query_boxes(batch, i), self.cfg.preprocess.max_pixels)
                 if self.regions:
-                    coarse[i] = self.coarse_descriptors(patch).reshape(-1)
+                    d = self.coarse_descriptors(patch).reshape(-1)
+                    coarse[i, : len(d)] = d
                 else:
                     small, _ = resize_long_side(patch, self.cfg.query.descriptor_size)
                     emb[i] = self.model.global_descriptor(pyramid(self.model, small, self.device))[0].cpu().numpy()
@@ -160,15 +188,24 @@ class QueryEncoder:
             **row_errors.columns(errors),
         }
 
+    @torch.inference_mode()
     def coarse_descriptors(self, patch: np.ndarray) -> np.ndarray:
-        """(len(coarse_views), D) whitened descriptors of the patch at each coarse view, for the region index."""
+        """(V * (1 + P), D) whitened descriptors for the region index: the patch at each of the V coarse views, then
+        each of its P square parts (`query_parts`, with `query.coarse_parts`) at the same views, scaled as the part
+        is in the whole patch at that view (at least MIN_PART_SIDE pixels)."""
+        qc = self.cfg.query
+        h, w = patch.shape[:2]
+        shrink = min(h, w) / max(h, w)  # a part's side over the patch's long side
+        crops = [(patch, 1.0)] + [(part, shrink) for part in query_parts(patch, qc.coarse_parts)]
         out = []
-        rotated: dict[float, np.ndarray] = {}
-        for size, rot in coarse_views(self.cfg.query):
-            if rot not in rotated:
-                rotated[rot] = rotate_patch(patch, rot)
-            p, _ = resize_long_side(rotated[rot], size)
-            out.append(self.model.coarse_query_descriptor(pyramid(self.model, p, self.device))[0].cpu().numpy())
+        for crop, scale in crops:
+            rotated: dict[float, np.ndarray] = {}
+            for size, rot in coarse_views(qc):
+                if rot not in rotated:
+                    rotated[rot] = rotate_patch(crop, rot)
+                side = size if scale == 1.0 else max(MIN_PART_SIDE, int(size * scale))
+                p, _ = resize_long_side(rotated[rot], side)
+                out.append(self.model.coarse_query_descriptor(pyramid(self.model, p, self.device))[0].cpu().numpy())
         return np.stack(out)
 
 
