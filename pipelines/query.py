@@ -17,7 +17,9 @@ from roiqa.config import RoiqaConfig, to_dict
 from roiqa.index import store
 from roiqa.io import uri as uri_mod
 from roiqa.io.queries import QueryMap, load_queries, query_map
+from roiqa.models.matcher import Matcher
 from roiqa.progress import Progress
+from roiqa.results import expansion
 from roiqa.results import html as report
 from roiqa.results import output as query_output
 from roiqa.results.ranking import (
@@ -27,6 +29,7 @@ from roiqa.results.ranking import (
     is_region_index,
     query_errors,
     rank_results,
+    search_views,
     split_failed,
     with_uris,
 )
@@ -63,15 +66,14 @@ def encode_stage(qtable: pa.Table, cfg: RoiqaConfig, model_uri: str | None, regi
 
 
 def geometry_stage(
-    coarse: Coarse, uris: dict[int, str], qmap: QueryMap, cfg: RoiqaConfig, res: dict
-) -> tuple[set[tuple[str, int]], pd.DataFrame]:
-    """The geometric check of the coarse shortlist past the rerank budget: ((query_id, image_id) pairs verified,
-    which join the rerank; failed pairs)."""
+    coarse: Coarse, uris: dict[int, str], qmap: QueryMap, cfg: RoiqaConfig, res: dict, start: int, done=frozenset()
+) -> pd.DataFrame:
+    """GeometryCheck's rows for the coarse shortlist's ranks [start, geometry.shortlist), less the (query_id,
+    image_id) pairs of `done`; empty with geometry off."""
     gc, qc = cfg.geometry, cfg.query
-    failed = pd.DataFrame(columns=[S.QUERY_ID, S.IMAGE_ID, *row_errors.COLUMNS])
-    past = coarse.shortlist(min(gc.shortlist, qc.top_k), start=qc.rerank) if gc.enabled else None
+    past = coarse.shortlist(min(gc.shortlist, qc.top_k), start=start, exclude=done) if gc.enabled else None
     if past is None or not past.num_rows:
-        return set(), failed
+        return pd.DataFrame(columns=[S.QUERY_ID, S.IMAGE_ID, S.INLIERS, *S.BOX, *row_errors.COLUMNS])
     gds = table_dataset(with_uris(past, uris), 4 * max(qc.actors, qc.max_actors))
     gds = gds.map_batches(
         GeometryCheck,
@@ -81,9 +83,26 @@ def geometry_stage(
         batch_format="numpy",
         **res,
     )
-    checked = pa.concat_tables(ray.get(gds.to_arrow_refs())).to_pandas()
-    ok_rows = checked[checked[S.INLIERS] >= gc.min_inliers]
-    return set(zip(ok_rows[S.QUERY_ID], ok_rows[S.IMAGE_ID].astype(int))), split_failed(checked)[1]
+    return pa.concat_tables(ray.get(gds.to_arrow_refs())).to_pandas()
+
+
+def pairs(frame: pd.DataFrame) -> set[tuple[str, int]]:
+    """The (query_id, image_id) pairs of a frame's rows."""
+    return set(zip(frame[S.QUERY_ID].astype(str), frame[S.IMAGE_ID].astype(int)))
+
+
+def expand_stage(
+    coarse: Coarse, version: store.IndexVersion, index, uris: dict[int, str], checked: pd.DataFrame, cfg: RoiqaConfig
+) -> tuple[Coarse, dict[str, int]]:
+    """The coarse search again with each query's views expanded by its most strongly verified images' regions
+    (roiqa.results.expansion); the search as it was for queries no image verified. Also: regions taken per query."""
+    picks = expansion.strongest(checked, cfg.geometry.min_inliers, cfg.query.expand)
+    stride = Matcher.stride(cfg.model.descriptor_level)
+    source = expansion.RegionSource(index, coarse.views.shape[-1], stride)
+    views, taken = expansion.expand_views(coarse.views, coarse.used, coarse.query_ids, picks, source)
+    if not taken:
+        return coarse, taken
+    return search_views(version, index, uris, coarse.query_ids, views, coarse.used, cfg), taken
 
 
 def rerank_stage(
@@ -169,26 +188,38 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     n = encoded.num_rows
     progress.done(f"encoded {n - n_bad:,} queries ({n_bad:,} errors)", tc - te, n, "queries")
     uris = store.image_uris(version)
-    coarse = coarse_search(version, uris, encoded, cfg, coarse_slots(qc))
+    index = version.faiss()
+    coarse = coarse_search(version, uris, encoded, cfg, coarse_slots(qc), index)
     t1 = time.perf_counter()
     searched = f"top {qc.top_k} of {len(uris):,} images for {len(coarse.query_ids):,} queries"
     progress.done(f"coarse search: {searched}, {len(coarse.frame):,} candidates", t1 - tc)
 
-    # geometric verification of the coarse shortlist past the rerank budget: verified images join the rerank
-    verified, geo_failed = geometry_stage(coarse, uris, qmap, cfg, res)
+    # geometric verification of the coarse shortlist: verified images join the rerank wherever they rank; with
+    # query.expand, the whole shortlist is checked first and the verified images expand the coarse search
+    expanding = bool(qc.expand) and cfg.geometry.enabled and coarse.views is not None
+    taken: dict[str, int] = {}  # query_id -> verified regions its expanded search took
+    checked = geometry_stage(coarse, uris, qmap, cfg, res, start=0 if expanding else qc.rerank)
+    if expanding:
+        coarse, taken = expand_stage(coarse, version, index, uris, split_failed(checked)[0], cfg)
+        progress.done(f"query expansion: {len(taken):,} queries expanded by verified regions", time.perf_counter() - t1)
+        more = geometry_stage(coarse, uris, qmap, cfg, res, start=qc.rerank, done=pairs(checked))
+        checked = pd.concat([f for f in (checked, more) if len(f)]) if len(more) else checked
+    ok_rows, geo_failed = split_failed(checked)
+    verified = pairs(ok_rows[ok_rows[S.INLIERS] >= cfg.geometry.min_inliers])
     if cfg.geometry.enabled:
         progress.done(f"geometric check ({len(verified):,} pairs verified)", time.perf_counter() - t1)
+    reranked_anyway = pairs(coarse.frame.groupby(S.QUERY_ID, sort=False).head(qc.rerank))
 
     # rerank: one row per candidate image, with every query that shortlisted it
     cand = coarse.shortlist(qc.rerank, extra=verified)
     reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + list(row_errors.COLUMNS))
     if cand is not None and cand.num_rows:
         tr = time.perf_counter()
-        pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
-        progress.say(f"reranking {pairs:,} pairs ({cand.num_rows:,} images, {pool_size(qc.actors, qc.max_actors)})")
+        n_pairs = sum(len(q) for q in cand.column(S.QUERY_IDS).to_pylist())
+        progress.say(f"reranking {n_pairs:,} pairs ({cand.num_rows:,} images, {pool_size(qc.actors, qc.max_actors)})")
         overlays = run.uri(query_output.HEATMAPS) if qc.overlays else None
         reranked = rerank_stage(with_uris(cand, uris), qmap, cfg, model_uri, overlays, res)
-        progress.done(f"reranked {pairs:,} pairs", time.perf_counter() - tr, pairs, "pairs")
+        progress.done(f"reranked {n_pairs:,} pairs", time.perf_counter() - tr, n_pairs, "pairs")
     t2 = time.perf_counter()
 
     ok, rerank_failed = split_failed(reranked)
@@ -207,7 +238,9 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
         "errors": errors.num_rows,
         "model": version.manifest["model"],
         "seconds": {"total": time.perf_counter() - t0, "coarse": t1 - t0, "rerank": t2 - t1},
-        "verified_past_rerank": len(verified),  # pairs past query.rerank that geometry verified and sent to the rerank
+        # pairs past query.rerank that geometry verified and sent to the rerank
+        "verified_past_rerank": len(verified - reranked_anyway),
+        "expanded_queries": len(taken),  # queries whose coarse search ran again with verified regions
         "query_config": to_dict(qc),
         "stages": {
             name: to_dict(getattr(cfg, name)) for name in ("refine", "verify", "geometry") if getattr(cfg, name).enabled

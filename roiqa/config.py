@@ -64,6 +64,10 @@ class QueryConfig:
     # its long axis (at most 4, roiqa.stages.rerank.query_parts), so a thin object's part meets a window that is
     # mostly object; 0: whole queries only
     coarse_parts: float = 0.0
+    # spatially verified query expansion (roiqa.results.expansion): the coarse search runs again with the indexed
+    # regions of each query's this many most strongly verified images (geometric check) averaged into its views;
+    # 0: one coarse search
+    expand: int = 3
     hubness: float = 0.5  # a region scores <q, r> - hubness * h(r) in a region index built with index.hubness_k
     query_sizes: tuple[int, ...] = (40, 56, 80, 112, 160, 224)  # query long side (resized-gallery pixels) tried
     descriptor_size: int = 112  # query long side for the global and region descriptors

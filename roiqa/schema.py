@@ -25,6 +25,7 @@ SCORE = "score"  # float32, rerank score s(I|q) (seed 003 eq. 5)
 COARSE_SCORE = "coarse_score"  # float32, inner product of global descriptors from the faiss search
 X0, Y0, X1, Y1 = "x0", "y0", "x1", "y1"  # float32 box corners, pixels of the original image
 BOX = [X0, Y0, X1, Y1]
+RESIZED_H, RESIZED_W = "resized_h", "resized_w"  # int32: an image's size as the index resized it (transient)
 HEATMAP_URI = "heatmap_uri"  # string or null, overlay PNG of the fused heatmap
 
 # Seed 001 complexity stage of the index (present when complexity.enabled; pixels are resized-image pixels)

@@ -158,3 +158,7 @@ def test_geometry_check_rows(tmp_path):
     errs = row_errors.read(out)
     assert out[S.INLIERS][3] == -1 and (errs[3].stage, errs[3].reason) == ("geometry", "image_unreadable")
     assert errs[:3] == [None, None, None]
+    # the fit's box, in the pixels of the image as the index resized it (512 px already), and that size
+    box = np.array([out[c][0] for c in S.BOX])
+    np.testing.assert_allclose(box, geometry.match(face, hit).box, atol=1e-4)
+    assert (out[S.RESIZED_H][0], out[S.RESIZED_W][0]) == image.shape[:2] and np.isnan(out[S.X0][3])

@@ -444,6 +444,9 @@ def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, 
     assert (reranked[reranked[S.URI].isin(pos)][S.INLIERS] >= cfg.geometry.min_inliers).all()
     assert set(on.sort_values(S.RANK).head(2)[S.URI]) == pos  # and ranked first
     assert off[S.SCORE].notna().sum() == 1 and off[S.INLIERS].isna().all()
+    # query.expand (on by default): the verified images' regions expanded the face query's coarse search
+    assert open_results(str(tmp_path / "on")).summary()["expanded_queries"] == 1
+    assert open_results(str(tmp_path / "off")).summary()["expanded_queries"] == 0
 
 
 def read_results_of(report):

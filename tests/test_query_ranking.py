@@ -106,3 +106,5 @@ def test_shortlist_ranges_and_extra_pairs():
     assert t[S.IMAGE_ID] == [10, 20, 30]  # q1's top 1, q2's top 1, and q1's verified rank-3 image
     assert t[S.QUERY_IDS] == [["q1"], ["q2"], ["q1"]]
     assert t[S.COARSE_SCORES][2] == [pytest.approx(0.1)]
+    done = shortlist(scores, ids, ["q1", "q2"], rerank=3, exclude={("q1", 20), ("q2", 40)}).to_pydict()
+    assert done[S.IMAGE_ID] == [10, 20, 30] and done[S.QUERY_IDS] == [["q1"], ["q2"], ["q1"]]  # pairs checked before

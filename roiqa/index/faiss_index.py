@@ -73,6 +73,31 @@ def _ivf(index: faiss.Index):
         return None
 
 
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """(N,) int64 every id `index` holds: an IVF's inverted lists, or an id map's ids."""
+    ivf = _ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    inv = ivf.invlists
+    lists = [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(ivf.nlist) if inv.list_size(i)]
+    return np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
+
+
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """(N, d) float32 the vectors `index` stores under `ids` (decoded from its codes: lossy for PQ and SQ); an IVF
+    gets a hash-table direct map first. An id the index does not hold is a ValueError."""
+    ivf = _ivf(index)
+    if ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    out = np.zeros((len(ids), index.d), np.float32)
+    for j, key in enumerate(np.asarray(ids, np.int64).tolist()):
+        try:
+            out[j] = index.reconstruct(key)
+        except RuntimeError as exc:
+            raise ValueError(f"faiss index holds no vector with id {key}") from exc
+    return out
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int, nprobe: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """(scores (Q, k), ids (Q, k)) of the k best inner products; missing results have id -1 and score -inf."""
     ivf = _ivf(index)

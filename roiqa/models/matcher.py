@@ -110,7 +110,9 @@ class Matcher(nn.Module):
             out = self.body(x)
         return {int(k): v.float() for k, v in out.items()}
 
-    def stride(self, level: int) -> int:
+    @staticmethod
+    def stride(level: int) -> int:
+        """Pixels per cell of pyramid level `level`."""
         return 2**level
 
     # --- descriptors ---------------------------------------------------------------------------------------

@@ -42,46 +42,66 @@ class Coarse:
     scores: np.ndarray  # (Q, top_k) coarse scores, -inf past the results
     ids: np.ndarray  # (Q, top_k) image ids, -1 past the results
     frame: pd.DataFrame  # one row per (query_id, image_id, uri, coarse_score) found
+    views: np.ndarray | None = None  # (Q, S, D) the descriptors searched in a region index (before hubness)
+    used: np.ndarray | None = None  # (Q, S) bool: the slots of `views` that hold a descriptor
 
-    def shortlist(self, rerank: int, start: int = 0, extra=frozenset()) -> pa.Table | None:
+    def shortlist(self, rerank: int, start: int = 0, extra=frozenset(), exclude=frozenset()) -> pa.Table | None:
         """`shortlist` of this search; None when no query encoded."""
         if not self.query_ids:
             return None
-        return shortlist(self.scores, self.ids, self.query_ids, rerank, start, extra)
+        return shortlist(self.scores, self.ids, self.query_ids, rerank, start, extra, exclude)
 
 
 def coarse_search(
-    version: store.IndexVersion, uris: dict[int, str], encoded: pa.Table, cfg: RoiqaConfig, views: int
+    version: store.IndexVersion,
+    uris: dict[int, str],
+    encoded: pa.Table,
+    cfg: RoiqaConfig,
+    views: int,
+    index=None,
 ) -> Coarse:
     """faiss top-K of the encoded queries that have no error (`uris`: store.image_uris of the version; `encoded`:
-    the QueryEncoder's rows; `views`: query descriptor slots per query in a region index, `coarse_slots`)."""
+    the QueryEncoder's rows; `views`: query descriptor slots per query in a region index, `coarse_slots`;
+    `index`: the version's faiss index when the caller has it loaded)."""
     qc = cfg.query
     good = [i for i, e in enumerate(row_errors.read(encoded.select(row_errors.COLUMNS).to_pydict())) if e is None]
     regions = is_region_index(version)
     emb = np.stack(encoded.column(S.COARSE_QUERY if regions else S.EMBEDDING).to_numpy(zero_copy_only=False))
-    image_ids = used = None
-    if regions:
-        emb = emb.reshape(len(emb), views, -1)  # (Q, S, D)
-        used = np.any(emb != 0, axis=-1)  # (Q, S): a long query's part slots it does not fill are zeros
-        if version.manifest.get("hubness"):  # regions indexed as [r, h(r)]: score <q, r> - weight * h(r)
-            emb = hubness.augment_queries(emb, qc.hubness)
-        image_ids = np.fromiter(uris, np.int64, len(uris))
     qids = encoded.column(S.QUERY_ID).to_pylist()
     good_ids = [qids[i] for i in good]
     if not good:
         empty = np.zeros((0, qc.top_k))
         return Coarse([], empty, empty.astype(np.int64), _coarse_frame([], [], [], uris))
+    index = version.faiss() if index is None else index
+    if not regions:
+        scores, ids = faiss_index.search(index, emb[good], qc.top_k, cfg.index.faiss_nprobe)
+        return Coarse(good_ids, scores, ids, _coarse_frame(good_ids, scores, ids, uris))
+    emb = emb.reshape(len(emb), views, -1)[good]  # (Q, S, D)
+    used = np.any(emb != 0, axis=-1)  # (Q, S): a long query's part slots it does not fill are zeros
+    return search_views(version, index, uris, good_ids, emb, used, cfg)
+
+
+def search_views(
+    version: store.IndexVersion,
+    index,
+    uris: dict[int, str],
+    query_ids: list[str],
+    views: np.ndarray,
+    used: np.ndarray,
+    cfg: RoiqaConfig,
+) -> Coarse:
+    """faiss top-K images of a region index for each query's used descriptors `views` (Q, S, D): an image scores
+    its best region over them, less `query.hubness` times the region's hubness in an index built with it."""
+    qc = cfg.query
+    emb = views
+    if version.manifest.get("hubness"):  # regions indexed as [r, h(r)]: score <q, r> - weight * h(r)
+        emb = hubness.augment_queries(views, qc.hubness)
+    image_ids = np.fromiter(uris, np.int64, len(uris))
     scores, ids = faiss_index.search_images(
-        version.faiss(),
-        emb[good],
-        qc.top_k,
-        cfg.index.faiss_nprobe,
-        image_ids,
-        qc.coarse_regions,
-        None if used is None else used[good],
+        index, emb, qc.top_k, cfg.index.faiss_nprobe, image_ids, qc.coarse_regions, used
     )
     scores, ids = np.asarray(scores), np.asarray(ids)
-    return Coarse(good_ids, scores, ids, _coarse_frame(good_ids, scores, ids, uris))
+    return Coarse(query_ids, scores, ids, _coarse_frame(query_ids, scores, ids, uris), views, used)
 
 
 def _coarse_frame(qids: list[str], scores, ids, uris: dict[int, str]) -> pd.DataFrame:
@@ -101,13 +121,16 @@ def shortlist(
     rerank: int,
     start: int = 0,
     extra: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
+    exclude: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset(),
 ) -> pa.Table:
     """Candidate images grouped by image: {image_id, query_ids, coarse_scores}: each query's coarse ranks
-    [start, rerank), plus the (query_id, image_id) pairs of `extra` wherever they rank."""
+    [start, rerank), plus the (query_id, image_id) pairs of `extra` wherever they rank, less those of `exclude`."""
     by_image: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
     for qid, srow, irow in zip(query_ids, scores, ids):
         for rank, (s, i) in enumerate(zip(srow, irow)):
-            if i >= 0 and (start <= rank < rerank or (qid, int(i)) in extra):
+            if i < 0 or (qid, int(i)) in exclude:
+                continue
+            if start <= rank < rerank or (qid, int(i)) in extra:
                 by_image[int(i)][0].append(qid)
                 by_image[int(i)][1].append(float(s))
     keys = sorted(by_image)

@@ -210,9 +210,11 @@ class QueryEncoder:
 
 
 class GeometryCheck:
-    """{image_id, uri, query_ids, coarse_scores} -> {query_id, image_id, inliers, error columns}: the geometric
-    verification (`roiqa.stages.geometry.match`) of coarse candidates past the dense rerank budget, so that a
-    verified image is reranked wherever the coarse stage ranked it (DELG-style verification of the shortlist).
+    """{image_id, uri, query_ids, coarse_scores} -> {query_id, image_id, inliers, x0..y1, resized_h, resized_w, error
+    columns}: the geometric verification (`roiqa.stages.geometry.match`) of coarse candidates, so that a verified
+    image is reranked wherever the coarse stage ranked it (DELG-style verification of the shortlist) and its box
+    can expand the query (`query.expand`). The box (NaN without a fit) is in the pixels of the image resized as the
+    index resized it (long side `preprocess.image_size`, size resized_h x resized_w), the frame of its regions.
     Cheap beside the dense rerank: per image a decode, a resize and SIFT once; per query a ratio test and RANSAC.
     An unreadable image gives error rows (inliers -1)."""
 
@@ -231,22 +233,23 @@ class GeometryCheck:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         gc = self.cfg.geometry
-        qids_out, iids_out, inliers_out, errors = [], [], [], []
+        qids_out, iids_out, inliers_out, boxes, sizes, errors = [], [], [], [], [], []
         for iid, u, qids in zip(batch[S.IMAGE_ID], batch[S.URI], batch[S.QUERY_IDS]):
             u = str(u)
             try:
                 img = decode_image(uri_mod.read_bytes(u), u, self.cfg.preprocess.max_pixels)
-                feats = geometry.sift_features(resize_long_side(img, self.cfg.preprocess.image_size)[0])
-                err = None
+                small = resize_long_side(img, self.cfg.preprocess.image_size)[0]  # as the index resized it
+                feats, hw, err = geometry.sift_features(small), small.shape[:2], None
             except uri_mod.StorageUnavailable:
                 raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
             except Exception as exc:  # noqa: BLE001 - the image changed or vanished since indexing
-                feats, err = None, RowError("geometry", "image_unreadable", str(exc))
+                feats, hw, err = None, (0, 0), RowError("geometry", "image_unreadable", str(exc))
             for qid in qids:
-                n = -1
+                n, box = -1, None
                 if feats is not None:
                     try:
-                        n = geometry.match(self.query_sift(str(qid)), feats, gc.ratio, gc.ransac_px).inliers
+                        m = geometry.match(self.query_sift(str(qid)), feats, gc.ratio, gc.ransac_px)
+                        n, box = m.inliers, m.box
                     except uri_mod.StorageUnavailable:
                         raise  # the store is down, not this input bad: the run fails (exit 3) and publishes nothing
                     except Exception as exc:  # noqa: BLE001 - a bad query is recorded, the rest goes on
@@ -254,11 +257,18 @@ class GeometryCheck:
                 qids_out.append(str(qid))
                 iids_out.append(int(iid))
                 inliers_out.append(n)
+                boxes.append(np.full(4, np.nan, np.float32) if box is None else np.asarray(box, np.float32))
+                sizes.append(hw)
                 errors.append(err if n < 0 else None)
+        box_cols = np.stack(boxes) if boxes else np.zeros((0, 4), np.float32)
+        hw_cols = np.array(sizes, dtype=np.int32).reshape(-1, 2)
         return {
             S.QUERY_ID: object_array(qids_out),
             S.IMAGE_ID: np.array(iids_out, dtype=np.int64),
             S.INLIERS: np.array(inliers_out, dtype=np.int32),
+            **{c: box_cols[:, j] for j, c in enumerate(S.BOX)},
+            S.RESIZED_H: hw_cols[:, 0],
+            S.RESIZED_W: hw_cols[:, 1],
             **row_errors.columns(errors),
         }
 
