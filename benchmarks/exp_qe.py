@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="bench_scale.py's working folder (index, collection, query runs)")
     p.add_argument("--run", default="query-rerank20", help="the query run under --work whose verified pairs expand")
     p.add_argument("--expand", default="1,3,5", help="comma-separated numbers of verified images used")
+    p.add_argument("--cover", default="0,0.5,0.75", help="comma-separated least shares of a region in the box")
+    p.add_argument(
+        "--variants", action=argparse.BooleanOptionalAction, default=True, help="the union/average/crop ones"
+    )
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="exp_qe")
     args = p.parse_args(argv)
@@ -48,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from roiqa.io import uri as uri_mod
     from roiqa.io.imageio import decode_image, resize_long_side
     from roiqa.models.regions import REGION_BITS, decode_regions, image_key, region_grid
+    from roiqa.results import expansion
     from roiqa.results.output import read_results
     from roiqa.results.ranking import coarse_search, index_config
     from roiqa.stages.rerank import MIN_PART_SIDE, QueryEncoder, coarse_slots, pyramid
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         got, cut, ff = [], [], []
         for _, row in rows.iterrows():
             box = np.array([row[S.X0], row[S.Y0], row[S.X1], row[S.Y1]], np.float64)
-            if np.isfinite(box).all():
+            if args.variants and np.isfinite(box).all():
                 reg = chosen_region(views[qi][used], int(row[S.IMAGE_ID]), box)
                 if reg is not None:
                     got.append(reg)
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record("baseline (the run's coarse search)", first.frame)
     record("baseline (searched again)", frame(*search(base_views)))
-    for n in [int(x) for x in args.expand.split(",") if x.strip()]:
+    for n in [int(x) for x in args.expand.split(",") if x.strip()] if args.variants else []:
         union = [np.concatenate([b, *(e[None] for e in expansions[q][:n])]) for q, b in zip(qids, base_views)]
         record(f"union {n}", frame(*search([u.reshape(-1, dim) for u in union])))
         avg = []
@@ -215,6 +220,24 @@ def main(argv: list[str] | None = None) -> int:
         record(f"average {n}, regions faiss keeps", frame(*search(avg)))
         cu = [np.concatenate([b, *(e[None] for e in crops[q][:n])]) for q, b in zip(qids, base_views)]
         record(f"crop union {n}", frame(*search(cu)))
+    # the product's own expansion (roiqa.results.expansion) on the run's verified rows, boxes in resized pixels
+    rows = verified.copy()
+    wh = {int(i): (emb.column(S.WIDTH)[r].as_py(), emb.column(S.HEIGHT)[r].as_py()) for i, r in row_of.items()}
+    scale = np.array([size / max(wh[int(i)]) for i in rows[S.IMAGE_ID]])
+    for c in S.BOX:
+        rows[c] = rows[c].to_numpy() * scale
+    rows[S.RESIZED_W] = [round(wh[int(i)][0] * f) for i, f in zip(rows[S.IMAGE_ID], scale)]
+    rows[S.RESIZED_H] = [round(wh[int(i)][1] * f) for i, f in zip(rows[S.IMAGE_ID], scale)]
+    source = expansion.RegionSource(index, dim, stride)
+    padded = np.zeros((len(qids), max(len(b) for b in base_views), dim), np.float32)
+    for i, b in enumerate(base_views):
+        padded[i, : len(b)] = b
+    used = np.any(padded != 0, axis=-1)
+    for n in [int(x) for x in args.expand.split(",") if x.strip()]:
+        picks = expansion.strongest(rows, cfg.geometry.min_inliers, n)
+        for cover in [float(x) for x in args.cover.split(",") if x.strip()]:
+            out, _ = expansion.expand_views(padded, used, qids, picks, source, cover)
+            record(f"query.expand {n}, min cover {cover}", frame(*search([o[u] for o, u in zip(out, used)])))
     report["expanded_queries"] = {q: len(v) for q, v in expansions.items()}
     report["seconds"] = time.perf_counter() - t0
     lines = ["| variant | recall@20 | recall@top_k | missed positives (query) |", "|---|---|---|---|"]

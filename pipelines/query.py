@@ -196,10 +196,13 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
 
     # geometric verification of the coarse shortlist: verified images join the rerank wherever they rank; with
     # query.expand, the whole shortlist is checked first and the verified images expand the coarse search
-    expanding = bool(qc.expand) and cfg.geometry.enabled and coarse.views is not None
+    # expansion finds images the coarse top_k missed; with every image in it already, it could only reorder it
+    expanding = bool(qc.expand) and cfg.geometry.enabled and coarse.views is not None and len(uris) > qc.top_k
     taken: dict[str, int] = {}  # query_id -> verified regions its expanded search took
+    first_budget: set[tuple[str, int]] = set()  # what the search before expansion sent to the rerank
     checked = geometry_stage(coarse, uris, qmap, cfg, res, start=0 if expanding else qc.rerank)
     if expanding:
+        first_budget = pairs(coarse.frame.groupby(S.QUERY_ID, sort=False).head(qc.rerank))
         coarse, taken = expand_stage(coarse, version, index, uris, split_failed(checked)[0], cfg)
         progress.done(f"query expansion: {len(taken):,} queries expanded by verified regions", time.perf_counter() - t1)
         more = geometry_stage(coarse, uris, qmap, cfg, res, start=qc.rerank, done=pairs(checked))
@@ -210,8 +213,9 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
         progress.done(f"geometric check ({len(verified):,} pairs verified)", time.perf_counter() - t1)
     reranked_anyway = pairs(coarse.frame.groupby(S.QUERY_ID, sort=False).head(qc.rerank))
 
-    # rerank: one row per candidate image, with every query that shortlisted it
-    cand = coarse.shortlist(qc.rerank, extra=verified)
+    # rerank: the coarse top query.rerank, every verified pair, and (with expansion) what the first search ranked
+    # in its top query.rerank, so the expansion adds candidates to the rerank but never takes one away
+    cand = coarse.shortlist(qc.rerank, extra=verified | first_budget)
     reranked = pd.DataFrame(columns=[f.name for f in S.RESULTS_SCHEMA if f.name != S.RANK] + list(row_errors.COLUMNS))
     if cand is not None and cand.num_rows:
         tr = time.perf_counter()

@@ -70,7 +70,7 @@ def _region_index(rng, images: dict[int, tuple[int, int]], stride: int, keep: in
 def test_box_region_is_the_best_held_region_centred_in_the_box():
     rng = np.random.default_rng(1)
     stride = 16
-    index, truth = _region_index(rng, {11: (96, 128), 12: (128, 80)}, stride, keep=12)
+    index, truth = _region_index(rng, {11: (96, 128), 12: (128, 80)}, stride, keep=40)
     source = expansion.RegionSource(index, DIM, stride)
     views = _unit(rng, 3)
     box = (20.0, 10.0, 100.0, 70.0)
@@ -91,6 +91,20 @@ def test_box_region_is_the_best_held_region_centred_in_the_box():
                 best, want = s, v[r]
     assert want is not None
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # with min_cover: only regions the verified box covers at least that much of (naive overlap over area)
+    covered = []
+    for r in held[held > 0]:
+        x0, y0, x1, y1 = np.minimum(cells[r], [128, 96, 128, 96])
+        iw = max(0.0, min(x1, box[2]) - max(x0, box[0]))
+        ih = max(0.0, min(y1, box[3]) - max(y0, box[1]))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        inside = box[0] <= cx <= box[2] and box[1] <= cy <= box[3]
+        if inside and iw * ih / ((x1 - x0) * (y1 - y0)) >= 0.75:
+            covered.append(r)
+    got_cover = expansion.box_region(source, views, row, min_cover=0.75)
+    assert covered  # the case is exercised
+    want = v[max(covered, key=lambda r: (views @ v[r]).max())]
+    np.testing.assert_allclose(got_cover, want, atol=1e-5)
     far = row.copy()
     far[S.X0], far[S.X1] = 500.0, 600.0
     assert expansion.box_region(source, views, far) is None  # no held region centred there

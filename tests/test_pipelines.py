@@ -396,7 +396,7 @@ def test_bad_query_is_recorded_and_the_rest_answered(collection, tiny_cfg, folde
 def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, tmp_path):
     """Two images hold the (rotated) query, the rerank budget is 1: the one the coarse stage ranks second or lower
     is reranked anyway because its homography verifies (and gets the geometry's inliers); without geometry only
-    the budget is reranked."""
+    the budget is reranked. The verified images expand the coarse search unless every image is in its top_k."""
     import dataclasses
 
     import cv2
@@ -430,7 +430,7 @@ def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, 
     cfg = dataclasses.replace(
         tiny_cfg,
         preprocess=dataclasses.replace(tiny_cfg.preprocess, image_size=256),
-        query=dataclasses.replace(tiny_cfg.query, top_k=4, rerank=1, overlays=False),
+        query=dataclasses.replace(tiny_cfg.query, top_k=3, rerank=1, overlays=False),
         geometry=dataclasses.replace(tiny_cfg.geometry, shortlist=100),
     )
     index = str(tmp_path / "index")
@@ -444,9 +444,12 @@ def test_geometry_sends_verified_images_past_the_budget_to_the_rerank(tiny_cfg, 
     assert (reranked[reranked[S.URI].isin(pos)][S.INLIERS] >= cfg.geometry.min_inliers).all()
     assert set(on.sort_values(S.RANK).head(2)[S.URI]) == pos  # and ranked first
     assert off[S.SCORE].notna().sum() == 1 and off[S.INLIERS].isna().all()
-    # query.expand (on by default): the verified images' regions expanded the face query's coarse search
+    # query.expand (on by default; top_k 3 of 4 images): the verified images' regions expanded the coarse search
     assert open_results(str(tmp_path / "on")).summary()["expanded_queries"] == 1
     assert open_results(str(tmp_path / "off")).summary()["expanded_queries"] == 0
+    every = dataclasses.replace(cfg, query=dataclasses.replace(cfg.query, top_k=4))  # every image in the top_k
+    run_query(index, str(tmp_path / "queries.parquet"), str(tmp_path / "every"), every)
+    assert open_results(str(tmp_path / "every")).summary()["expanded_queries"] == 0
 
 
 def read_results_of(report):

@@ -53,13 +53,19 @@ class RegionSource:
         return boxes, vectors / np.where(norms > 0, norms, 1.0)
 
 
-def box_region(source: RegionSource, views: np.ndarray, row) -> np.ndarray | None:
-    """The region of a verified image whose box centre lies in the verified box and that scores best against
-    the query's views (V, D); None when no held region lies there."""
+def box_region(source: RegionSource, views: np.ndarray, row, min_cover: float = 0.0) -> np.ndarray | None:
+    """The region of a verified image whose box centre lies in the verified box, at least `min_cover` of whose area
+    the verified box covers, and that scores best against the query's views (V, D); None when no held region
+    qualifies."""
     boxes, vectors = source.regions(int(row[S.IMAGE_ID]), (int(row[S.RESIZED_H]), int(row[S.RESIZED_W])))
     x0, y0, x1, y1 = (float(row[c]) for c in S.BOX)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     inside = (cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1)
+    if min_cover > 0:
+        iw = np.clip(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), 0, None)
+        ih = np.clip(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), 0, None)
+        area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-6)
+        inside &= iw * ih / area >= min_cover
     if not inside.any():
         return None
     scores = (vectors[inside] @ views.T).max(axis=1)
@@ -67,7 +73,12 @@ def box_region(source: RegionSource, views: np.ndarray, row) -> np.ndarray | Non
 
 
 def expand_views(
-    views: np.ndarray, used: np.ndarray, query_ids: list[str], picks: dict[str, pd.DataFrame], source: RegionSource
+    views: np.ndarray,
+    used: np.ndarray,
+    query_ids: list[str],
+    picks: dict[str, pd.DataFrame],
+    source: RegionSource,
+    min_cover: float = 0.0,
 ) -> tuple[np.ndarray, dict[str, int]]:
     """Each query's used views (Q, S, D) replaced by L2(view + the sum of its picked images' `box_region`s);
     queries without a region stay as they are. Returns the views and, per query, how many regions it took."""
