@@ -23,7 +23,6 @@ import argparse
 import os
 import time
 
-import faiss
 import numpy as np
 import torch
 
@@ -51,14 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     from roiqa.index import faiss_index, hubness, store
     from roiqa.io import uri as uri_mod
     from roiqa.io.imageio import decode_image, resize_long_side
-    from roiqa.models.regions import REGION_BITS, decode_regions, image_key, region_grid
+    from roiqa.models.regions import decode_regions, region_grid
     from roiqa.results import expansion
     from roiqa.results.output import read_results
     from roiqa.results.ranking import coarse_search, index_config
     from roiqa.stages.rerank import MIN_PART_SIDE, QueryEncoder, coarse_slots, pyramid
 
     t0 = time.perf_counter()
-    REGION_MASK = (1 << REGION_BITS) - 1
     version = store.open_index(os.path.join(args.work, "index"))
     cfg = index_config(version, RoiqaConfig())
     qc = cfg.query
@@ -101,40 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         s[~inside] = -np.inf
         return regions[int(np.argmax(s))]
 
+    # the run's verified rows, boxes in the pixels of the image as the index resized it (GeometryCheck's frame)
     index = version.faiss()
-    ivf = faiss_index._ivf(index)
-    if ivf is None:
-        kept = faiss.vector_to_array(index.id_map)
-    else:
-        inv = ivf.invlists
-        kept = np.concatenate(
-            [faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).copy() for i in range(ivf.nlist) if inv.list_size(i)]
-        )
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
-    kept_by_image: dict[int, list[int]] = {}
-    for key in kept.tolist():
-        kept_by_image.setdefault(key >> REGION_BITS, []).append(key)
-
-    def faiss_region(query_views: np.ndarray, image_id: int, box: np.ndarray) -> np.ndarray | None:
-        """As chosen_region, among the regions faiss keeps, as faiss reconstructs them (lossy codes)."""
-        r = row_of[image_id]
-        w, h = emb.column(S.WIDTH)[r].as_py(), emb.column(S.HEIGHT)[r].as_py()
-        scale = size / max(w, h)
-        vh, vw = round(h * scale), round(w * scale)
-        cells = region_grid(max(1, -(-vh // stride)), max(1, -(-vw // stride))).numpy().astype(np.float32) * stride
-        cells = np.minimum(cells, [vw, vh, vw, vh])
-        keys = [k for k in kept_by_image.get(int(image_key(np.array([image_id]))[0]), []) if k & REGION_MASK]
-        if not keys:
-            return None
-        nums = np.array([k & REGION_MASK for k in keys])
-        c = cells[nums]
-        cx, cy = (c[:, 0] + c[:, 2]) / 2 / scale, (c[:, 1] + c[:, 3]) / 2 / scale
-        inside = (cx >= box[0]) & (cx <= box[2]) & (cy >= box[1]) & (cy <= box[3])
-        if not inside.any():
-            return None
-        vecs = np.stack([index.reconstruct(int(k))[:dim] for k in np.array(keys)[inside]])
-        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-        return vecs[int(np.argmax((vecs @ query_views.T).max(1)))]
+    source = expansion.RegionSource(index, dim, stride)
+    resized = verified.copy()
+    wh = {int(i): (emb.column(S.WIDTH)[r].as_py(), emb.column(S.HEIGHT)[r].as_py()) for i, r in row_of.items()}
+    scale = np.array([size / max(wh[int(i)]) for i in resized[S.IMAGE_ID]])
+    for c in S.BOX:
+        resized[c] = resized[c].to_numpy() * scale
+    resized[S.RESIZED_W] = [round(wh[int(i)][0] * f) for i, f in zip(resized[S.IMAGE_ID], scale)]
+    resized[S.RESIZED_H] = [round(wh[int(i)][1] * f) for i, f in zip(resized[S.IMAGE_ID], scale)]
 
     def crop_descriptor(image_id: int, box: np.ndarray) -> np.ndarray | None:
         """The verified box cut from the image (resized as the index resizes it), described as a query view."""
@@ -158,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         used = np.any(views[qi] != 0, axis=-1)
         rows = verified[verified[S.QUERY_ID] == q]
         got, cut, ff = [], [], []
-        for _, row in rows.iterrows():
+        for label, row in rows.iterrows():
             box = np.array([row[S.X0], row[S.Y0], row[S.X1], row[S.Y1]], np.float64)
             if args.variants and np.isfinite(box).all():
                 reg = chosen_region(views[qi][used], int(row[S.IMAGE_ID]), box)
                 if reg is not None:
                     got.append(reg)
-                f = faiss_region(views[qi][used], int(row[S.IMAGE_ID]), box)
+                f = expansion.box_region(source, views[qi][used], resized.loc[label])  # as the product picks it
                 if f is not None:
                     ff.append(f)
                 c = crop_descriptor(int(row[S.IMAGE_ID]), box)
@@ -201,40 +175,30 @@ def main(argv: list[str] | None = None) -> int:
         report["variants"][name] = {"recall@20": r20, f"recall@{qc.top_k}": r100, "missed": missed}
         print(f"{name}: recall@20 {r20:.3f} @{qc.top_k} {r100:.3f} missed {missed}", flush=True)
 
+    def averaged(regions: dict[str, list[np.ndarray]], n: int) -> list[np.ndarray]:
+        """Each query's views replaced by L2(view + the sum of its first n regions)."""
+        out = []
+        for q, b in zip(qids, base_views):
+            v = b + np.sum(regions[q][:n], axis=0) if regions[q] else b
+            out.append(v / np.linalg.norm(v, axis=1, keepdims=True))
+        return out
+
     record("baseline (the run's coarse search)", first.frame)
     record("baseline (searched again)", frame(*search(base_views)))
     for n in [int(x) for x in args.expand.split(",") if x.strip()] if args.variants else []:
         union = [np.concatenate([b, *(e[None] for e in expansions[q][:n])]) for q, b in zip(qids, base_views)]
         record(f"union {n}", frame(*search([u.reshape(-1, dim) for u in union])))
-        avg = []
-        for q, b in zip(qids, base_views):
-            e = expansions[q][:n]
-            v = b + np.sum(e, axis=0) if e else b
-            avg.append(v / np.linalg.norm(v, axis=1, keepdims=True))
-        record(f"average {n}", frame(*search(avg)))
-        avg = []
-        for q, b in zip(qids, base_views):
-            e = from_faiss[q][:n]
-            v = b + np.sum(e, axis=0) if e else b
-            avg.append(v / np.linalg.norm(v, axis=1, keepdims=True))
-        record(f"average {n}, regions faiss keeps", frame(*search(avg)))
+        record(f"average {n}", frame(*search(averaged(expansions, n))))
+        record(f"average {n}, regions faiss keeps", frame(*search(averaged(from_faiss, n))))
         cu = [np.concatenate([b, *(e[None] for e in crops[q][:n])]) for q, b in zip(qids, base_views)]
         record(f"crop union {n}", frame(*search(cu)))
-    # the product's own expansion (roiqa.results.expansion) on the run's verified rows, boxes in resized pixels
-    rows = verified.copy()
-    wh = {int(i): (emb.column(S.WIDTH)[r].as_py(), emb.column(S.HEIGHT)[r].as_py()) for i, r in row_of.items()}
-    scale = np.array([size / max(wh[int(i)]) for i in rows[S.IMAGE_ID]])
-    for c in S.BOX:
-        rows[c] = rows[c].to_numpy() * scale
-    rows[S.RESIZED_W] = [round(wh[int(i)][0] * f) for i, f in zip(rows[S.IMAGE_ID], scale)]
-    rows[S.RESIZED_H] = [round(wh[int(i)][1] * f) for i, f in zip(rows[S.IMAGE_ID], scale)]
-    source = expansion.RegionSource(index, dim, stride)
+    # the product's own expansion (roiqa.results.expansion) on the run's verified rows
     padded = np.zeros((len(qids), max(len(b) for b in base_views), dim), np.float32)
     for i, b in enumerate(base_views):
         padded[i, : len(b)] = b
     used = np.any(padded != 0, axis=-1)
     for n in [int(x) for x in args.expand.split(",") if x.strip()]:
-        picks = expansion.strongest(rows, cfg.geometry.min_inliers, n)
+        picks = expansion.strongest(resized, cfg.geometry.min_inliers, n)
         for cover in [float(x) for x in args.cover.split(",") if x.strip()]:
             out, _ = expansion.expand_views(padded, used, qids, picks, source, cover)
             record(f"query.expand {n}, min cover {cover}", frame(*search([o[u] for o, u in zip(out, used)])))

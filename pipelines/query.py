@@ -97,6 +97,8 @@ def expand_stage(
     """The coarse search again with each query's views expanded by its most strongly verified images' regions
     (roiqa.results.expansion); the search as it was for queries no image verified. Also: regions taken per query."""
     picks = expansion.strongest(checked, cfg.geometry.min_inliers, cfg.query.expand)
+    if not picks:  # nothing verified: no need to list what faiss holds
+        return coarse, {}
     stride = Matcher.stride(cfg.model.descriptor_level)
     source = expansion.RegionSource(index, coarse.views.shape[-1], stride)
     views, taken = expansion.expand_views(coarse.views, coarse.used, coarse.query_ids, picks, source)
@@ -202,7 +204,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     first_budget: set[tuple[str, int]] = set()  # what the search before expansion sent to the rerank
     checked = geometry_stage(coarse, uris, qmap, cfg, res, start=0 if expanding else qc.rerank)
     if expanding:
-        first_budget = pairs(coarse.frame.groupby(S.QUERY_ID, sort=False).head(qc.rerank))
+        first_budget = coarse.top_pairs(qc.rerank)
         coarse, taken = expand_stage(coarse, version, index, uris, split_failed(checked)[0], cfg)
         progress.done(f"query expansion: {len(taken):,} queries expanded by verified regions", time.perf_counter() - t1)
         more = geometry_stage(coarse, uris, qmap, cfg, res, start=qc.rerank, done=pairs(checked))
@@ -211,7 +213,7 @@ def run_query(index: str, queries: str, out: str, cfg: RoiqaConfig, progress: Pr
     verified = pairs(ok_rows[ok_rows[S.INLIERS] >= cfg.geometry.min_inliers])
     if cfg.geometry.enabled:
         progress.done(f"geometric check ({len(verified):,} pairs verified)", time.perf_counter() - t1)
-    reranked_anyway = pairs(coarse.frame.groupby(S.QUERY_ID, sort=False).head(qc.rerank))
+    reranked_anyway = coarse.top_pairs(qc.rerank)
 
     # rerank: the coarse top query.rerank, every verified pair, and (with expansion) what the first search ranked
     # in its top query.rerank, so the expansion adds candidates to the rerank but never takes one away

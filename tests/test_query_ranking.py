@@ -12,7 +12,7 @@ import pytest
 
 from roiqa import schema as S
 from roiqa.io.queries import load_queries, query_map
-from roiqa.results.ranking import rank_results, shortlist
+from roiqa.results.ranking import Coarse, rank_results, shortlist
 
 
 def test_rank_results_reranked_first_by_score_then_coarse_order():
@@ -108,3 +108,6 @@ def test_shortlist_ranges_and_extra_pairs():
     assert t[S.COARSE_SCORES][2] == [pytest.approx(0.1)]
     done = shortlist(scores, ids, ["q1", "q2"], rerank=3, exclude={("q1", 20), ("q2", 40)}).to_pydict()
     assert done[S.IMAGE_ID] == [10, 20, 30] and done[S.QUERY_IDS] == [["q1"], ["q2"], ["q1"]]  # pairs checked before
+    top = Coarse(["q1", "q2"], scores, ids, pd.DataFrame()).top_pairs(2)
+    assert top == {("q1", 10), ("q1", 20), ("q2", 20), ("q2", 40)}
+    assert Coarse(["q1", "q2"], scores, ids, pd.DataFrame()).top_pairs(3) == top | {("q1", 30)}  # no -1

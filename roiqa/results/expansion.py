@@ -42,11 +42,10 @@ class RegionSource:
         image of that resized size, the whole-image region left out."""
         h, w = resized_hw
         keys = self._keys.get(int(image_key(np.array([image_id]))[0]), np.zeros(0, np.int64))
-        number = keys & ((1 << REGION_BITS) - 1)
-        keys = keys[number > 0]
         cells = region_grid(max(1, -(-h // self.stride)), max(1, -(-w // self.stride))).numpy()
         number = keys & ((1 << REGION_BITS) - 1)
-        keys, number = keys[number < len(cells)], number[number < len(cells)]  # a grid of another size: none
+        keep = (number > 0) & (number < len(cells))  # not the whole image; a grid of another size: none
+        keys, number = keys[keep], number[keep]
         boxes = np.minimum(cells[number].astype(np.float32) * self.stride, np.array([w, h, w, h], np.float32))
         vectors = faiss_index.reconstruct(self.index, keys)[:, : self.dim]
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -45,6 +45,10 @@ class Coarse:
     views: np.ndarray | None = None  # (Q, S, D) the descriptors searched in a region index (before hubness)
     used: np.ndarray | None = None  # (Q, S) bool: the slots of `views` that hold a descriptor
 
+    def top_pairs(self, n: int) -> set[tuple[str, int]]:
+        """The (query_id, image_id) pairs of each query's n best coarse candidates."""
+        return {(q, int(i)) for q, row in zip(self.query_ids, self.ids) for i in row[:n] if i >= 0}
+
     def shortlist(self, rerank: int, start: int = 0, extra=frozenset(), exclude=frozenset()) -> pa.Table | None:
         """`shortlist` of this search; None when no query encoded."""
         if not self.query_ids:
